@@ -1,0 +1,310 @@
+"""MNIST-family datasets from IDX files: find, verify, read, and draw batches.
+
+A dataset lives in one folder holding the four IDX files (``.gz`` or raw). Folders are
+searched in this order: ``--data-dir``, ``$MINIDIFF_DATA``, the repository's ``data/<name>/``,
+then ``/usr/share/datasets/<name>/`` (where Debian's ``dataset-fashion-mnist`` puts its files).
+
+Every file's decompressed bytes are checked against a SHA-256 the first time it is used; the
+verdict is remembered in a stamp keyed by path, size and mtime, so later loads skip the hash.
+Images stay one uint8 tensor in memory and are scaled to ``[-1, 1]`` per batch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+from .io import atomic_write_bytes, atomic_write_text, cache_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SYSTEM_DIR = Path("/usr/share/datasets")
+IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    name: str  # without .gz
+    sha256: str  # of the decompressed bytes
+    count: int
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    files: dict[str, tuple[FileSpec, FileSpec]]  # split -> (images, labels)
+    mirrors: tuple[str, ...]
+    classes: tuple[str, ...]
+    license: str
+
+
+def _split(prefix: str, img_sha: str, lbl_sha: str, count: int) -> tuple[FileSpec, FileSpec]:
+    return (FileSpec(f"{prefix}-images-idx3-ubyte", img_sha, count),
+            FileSpec(f"{prefix}-labels-idx1-ubyte", lbl_sha, count))
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    # Digests of the original LeCun/Cortes/Burges files (data/mnist/README.md).
+    "mnist": DatasetSpec(
+        "mnist",
+        {
+            "train": _split(
+                "train", "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+                "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", 60000),
+            "test": _split(
+                "t10k", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+                "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", 10000),
+        },
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/",),
+        tuple(str(d) for d in range(10)),
+        "CC BY-SA 3.0 (Yann LeCun and Corinna Cortes)",
+    ),
+    # Digests of the decompressed files in Debian's dataset-fashion-mnist
+    # 0.0~git20200523.55506a9-1 (Zalando's files; Debian recompressed the .gz wrappers).
+    "fashion-mnist": DatasetSpec(
+        "fashion-mnist",
+        {
+            "train": _split(
+                "train", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+                "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60000),
+            "test": _split(
+                "t10k", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10000),
+        },
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+         "Bag", "Ankle boot"),
+        "MIT (Zalando Research)",
+    ),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+# --------------------------------------------------------------------------- locating files
+
+
+def candidate_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched for dataset ``name``, in order. ``data_dir`` may be the dataset folder
+    itself or a parent holding ``<name>/``."""
+    dirs: list[Path] = []
+    for root in (data_dir, os.environ.get("MINIDIFF_DATA") or None):
+        if root:
+            dirs += [Path(root), Path(root) / name]
+    dirs += [REPO_ROOT / "data" / name, SYSTEM_DIR / name]
+    return dirs
+
+
+def _file_in(folder: Path, base: str) -> Path | None:
+    for candidate in (folder / base, folder / f"{base}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def find_dataset(name: str, data_dir=None) -> Path:
+    """The first folder that holds all of ``name``'s files, or a :class:`DataError`."""
+    spec = get_spec(name)
+    bases = [f.name for pair in spec.files.values() for f in pair]
+    searched = candidate_dirs(name, data_dir)
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise DataError(f"--data-dir {data_dir}: no such folder; pass a folder holding {name}'s "
+                        "IDX files")
+    for folder in searched:
+        if all(_file_in(folder, b) for b in bases):
+            return folder
+    hint = ("install it with `apt-get install dataset-fashion-mnist`"
+            if name == "fashion-mnist" else f"run `minidiff data fetch {name}`")
+    raise DataError(
+        f"dataset {name!r} not found (searched: {', '.join(str(d) for d in searched)}); "
+        f"{hint} or pass --data-dir DIR"
+    )
+
+
+# --------------------------------------------------------------------------- reading + verifying
+
+
+def read_bytes(path: Path) -> bytes:
+    """The file's decompressed bytes (gzip detected by its magic, not its name)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror}); check the file's permissions")
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise DataError(f"{path}: corrupt or truncated gzip ({e}); "
+                            "replace the file with a fresh copy")
+    return raw
+
+
+def parse_idx(data: bytes, expected_magic: int, source: str = "<bytes>") -> torch.Tensor:
+    """Parse IDX bytes -> uint8 tensor ``[N x R x C]`` (images) or ``[N]`` (labels).
+
+    Raises :class:`DataError` for a bad magic number, a truncated header or body, or trailing
+    bytes, and nothing else.
+    """
+    kind = "images" if expected_magic == IMAGES_MAGIC else "labels"
+    ndim = 3 if expected_magic == IMAGES_MAGIC else 1
+    if len(data) < 4:
+        raise DataError(f"{source}: truncated header ({len(data)} bytes); "
+                        "replace the file with a fresh copy")
+    (magic,) = struct.unpack(">I", data[:4])
+    if magic != expected_magic:
+        raise DataError(f"{source}: wrong magic 0x{magic:08x}, expected 0x{expected_magic:08x} "
+                        f"(IDX {kind}); is this the right file?")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{source}: truncated header ({len(data)} of {header} bytes); "
+                        "replace the file with a fresh copy")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    size = 1
+    for d in dims:
+        size *= d
+    if len(data) != header + size:
+        what = "truncated" if len(data) < header + size else "has trailing bytes"
+        raise DataError(f"{source}: {what}: header says {dims} = {header + size} bytes, file "
+                        f"has {len(data)}; replace the file with a fresh copy")
+    buf = bytearray(data[header:])  # writable copy: torch.frombuffer warns on read-only memory
+    return torch.frombuffer(buf, dtype=torch.uint8).reshape(dims) if size else \
+        torch.zeros(dims, dtype=torch.uint8)
+
+
+def _stamp_path() -> Path:
+    return cache_dir() / "verified.json"
+
+
+def _stamp_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def _load_stamps() -> dict:
+    try:
+        return json.loads(_stamp_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def is_verified(path: Path, sha256: str) -> bool:
+    return _load_stamps().get(_stamp_key(path)) == sha256
+
+
+def verify_bytes(path: Path, data: bytes, sha256: str) -> None:
+    """Check ``data``'s SHA-256 unless a stamp says this exact file already passed."""
+    if is_verified(path, sha256):
+        return
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise DataError(f"{path}: checksum mismatch: expected sha256 {sha256[:16]}..., got "
+                        f"{actual[:16]}...; the file is corrupt or not the original, replace "
+                        "it with a fresh copy")
+    stamps = _load_stamps()
+    stamps[_stamp_key(path)] = sha256
+    try:
+        atomic_write_text(_stamp_path(), json.dumps(stamps, indent=1))
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+
+
+def load_split(name: str = "mnist", split: str = "train", data_dir=None):
+    """``(images uint8 [N x 28 x 28], labels int64 [N])`` of a verified split."""
+    spec = get_spec(name)
+    if split not in spec.files:
+        raise DataError(f"unknown split {split!r}; choose one of: {', '.join(spec.files)}")
+    folder = find_dataset(name, data_dir)
+    out = []
+    for fspec, magic in zip(spec.files[split], (IMAGES_MAGIC, LABELS_MAGIC)):
+        path = _file_in(folder, fspec.name)
+        data = read_bytes(path)
+        verify_bytes(path, data, fspec.sha256)
+        out.append(parse_idx(data, magic, str(path)))
+    images, labels = out
+    if len(images) != len(labels):
+        raise DataError(f"{folder}: {len(images)} images but {len(labels)} labels; "
+                        "replace the files with a consistent set")
+    return images, labels.long()
+
+
+def dataset_status(name: str, data_dir=None) -> dict:
+    """Where ``name`` was found and whether each file verifies (hashes what is not stamped)."""
+    try:
+        folder = find_dataset(name, data_dir)
+    except DataError as e:
+        return {"name": name, "found": None, "verified": False, "error": str(e)}
+    spec = get_spec(name)
+    errors = []
+    for fspec in (f for pair in spec.files.values() for f in pair):
+        path = _file_in(folder, fspec.name)
+        try:
+            verify_bytes(path, read_bytes(path), fspec.sha256)
+        except DataError as e:
+            errors.append(str(e))
+    return {"name": name, "found": str(folder), "verified": not errors,
+            "error": "; ".join(errors) or None}
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N x H x W]`` -> float32 ``[N x 1 x H x W]`` in ``[-1, 1]``."""
+    return images.unsqueeze(1).float().div_(127.5).sub_(1.0)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a permutation that depends only on (seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def fetch(name: str, dest: str | os.PathLike | None = None, timeout: float = 20.0) -> Path:
+    """Download ``name``'s files from its mirrors into ``dest`` and verify them."""
+    import urllib.error
+    import urllib.request
+
+    spec = get_spec(name)
+    dest = Path(dest) if dest else REPO_ROOT / "data" / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for fspec in (f for pair in spec.files.values() for f in pair):
+        target = dest / f"{fspec.name}.gz"
+        if target.is_file():
+            try:
+                verify_bytes(target, read_bytes(target), fspec.sha256)
+                continue
+            except DataError:
+                pass
+        last = None
+        for mirror in spec.mirrors:
+            url = f"{mirror}{fspec.name}.gz"
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as r:
+                    payload = r.read()
+            except (urllib.error.URLError, OSError) as e:
+                last = f"{url}: {getattr(e, 'reason', e)}"
+                continue
+            actual = hashlib.sha256(gzip.decompress(payload)).hexdigest()
+            if actual != fspec.sha256:
+                raise DataError(f"{url}: checksum mismatch (expected sha256 "
+                                f"{fspec.sha256[:16]}..., got {actual[:16]}...); try again later")
+            atomic_write_bytes(target, payload)
+            break
+        else:
+            raise DataError(f"cannot download {name} ({last}); this machine may have no "
+                            f"internet: copy the IDX files into {dest} or pass --data-dir DIR")
+    return dest

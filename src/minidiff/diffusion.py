@@ -1,0 +1,127 @@
+"""The DDPM process (Ho et al. 2020): noise schedule, forward noising and the training loss.
+
+The network is an argument, never an attribute: any ``model(x, t, y) -> eps`` works. All
+schedule coefficients are computed once in float64 and gathered per timestep in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+SCHEDULES = ("linear", "cosine")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process: ``T`` steps of a ``linear`` or ``cosine`` beta schedule."""
+
+    timesteps: int = 1000
+    schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        if self.timesteps < 1:
+            raise ValueError(f"timesteps must be >= 1, got {self.timesteps}")
+        if not 0 < self.beta_start <= self.beta_end < 1:
+            raise ValueError("need 0 < beta_start <= beta_end < 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiffusionConfig":
+        return cls(**d)
+
+
+def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
+    """``[T]`` float64 betas for the configured schedule."""
+    T = cfg.timesteps
+    if cfg.schedule == "linear":
+        return torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
+    # cosine (Nichol & Dhariwal 2021, eq. 17), betas clipped at 0.999
+    s = 0.008
+    steps = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+
+
+class Schedule:
+    """Precomputed float64 coefficients of a beta schedule (optionally a respaced subset).
+
+    ``timesteps[i]`` is the model-facing timestep of schedule index ``i``; for the full schedule
+    it is simply ``i``. Respacing (Nichol & Dhariwal 2021, sec. 4) keeps the ``alpha_bar`` of a
+    subset of steps and recomputes the betas between them, so the model sees the same
+    timesteps it was trained on.
+    """
+
+    def __init__(self, betas: torch.Tensor, timesteps: torch.Tensor | None = None):
+        betas = betas.to(torch.float64)
+        assert betas.ndim == 1 and bool(((betas > 0) & (betas < 1)).all())
+        self.betas = betas
+        self.timesteps = (
+            torch.arange(len(betas)) if timesteps is None else timesteps.to(torch.long)
+        )
+        self.alphas = 1.0 - betas
+        self.alpha_bar = torch.cumprod(self.alphas, dim=0)
+        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        self.sqrt_alpha_bar = self.alpha_bar.sqrt()
+        self.sqrt_one_minus_alpha_bar = (1.0 - self.alpha_bar).sqrt()
+        # posterior q(x_{t-1} | x_t, x_0) variance, Ho et al. eq. 7
+        self.posterior_variance = betas * (1.0 - self.alpha_bar_prev) / (1.0 - self.alpha_bar)
+
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig) -> "Schedule":
+        return cls(make_betas(cfg))
+
+    def __len__(self) -> int:
+        return len(self.betas)
+
+    def respace(self, steps: int) -> "Schedule":
+        """A schedule over ``steps`` evenly spaced timesteps of this one (improved-diffusion)."""
+        T = len(self)
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be in 1..{T}, got {steps}")
+        if steps == T:
+            return self
+        # evenly spaced, always including the first and last timestep
+        idx = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+        ab = self.alpha_bar[idx]
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        return Schedule(1.0 - ab / ab_prev, self.timesteps[idx])
+
+
+def gather(coef: torch.Tensor, i: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``coef[i]`` as float32 on ``i``'s device, shaped ``[N x 1 x ... x 1]`` for broadcasting."""
+    out = coef.to(i.device)[i].float()
+    return out.reshape(-1, *([1] * (ndim - 1)))
+
+
+def q_sample(sched: Schedule, x0: torch.Tensor, i: torch.Tensor, noise: torch.Tensor):
+    """Sample ``x_t ~ q(x_t | x_0)`` (Ho et al. eq. 4); ``x0, noise: [N x C x H x W]``, ``i: [N]``."""
+    return (
+        gather(sched.sqrt_alpha_bar, i, x0.ndim) * x0
+        + gather(sched.sqrt_one_minus_alpha_bar, i, x0.ndim) * noise
+    )
+
+
+class EpsilonLoss:
+    """The simple DDPM objective ``E ||eps - eps_theta(x_t, t)||^2`` (Ho et al. eq. 14)."""
+
+    def __init__(self, sched: Schedule):
+        self.sched = sched
+
+    def __call__(self, model, x0: torch.Tensor, y: torch.Tensor | None = None, generator=None):
+        """Mean loss over ``x0: [N x C x H x W]`` with uniformly drawn timesteps."""
+        n = x0.shape[0]
+        i = torch.randint(0, len(self.sched), (n,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        x_t = q_sample(self.sched, x0, i, noise)
+        eps = model(x_t, self.sched.timesteps.to(x0.device)[i], y)
+        return (eps.float() - noise).pow(2).mean()

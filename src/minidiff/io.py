@@ -1,0 +1,74 @@
+"""Small file helpers: atomic writes, the cache folder, and image grids."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """``$MINIDIFF_CACHE``, else ``$XDG_CACHE_HOME/minidiff``, else ``~/.cache/minidiff``."""
+    root = os.environ.get("MINIDIFF_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "minidiff"
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and rename, so a
+    crash leaves either the old file or the new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_grid(images, path: str | os.PathLike, nrow: int | None = None, pad: int = 2,
+              scale: int = 2) -> None:
+    """Save uint8 images ``[N x H x W]`` as one PNG grid (``nrow`` per row, default ~sqrt N)."""
+    import io as _io
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    imgs = np.asarray(images, dtype=np.uint8)
+    assert imgs.ndim == 3, f"expected [N x H x W] uint8 images, got shape {imgs.shape}"
+    n, h, w = imgs.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad), 40, dtype=np.uint8)
+    for k in range(n):
+        r, c = divmod(k, nrow)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y:y + h, x:x + w] = imgs[k]
+    img = Image.fromarray(grid, mode="L")
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = _io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,261 @@
+"""One readable training loop: AdamW, warm-up + cosine LR, gradient clipping, EMA, bf16 autocast.
+
+Every source of randomness is a function of ``(seed, step)``: the data order of an epoch comes
+from ``(seed, epoch)`` and each step's timesteps and noise from a generator seeded with
+``(seed, step)``. A run resumed from a checkpoint therefore continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import CONFIG_FILE, load_state, save_model, save_state
+from .data import epoch_order, get_spec, load_split, to_model_range
+from .diffusion import DiffusionConfig, EpsilonLoss, Schedule
+from .errors import MinidiffError
+from .io import atomic_write_text
+from .unet import UNet, UNetConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train; serialised into every run folder's config.json."""
+
+    dataset: str = "mnist"
+    epochs: float | None = None  # exactly one of epochs / steps (None/None -> 10 epochs)
+    steps: int | None = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"  # "cosine" (to lr_min_ratio * lr) or "constant" after warm-up
+    lr_min_ratio: float = 0.1
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    precision: str = "auto"  # auto | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 50
+    checkpoint_every: int = 500
+    subset: int | None = None  # train on the first N images only (tests, quick looks)
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
+            (self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}"),
+            (self.epochs is None or self.steps is None, "give --epochs or --steps, not both"),
+            (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
+            (0 < self.lr < 1, f"--lr must be in (0, 1), got {self.lr}"),
+            (self.lr_schedule in ("cosine", "constant"),
+             f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (self.precision in ("auto", "fp32", "bf16"),
+             f"--precision must be auto, fp32 or bf16, got {self.precision!r}"),
+            (self.device in ("auto", "cpu", "cuda"),
+             f"--device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.log_every > 0, "log_every must be > 0"),
+            (self.checkpoint_every > 0, f"--checkpoint-every must be > 0, got "
+             f"{self.checkpoint_every}"),
+            (self.subset is None or self.subset > 0, "subset must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise MinidiffError(msg)
+        get_spec(self.dataset)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**d)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MinidiffError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where autocast pays."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """Linear warm-up to ``lr``, then constant or cosine decay to ``lr_min_ratio * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * cos)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model`` over parameters; buffers are copied."""
+    for (_, e), (_, p) in zip(ema.named_parameters(), model.named_parameters()):
+        e.lerp_(p, 1.0 - decay)
+    for (_, e), (_, b) in zip(ema.named_buffers(), model.named_buffers()):
+        e.copy_(b)
+
+
+def run_config(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, train_cfg: TrainConfig,
+               step: int, **extra) -> dict:
+    return {"minidiff_version": __version__, "model": model_cfg.to_dict(),
+            "diffusion": diff_cfg.to_dict(), "train": train_cfg.to_dict(), "step": step, **extra}
+
+
+def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, out: str | Path,
+          *, data_dir=None, resume: bool = False, progress: bool = True,
+          preset: str | None = None) -> dict:
+    """Train a noise predictor and write the run folder ``out``; returns a summary dict."""
+    out = Path(out)
+    if resume:
+        # a resumed run continues with exactly the configs it was started with
+        try:
+            saved = json.loads((out / CONFIG_FILE).read_text())
+            model_cfg = UNetConfig.from_dict(saved["model"])
+            diff_cfg = DiffusionConfig.from_dict(saved["diffusion"])
+            cfg = TrainConfig.from_dict(saved["train"])
+            preset = saved.get("preset", preset)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise MinidiffError(f"{out}: cannot resume ({e}); pass the --out of an earlier "
+                                "`minidiff train` run, or drop --resume")
+    elif (out / CONFIG_FILE).exists():
+        raise MinidiffError(f"{out} already holds a run; pass --resume to continue it or choose "
+                            "another --out")
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        print("note: this CPU has no native bf16; autocast will emulate it (slow)")
+
+    images, labels = load_split(cfg.dataset, "train", data_dir)
+    if cfg.subset:
+        images, labels = images[:cfg.subset], labels[:cfg.subset]
+    if images.shape[1:] != (model_cfg.image_size, model_cfg.image_size):
+        raise MinidiffError(f"{cfg.dataset} images are {tuple(images.shape[1:])}, the model "
+                            f"expects {model_cfg.image_size}x{model_cfg.image_size}")
+    n = len(images)
+    bs = min(cfg.batch_size, n)
+    steps_per_epoch = max(1, n // bs)
+    total = cfg.steps or math.ceil((cfg.epochs or 10) * steps_per_epoch)
+
+    torch.manual_seed(cfg.seed)  # weight init
+    model = UNet(model_cfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = Schedule.from_config(diff_cfg)
+    loss_fn = EpsilonLoss(sched)
+    extra = {"preset": preset} if preset else {}
+
+    step = 0
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if resume:
+        step = load_state(out, model, ema, opt)["step"]
+        # keep only the log lines the restored state has already produced
+        if metrics_path.exists():
+            kept = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] <= step]
+            atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+    else:
+        save_model(out, ema, run_config(model_cfg, diff_cfg, cfg, 0, **extra))
+    if step >= total:
+        return {"steps": step, "total": total, "note": "already finished"}
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
+                   desc=f"train {preset or ''}".strip())
+    t_start = time.perf_counter()
+    t_log, seen_since_log = t_start, 0
+    order, order_epoch = None, -1
+    loss_val = float("nan")
+    model.train()
+    with open(metrics_path, "a") as log:
+        while step < total:
+            # data: batch `k` of this epoch's permutation
+            epoch, k = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(n, cfg.seed, epoch), epoch
+            idx = order[k * bs:(k + 1) * bs]
+            x0 = to_model_range(images[idx]).to(device)
+            y = labels[idx].to(device) if model_cfg.num_classes else None
+            gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+
+            # forward
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step, total)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = loss_fn(model, x0, y, generator=gen)
+            loss_val = loss.item()
+            if not math.isfinite(loss_val):
+                raise MinidiffError(
+                    f"training diverged at step {step}: loss is {loss_val} (lr "
+                    f"{opt.param_groups[0]['lr']:.2e}); lower --lr, the last good checkpoint "
+                    f"in {out} is kept")
+
+            # update
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+
+            # EMA (short warm-up so early checkpoints are not dominated by the random init)
+            ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            seen_since_log += bs
+
+            # log
+            if step % cfg.log_every == 0 or step == total:
+                now = time.perf_counter()
+                ips = seen_since_log / max(now - t_log, 1e-9)
+                rec = {"step": step, "loss": round(loss_val, 6),
+                       "lr": opt.param_groups[0]["lr"], "img_per_s": round(ips, 1),
+                       "elapsed_s": round(now - t_start, 2)}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                t_log, seen_since_log = now, 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{ips:.0f}")
+            if bar is not None:
+                bar.update(1)
+
+            # checkpoint
+            if step % cfg.checkpoint_every == 0 or step == total:
+                save_state(out, model, ema, opt, step)
+                save_model(out, ema, run_config(model_cfg, diff_cfg, cfg, step, **extra))
+    if bar is not None:
+        bar.close()
+    return {"steps": step, "total": total, "final_loss": loss_val,
+            "seconds": time.perf_counter() - t_start, "precision": precision,
+            "device": str(device), "steps_per_epoch": steps_per_epoch}

@@ -1,0 +1,107 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minidiff.cli import main
+from minidiff.diffusion import DiffusionConfig
+from minidiff.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from tests.conftest import TINY
+
+    out = tmp_path_factory.mktemp("cli") / "run"
+    train(TINY, DiffusionConfig(), TrainConfig(steps=2, batch_size=8, subset=16,
+                                               precision="fp32"), out, progress=False)
+    return out
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("minidiff: error:"), err
+    return err[0]
+
+
+@pytest.mark.parametrize("argv,code,needle", [
+    (["train", "--epochs", "-1", "--out", "x"], 2, "must be > 0, got -1"),
+    (["train", "--preset", "huge", "--out", "x"], 2, "invalid choice: 'huge'"),
+    (["train", "--dataset", "cifar", "--out", "x"], 2, "invalid choice: 'cifar'"),
+    (["train", "--epochs", "1", "--steps", "3", "--out", "x"], 2, "not allowed with"),
+    (["sample", "missing-run", "--out", "s.npz"], 1, "no such checkpoint"),
+    (["sample", "missing-run", "--n", "0", "--out", "s.npz"], 2, "must be > 0, got 0"),
+    (["sample", "missing-run", "--sampler", "euler", "--out", "s.npz"], 2, "invalid choice"),
+    (["frobnicate"], 2, "invalid choice"),
+])
+def test_bad_flags_give_one_line_and_nonzero_exit(argv, code, needle, capsys, tmp_path,
+                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) if code == 2 else _no_raise() as exc:
+        rc = main(argv)
+    rc = exc.value.code if code == 2 else rc
+    assert rc == code
+    assert needle in one_error_line(capsys)
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_steps_beyond_T_and_bad_out(run_dir, capsys, tmp_path):
+    assert main(["sample", str(run_dir), "--steps", "1001", "--out", str(tmp_path / "s.npz")]) == 1
+    assert "--steps must be in 1..1000" in one_error_line(capsys)
+    assert main(["sample", str(run_dir), "--out", str(tmp_path / "s.png")]) == 1
+    assert "must end in .npz" in one_error_line(capsys)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_sample_writes_npz_sidecar_and_grid(run_dir, tmp_path, capsys):
+    out, grid = tmp_path / "s.npz", tmp_path / "g.png"
+    argv = ["sample", str(run_dir), "--n", "5", "--steps", "4", "--batch-size", "2",
+            "--out", str(out), "--grid", str(grid), "--no-progress"]
+    assert main(argv) == 0
+    images = np.load(out)["images"]
+    assert images.shape == (5, 28, 28) and images.dtype == np.uint8
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["sampler"] == "ddpm" and meta["steps"] == 4 and meta["seed"] == 0
+    assert len(meta["checkpoint_sha256"]) == 64
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    again = ["sample", str(run_dir), "--n", "5", "--steps", "4", "--batch-size", "2",
+             "--out", str(tmp_path / "t.npz"), "--no-progress"]
+    assert main(again) == 0
+    assert np.array_equal(np.load(tmp_path / "t.npz")["images"], images)  # same seed
+
+
+def test_existing_out_needs_resume(run_dir, capsys):
+    assert main(["train", "--steps", "1", "--out", str(run_dir), "--no-progress"]) == 1
+    assert "pass --resume" in one_error_line(capsys)
+
+
+def test_models_lists_presets_with_params_and_macs(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = {r["preset"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"baseline", "reduced", "shallow"}
+    assert all(r["params"] > 0 and r["macs_per_image"] > 0 for r in rows.values())
+
+
+def test_data_list_reports_mnist_verified(capsys):
+    assert main(["data", "list", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["mnist"]["verified"] is True
+    assert "fashion-mnist" in rows
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "minidiff", "sample", str(tmp_path / "nope"),
+                        "--out", str(tmp_path / "s.npz")], capture_output=True, text=True)
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().count("\n") == 0 and "no such checkpoint" in p.stderr

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from minidiff.diffusion import DiffusionConfig, EpsilonLoss, Schedule, make_betas, q_sample
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_schedule_properties(kind):
+    s = Schedule.from_config(DiffusionConfig(schedule=kind))
+    assert len(s) == 1000 and s.betas.dtype == torch.float64
+    assert bool((s.betas > 0).all() and (s.betas < 1).all())
+    assert bool((s.alpha_bar[1:] < s.alpha_bar[:-1]).all())  # strictly decreasing
+    assert s.alpha_bar[0] > 0.99 and s.alpha_bar[-1] < 1e-3  # data -> (almost) pure noise
+    # posterior variance lies between 0 and beta (Ho et al. sec. 3.2)
+    assert bool((s.posterior_variance <= s.betas + 1e-12).all())
+    assert s.posterior_variance[0] == 0
+
+
+def test_linear_endpoints():
+    b = make_betas(DiffusionConfig())
+    assert b[0].item() == pytest.approx(1e-4) and b[-1].item() == pytest.approx(0.02)
+
+
+def test_respace_keeps_alpha_bar_at_kept_timesteps():
+    full = Schedule.from_config(DiffusionConfig())
+    r = full.respace(50)
+    assert len(r) == 50 and r.timesteps[0] == 0 and r.timesteps[-1] == 999
+    assert torch.allclose(r.alpha_bar, full.alpha_bar[r.timesteps], rtol=1e-12)
+    assert full.respace(1000) is full
+    with pytest.raises(ValueError, match="steps must be in 1..1000"):
+        full.respace(1001)
+
+
+def test_q_sample_matches_marginal_statistics():
+    s = Schedule.from_config(DiffusionConfig())
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((20000, 1, 1, 1), 0.5)
+    i = torch.full((20000,), 300)
+    xt = q_sample(s, x0, i, torch.randn(x0.shape, generator=g))
+    ab = s.alpha_bar[300].item()
+    assert xt.mean().item() == pytest.approx(0.5 * ab ** 0.5, abs=0.02)
+    assert xt.var().item() == pytest.approx(1 - ab, rel=0.05)
+
+
+def test_loss_is_zero_for_the_true_noise_predictor():
+    """A model that returns the exact noise has zero loss; a zero predictor has loss ~1."""
+    s = Schedule.from_config(DiffusionConfig())
+    loss = EpsilonLoss(s)
+    x0 = torch.zeros(256, 1, 4, 4)  # x0 = 0 makes x_t = sqrt(1 - ab) * eps, so eps is known
+
+    def oracle(xt, t, y=None):
+        return xt / s.sqrt_one_minus_alpha_bar[t].float().view(-1, 1, 1, 1)
+
+    assert loss(oracle, x0).item() < 1e-8
+    assert loss(lambda xt, t, y=None: torch.zeros_like(xt), x0).item() == pytest.approx(1, abs=.05)
+
+
+def test_config_round_trip_and_validation():
+    c = DiffusionConfig(schedule="cosine", timesteps=500)
+    assert DiffusionConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown schedule"):
+        DiffusionConfig(schedule="sigmoid")

@@ -1,0 +1,149 @@
+import json
+
+import pytest
+import torch
+
+import minidiff.train as train_mod
+from minidiff.checkpoint import load_checkpoint, load_state
+from minidiff.data import load_split, to_model_range
+from minidiff.diffusion import DiffusionConfig, EpsilonLoss, Schedule
+from minidiff.errors import CheckpointError, MinidiffError
+from minidiff.train import TrainConfig, lr_at, train
+from minidiff.unet import UNet
+
+FAST = dict(batch_size=32, subset=256, precision="fp32", device="cpu", warmup_steps=5,
+            log_every=10, lr=2e-3)
+
+
+def eval_loss(model, x0):
+    loss = EpsilonLoss(Schedule.from_config(DiffusionConfig()))
+    with torch.no_grad():
+        return loss(model, x0, generator=torch.Generator().manual_seed(0)).item()
+
+
+def test_a_few_steps_lower_the_loss(tmp_path, tiny_cfg):
+    x0 = to_model_range(load_split("mnist", "train")[0][:256])
+    torch.manual_seed(0)  # train() seeds the init with cfg.seed=0 too
+    before = eval_loss(UNet(tiny_cfg), x0)
+    summary = train(tiny_cfg, DiffusionConfig(), TrainConfig(steps=60, **FAST), tmp_path / "r",
+                    progress=False)
+    assert summary["steps"] == 60
+    model, config, _ = load_checkpoint(tmp_path / "r")
+    after = eval_loss(model, x0)
+    assert after < 0.5 * before, (before, after)
+    assert config["step"] == 60 and config["model"] == tiny_cfg.to_dict()
+    lines = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [10, 20, 30, 40, 50, 60]
+    assert all("loss" in r for r in lines)
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, tiny_cfg):
+    train(tiny_cfg, DiffusionConfig(), TrainConfig(steps=5, **FAST), tmp_path / "r",
+          progress=False)
+    a, _, digest = load_checkpoint(tmp_path / "r")
+    b, _, digest_b = load_checkpoint(tmp_path / "r" / "model.safetensors")
+    x, t = torch.randn(4, 1, 28, 28), torch.tensor([0, 10, 500, 999])
+    assert torch.equal(a(x, t), b(x, t)) and digest == digest_b
+    # the .safetensors alone (no config.json beside it) rebuilds the model from its metadata
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes((tmp_path / "r" / "model.safetensors").read_bytes())
+    (tmp_path / "config.json").unlink(missing_ok=True)
+    c, _, _ = load_checkpoint(lone)
+    assert torch.equal(a(x, t), c(x, t))
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tiny_cfg,
+                                                                 monkeypatch):
+    cfg = TrainConfig(steps=30, checkpoint_every=10, **FAST)
+    train(tiny_cfg, DiffusionConfig(), cfg, tmp_path / "full", progress=False)
+
+    real_save = train_mod.save_state
+
+    def crash_after_step_20(folder, model, ema, opt, step, extra=None):
+        real_save(folder, model, ema, opt, step, extra)
+        if step == 20:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_state", crash_after_step_20)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg, DiffusionConfig(), cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(train_mod, "save_state", real_save)
+    train(tiny_cfg, DiffusionConfig(), cfg, tmp_path / "cut", resume=True, progress=False)
+    full = (tmp_path / "full" / "model.safetensors").read_bytes()
+    assert (tmp_path / "cut" / "model.safetensors").read_bytes() == full
+    steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").open()]
+    assert steps == [10, 20, 30]
+
+
+def test_existing_run_needs_resume(tmp_path, tiny_cfg):
+    train(tiny_cfg, DiffusionConfig(), TrainConfig(steps=2, **FAST), tmp_path / "r",
+          progress=False)
+    with pytest.raises(MinidiffError, match="already holds a run; pass --resume"):
+        train(tiny_cfg, DiffusionConfig(), TrainConfig(steps=2, **FAST), tmp_path / "r",
+              progress=False)
+
+
+def test_divergence_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_cfg, monkeypatch):
+    cfg = TrainConfig(steps=20, checkpoint_every=5, **FAST)
+    real_loss = train_mod.EpsilonLoss.__call__
+    calls = {"n": 0}
+
+    def nan_at_step_7(self, *a, **k):
+        calls["n"] += 1
+        out = real_loss(self, *a, **k)
+        return out * float("nan") if calls["n"] == 8 else out
+
+    monkeypatch.setattr(train_mod.EpsilonLoss, "__call__", nan_at_step_7)
+    with pytest.raises(MinidiffError, match="diverged at step 7: loss is nan"):
+        train(tiny_cfg, DiffusionConfig(), cfg, tmp_path / "r", progress=False)
+    _, config, _ = load_checkpoint(tmp_path / "r")
+    assert config["step"] == 5
+
+
+def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path, tiny_cfg):
+    run = tmp_path / "r"
+    train(tiny_cfg, DiffusionConfig(), TrainConfig(steps=2, **FAST), run, progress=False)
+    cfg = json.loads((run / "config.json").read_text())
+    # config that does not match the weights (ignore the digest to reach the shape check)
+    bad = {**cfg, "model": {**cfg["model"], "channels": [8, 32]}, "model_sha256": None}
+    (run / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="weights do not match the model config"):
+        load_checkpoint(run)
+    (run / "config.json").write_text(json.dumps(cfg))
+    data = (run / "model.safetensors").read_bytes()
+    (run / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="does not match .* recorded in config.json"):
+        load_checkpoint(run)
+    with pytest.raises(CheckpointError, match="pickled checkpoints are not loaded"):
+        (tmp_path / "x.pt").write_bytes(b"\x80\x04K\x01.")
+        load_checkpoint(tmp_path / "x.pt")
+
+
+def test_state_holds_optimizer_and_step(tmp_path, tiny_cfg):
+    train(tiny_cfg, DiffusionConfig(), TrainConfig(steps=3, **FAST), tmp_path / "r",
+          progress=False)
+    model = UNet(tiny_cfg)
+    opt = torch.optim.AdamW(model.parameters())
+    meta = load_state(tmp_path / "r", model, UNet(tiny_cfg), opt)
+    assert meta["step"] == 3
+    assert all(st["step"].item() == 3 for st in opt.state_dict()["state"].values())
+
+
+def test_lr_schedule_warms_up_then_decays():
+    cfg = TrainConfig(steps=100, warmup_steps=10, lr=1e-3)
+    assert lr_at(cfg, 0, 100) == pytest.approx(1e-4)
+    assert lr_at(cfg, 9, 100) == pytest.approx(1e-3)
+    assert lr_at(cfg, 99, 100) < lr_at(cfg, 50, 100) < lr_at(cfg, 10, 100)
+    assert lr_at(cfg, 100, 100) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(epochs=-1), "--epochs must be > 0"),
+    (dict(steps=0), "--steps must be > 0"),
+    (dict(epochs=1, steps=5), "not both"),
+    (dict(precision="fp8"), "--precision must be"),
+    (dict(dataset="cifar"), "unknown dataset"),
+])
+def test_train_config_validation(kwargs, msg):
+    with pytest.raises(MinidiffError, match=msg):
+        TrainConfig(**kwargs)

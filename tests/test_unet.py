@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from minidiff.unet import PRESETS, STUDY_PARAMS, UNet, UNetConfig, count_macs, count_params
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_shapes_and_params_near_the_study(name):
+    model = UNet(PRESETS[name])
+    x = torch.randn(3, 1, 28, 28)
+    assert model(x, torch.tensor([0, 500, 999])).shape == (3, 1, 28, 28)
+    params = count_params(model)
+    assert abs(params / STUDY_PARAMS[name] - 1) < 0.10, params
+
+
+def test_macs_scale_with_width():
+    assert count_macs(UNet(PRESETS["baseline"])) > 3 * count_macs(UNet(PRESETS["reduced"]))
+
+
+def test_time_changes_the_output(tiny_cfg):
+    torch.manual_seed(0)
+    model = UNet(tiny_cfg)
+    x = torch.randn(2, 1, 28, 28)
+    assert not torch.allclose(model(x, torch.tensor([1, 1])), model(x, torch.tensor([900, 900])))
+
+
+def test_class_conditioning_room(tiny_cfg):
+    cfg = UNetConfig(**{**tiny_cfg.to_dict(), "num_classes": 10})
+    torch.manual_seed(0)
+    model = UNet(cfg)
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([10, 10])
+    torch.nn.init.normal_(model.class_emb.weight)  # make the embedding matter
+    a, b = model(x, t, torch.tensor([3, 3])), model(x, t, torch.tensor([7, 7]))
+    assert not torch.allclose(a, b)
+    assert model(x, t).shape == (2, 1, 28, 28)  # y=None -> the null class
+
+
+def test_config_round_trip_and_bad_sizes(tiny_cfg):
+    assert UNetConfig.from_dict(tiny_cfg.to_dict()) == tiny_cfg
+    with pytest.raises(ValueError, match="not divisible"):
+        UNetConfig(channels=(8, 16, 32, 64), image_size=28)
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        UNetConfig.from_dict({"channels": [8], "colour": 3})
