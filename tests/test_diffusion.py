@@ -46,13 +46,15 @@ def test_loss_is_zero_for_the_true_noise_predictor():
     """A model that returns the exact noise has zero loss; a zero predictor has loss ~1."""
     s = Schedule.from_config(DiffusionConfig())
     loss = EpsilonLoss(s)
-    x0 = torch.zeros(256, 1, 4, 4)  # x0 = 0 makes x_t = sqrt(1 - ab) * eps, so eps is known
+    x0 = torch.zeros(512, 1, 8, 8)  # x0 = 0 makes x_t = sqrt(1 - ab) * eps, so eps is known
+    g = torch.Generator().manual_seed(0)
 
     def oracle(xt, t, y=None):
         return xt / s.sqrt_one_minus_alpha_bar[t].float().view(-1, 1, 1, 1)
 
-    assert loss(oracle, x0).item() < 1e-8
-    assert loss(lambda xt, t, y=None: torch.zeros_like(xt), x0).item() == pytest.approx(1, abs=.05)
+    assert loss(oracle, x0, generator=g).item() < 1e-8
+    zero = loss(lambda xt, t, y=None: torch.zeros_like(xt), x0, generator=g).item()
+    assert zero == pytest.approx(1, abs=0.03)  # E[eps^2] = 1; std of this mean ~0.008
 
 
 def test_config_round_trip_and_validation():

@@ -59,8 +59,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tiny_c
 
     real_save = train_mod.save_state
 
-    def crash_after_step_20(folder, model, ema, opt, step, extra=None):
-        real_save(folder, model, ema, opt, step, extra)
+    def crash_after_step_20(folder, model, ema, opt, step, keep=3):
+        real_save(folder, model, ema, opt, step, keep)
         if step == 20:
             raise KeyboardInterrupt
 
@@ -125,7 +125,7 @@ def test_state_holds_optimizer_and_step(tmp_path, tiny_cfg):
     model = UNet(tiny_cfg)
     opt = torch.optim.AdamW(model.parameters())
     meta = load_state(tmp_path / "r", model, UNet(tiny_cfg), opt)
-    assert meta["step"] == 3
+    assert meta["step"] == 3 and meta["path"].endswith("checkpoints/step-00000003")
     assert all(st["step"].item() == 3 for st in opt.state_dict()["state"].values())
 
 

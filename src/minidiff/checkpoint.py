@@ -5,14 +5,19 @@ A run folder holds::
     config.json         model + diffusion + training configs, step, and model.safetensors' SHA-256
     model.safetensors   EMA weights used for sampling (the config is also in its metadata, so
                         the file alone rebuilds the model)
-    state.safetensors   raw weights ("model.*") and optimizer tensors ("opt.*") for resuming
-    state.json          step, optimizer hyper-parameters and state.safetensors' SHA-256
+    checkpoints/step-NNNNNNNN/state.safetensors   raw + EMA weights, optimizer tensors
+    checkpoints/step-NNNNNNNN/state.json          step, optimizer settings, the tensors' SHA-256
+
+Every file is written atomically (temp file, fsync, rename) and each checkpoint folder appears
+in one rename, so a killed run leaves either the old checkpoint or the new one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -93,8 +98,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
         recorded = config.get("model_sha256")
         if recorded and recorded != digest and weights.parent == config_path.parent:
             raise CheckpointError(f"{weights}: SHA-256 {digest[:12]}... does not match the "
-                                  f"{recorded[:12]}... recorded in {config_path.name}; the "
-                                  "weights are corrupt or were replaced")
+                                  f"{recorded[:12]}... recorded in {config_path.name}; the file "
+                                  "is corrupt or half-written: `minidiff train --out "
+                                  f"{weights.parent} --resume` rewrites it from the last "
+                                  "checkpoint")
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError) as e:
@@ -137,13 +144,37 @@ def _metadata_config(data: bytes, weights: Path) -> dict:
 
 # --------------------------------------------------------------------------- training state
 
+CHECKPOINTS = "checkpoints"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clean_partial(folder: Path) -> None:
+    """Remove what a killed run may have left half-written (temp files and folders)."""
+    folder = Path(folder)
+    for junk in list(folder.glob(".*.tmp")) + list((folder / CHECKPOINTS).glob(".*")):
+        if junk.is_dir():
+            shutil.rmtree(junk, ignore_errors=True)
+        else:
+            junk.unlink(missing_ok=True)
+
 
 def save_state(folder: Path, model: torch.nn.Module, ema: torch.nn.Module,
-               opt: torch.optim.Optimizer, step: int, extra: dict | None = None) -> None:
-    """Everything needed to resume: raw + EMA weights, optimizer, step (tensors in safetensors,
-    the rest in JSON). Written before config.json/model.safetensors so a crash in between
-    leaves a consistent older pair."""
-    folder = Path(folder)
+               opt: torch.optim.Optimizer, step: int, keep: int = 3) -> Path:
+    """Write ``folder/checkpoints/step-NNNNNNNN/`` (raw + EMA weights and optimizer tensors in
+    safetensors; step, optimizer hyper-parameters and the tensors' SHA-256 in JSON) as one
+    atomic folder rename, then delete all but the newest ``keep`` checkpoints."""
+    root = Path(folder) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     opt_sd = opt.state_dict()
@@ -151,32 +182,64 @@ def save_state(folder: Path, model: torch.nn.Module, ema: torch.nn.Module,
         for key, val in st.items():
             tensors[f"opt.{pid}.{key}"] = torch.as_tensor(val)
     data = _state_dict_bytes(tensors)
-    atomic_write_bytes(folder / STATE_FILE, data)
     meta = {"step": step, "param_groups": opt_sd["param_groups"], "sha256": sha256(data),
-            "minidiff_version": __version__, **(extra or {})}
-    atomic_write_text(folder / STATE_JSON, json.dumps(meta, indent=2) + "\n")
+            "minidiff_version": __version__}
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        atomic_write_bytes(tmp / STATE_FILE, data)
+        atomic_write_text(tmp / STATE_JSON, json.dumps(meta, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: leave no half checkpoint
+        raise
+    if final.exists():  # re-reaching a step after resuming from an older checkpoint
+        trash = root / f".trash-{final.name}-{os.getpid()}"
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _read_state(ckpt: Path) -> tuple[dict, bytes]:
+    try:
+        meta = json.loads((ckpt / STATE_JSON).read_text())
+        data = (ckpt / STATE_FILE).read_bytes()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}: unreadable ({e})")
+    if sha256(data) != meta.get("sha256"):
+        raise CheckpointError(f"{ckpt / STATE_FILE}: SHA-256 does not match {STATE_JSON}")
+    return meta, data
 
 
 def load_state(folder: Path, model: torch.nn.Module, ema: torch.nn.Module,
-               opt: torch.optim.Optimizer) -> dict:
-    """Restore what :func:`save_state` wrote; returns the JSON metadata (with ``step``)."""
+               opt: torch.optim.Optimizer, warn=print) -> dict:
+    """Restore the newest checkpoint of ``folder`` that verifies; corrupt newer ones are
+    reported through ``warn`` and skipped. Returns its JSON metadata (with ``step``)."""
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / STATE_JSON).read_text())
-        data = (folder / STATE_FILE).read_bytes()
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder}: no resumable training state ({e}); start a new run "
+    ckpts = sorted((folder / CHECKPOINTS).glob("step-*"), reverse=True)
+    if not ckpts:
+        raise CheckpointError(f"{folder}: no checkpoint to resume from; start a new run "
                               "without --resume")
-    if sha256(data) != meta.get("sha256"):
-        raise CheckpointError(f"{folder / STATE_FILE}: SHA-256 does not match {STATE_JSON}; "
-                              "the state is corrupt, start a new run without --resume")
-    tensors = st_load(data)
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-    state: dict[int, dict] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, pid, key = k.split(".", 2)
-            state.setdefault(int(pid), {})[key] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta
+    for ckpt in ckpts:
+        try:
+            meta, data = _read_state(ckpt)
+            tensors = st_load(data)
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k[:6] == "model."})
+            ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k[:4] == "ema."})
+            state: dict[int, dict] = {}
+            for k, v in tensors.items():
+                if k.startswith("opt."):
+                    _, pid, key = k.split(".", 2)
+                    state.setdefault(int(pid), {})[key] = v
+            opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        except (CheckpointError, SafetensorError, KeyError, ValueError, RuntimeError) as e:
+            warn(f"note: skipping corrupt checkpoint {ckpt.name}: {str(e).splitlines()[0]}")
+            continue
+        return {**meta, "path": str(ckpt)}
+    raise CheckpointError(f"{folder}: every checkpoint is corrupt; start a new run without "
+                          "--resume")

@@ -68,6 +68,17 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _channels(s: str) -> tuple[int, ...]:
+    try:
+        ch = tuple(int(c) for c in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 16,32,64, "
+                                         f"got {s!r}")
+    if not ch or any(c <= 0 for c in ch):
+        raise argparse.ArgumentTypeError(f"channels must be positive, got {s!r}")
+    return ch
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .unet import PRESETS
@@ -95,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     t.add_argument("--preset", choices=list(PRESETS), default="reduced",
                    help="model architecture (default: reduced)")
+    t.add_argument("--channels", type=_channels, metavar="C1,C2,...",
+                   help="override the preset's channel widths, e.g. 8,16 (multiples of 8)")
     t.add_argument("--dataset", choices=list(DATASETS), default="mnist")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=_positive_float, help="passes over the data (default 10)")
@@ -108,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="folder holding the dataset's IDX files")
     t.add_argument("--checkpoint-every", type=_positive_int, default=500, metavar="N",
                    help="write a checkpoint every N steps (default 500)")
+    t.add_argument("--keep-checkpoints", type=_positive_int, default=3, metavar="K",
+                   help="keep the newest K training checkpoints (default 3)")
     t.add_argument("--schedule", choices=["linear", "cosine"], default="linear",
                    help="beta schedule (default linear 1e-4..0.02, T=1000)")
     t.add_argument("--subset", type=_positive_int, help="train on the first N images only")
@@ -130,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output .npz (images uint8 [N x 28 x 28])")
     s.add_argument("--grid", help="also write a PNG grid of the samples")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    gr = sub.add_parser("grid", help="render a sample file as a PNG grid",
+                        epilog="example:\n  minidiff grid samples.npz --out grid.png --n 64",
+                        formatter_class=fmt)
+    gr.add_argument("samples", help="an .npz written by `minidiff sample`")
+    gr.add_argument("--out", required=True, help="output .png")
+    gr.add_argument("--n", type=_positive_int, default=100, help="at most this many (default 100)")
+    gr.add_argument("--nrow", type=_positive_int, help="images per row (default ~sqrt n)")
 
     de = sub.add_parser("demo", help="train the reduced model briefly, sample, write a report",
                         epilog=EXAMPLES["demo"], formatter_class=fmt)
@@ -188,13 +211,20 @@ def cmd_models(args) -> int:
 def cmd_train(args) -> int:
     from .diffusion import DiffusionConfig
     from .train import TrainConfig, train
-    from .unet import PRESETS
+    from .unet import PRESETS, UNetConfig
 
     cfg = TrainConfig(dataset=args.dataset, epochs=args.epochs, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       precision=args.precision, device=args.device,
-                      checkpoint_every=args.checkpoint_every, subset=args.subset)
-    summary = train(PRESETS[args.preset], DiffusionConfig(schedule=args.schedule), cfg,
+                      checkpoint_every=args.checkpoint_every,
+                      keep_checkpoints=args.keep_checkpoints, subset=args.subset)
+    model_cfg = PRESETS[args.preset]
+    if args.channels:
+        try:
+            model_cfg = UNetConfig(**{**model_cfg.to_dict(), "channels": args.channels})
+        except ValueError as e:
+            raise MinidiffError(f"--channels: {e}")
+    summary = train(model_cfg, DiffusionConfig(schedule=args.schedule), cfg,
                     args.out, data_dir=args.data_dir, resume=args.resume,
                     progress=not args.no_progress, preset=args.preset)
     print(json.dumps({"out": args.out, **summary}))
@@ -212,6 +242,18 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_grid(args) -> int:
+    from .io import save_grid
+    from .sampling import load_samples
+
+    if Path(args.out).suffix.lower() != ".png":
+        raise MinidiffError(f"--out {args.out}: the grid must be a .png file")
+    images = load_samples(args.samples)[: args.n]
+    save_grid(images, args.out, nrow=args.nrow)
+    print(f"wrote {args.out} ({len(images)} images)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -222,7 +264,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"data": cmd_data, "models": cmd_models, "train": cmd_train, "sample": cmd_sample,
-            "demo": cmd_demo}
+            "grid": cmd_grid, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,11 +141,11 @@ def read_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror}); check the file's permissions")
+        raise DataError(f"{path}: cannot read ({e.strerror}); check that it is a readable file")
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
             raise DataError(f"{path}: corrupt or truncated gzip ({e}); "
                             "replace the file with a fresh copy")
     return raw

@@ -31,6 +31,39 @@ def save_samples(path: str | Path, images: np.ndarray, meta: dict,
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
 
 
+def load_samples(path: str | Path, image_size: int = 28) -> np.ndarray:
+    """Read and validate a sample file -> uint8 ``[N x H x W]``.
+
+    Accepts the ``.npz`` written by ``minidiff sample`` (key ``images``) with shape
+    ``[N x H x W]`` or ``[N x 1 x H x W]``; anything else is a :class:`MinidiffError` that says
+    what is wrong. Never unpickles (``allow_pickle=False``).
+    """
+    path = Path(path)
+    fix = "pass an .npz written by `minidiff sample`"
+    if not path.is_file():
+        raise MinidiffError(f"{path}: no such sample file; {fix}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "images" not in z.files:
+                raise MinidiffError(f"{path}: no 'images' array (found {z.files}); {fix}")
+            images = z["images"]
+    except MinidiffError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise MinidiffError(f"{path}: not a readable .npz ({str(e).splitlines()[0]}); {fix}")
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.ndim != 3 or images.shape[1:] != (image_size, image_size) or len(images) == 0:
+        raise MinidiffError(f"{path}: images have shape {list(images.shape)}, expected "
+                            f"[N x {image_size} x {image_size}] with N >= 1; {fix}")
+    if images.dtype.kind == "f" and not np.isfinite(images).all():
+        raise MinidiffError(f"{path}: images contain NaN or Inf; the sampler diverged, "
+                            "regenerate the file")
+    if images.dtype != np.uint8:
+        raise MinidiffError(f"{path}: images are {images.dtype}, expected uint8 in 0..255; {fix}")
+    return images
+
+
 def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
                    sampler: str = "ddpm", seed: int = 0, batch_size: int = 256,
                    precision: str = "fp32", device: str = "auto", grid: str | None = None,

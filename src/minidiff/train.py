@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import CONFIG_FILE, load_state, save_model, save_state
+from .checkpoint import CONFIG_FILE, clean_partial, load_state, save_model, save_state
 from .data import epoch_order, get_spec, load_split, to_model_range
 from .diffusion import DiffusionConfig, EpsilonLoss, Schedule
 from .errors import MinidiffError
@@ -45,6 +45,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 50
     checkpoint_every: int = 500
+    keep_checkpoints: int = 3  # newest training-state checkpoints kept on disk
     subset: int | None = None  # train on the first N images only (tests, quick looks)
 
     def __post_init__(self):
@@ -53,7 +54,7 @@ class TrainConfig:
             (self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}"),
             (self.epochs is None or self.steps is None, "give --epochs or --steps, not both"),
             (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
-            (0 < self.lr < 1, f"--lr must be in (0, 1), got {self.lr}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.lr_schedule in ("cosine", "constant"),
              f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
@@ -66,6 +67,7 @@ class TrainConfig:
             (self.checkpoint_every > 0, f"--checkpoint-every must be > 0, got "
              f"{self.checkpoint_every}"),
             (self.subset is None or self.subset > 0, "subset must be > 0"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -178,7 +180,10 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     if resume:
+        clean_partial(out)
         step = load_state(out, model, ema, opt)["step"]
+        # the sampling pair may be newer than the restored state (or half-written): re-sync it
+        save_model(out, ema, run_config(model_cfg, diff_cfg, cfg, step, **extra))
         # keep only the log lines the restored state has already produced
         if metrics_path.exists():
             kept = [ln for ln in metrics_path.read_text().splitlines()
@@ -209,7 +214,10 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
             idx = order[k * bs:(k + 1) * bs]
             x0 = to_model_range(images[idx]).to(device)
             y = labels[idx].to(device) if model_cfg.num_classes else None
-            gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+            # every random draw of this step is a function of (seed, step): exact resume
+            step_seed = cfg.seed * 1_000_003 + step
+            torch.manual_seed(step_seed)  # anything drawing from the global RNG (dropout)
+            gen = torch.Generator(device=device).manual_seed(step_seed)
 
             # forward
             for group in opt.param_groups:
@@ -252,7 +260,7 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
 
             # checkpoint
             if step % cfg.checkpoint_every == 0 or step == total:
-                save_state(out, model, ema, opt, step)
+                save_state(out, model, ema, opt, step, keep=cfg.keep_checkpoints)
                 save_model(out, ema, run_config(model_cfg, diff_cfg, cfg, step, **extra))
     if bar is not None:
         bar.close()

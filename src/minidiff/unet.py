@@ -42,6 +42,9 @@ class UNetConfig:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         if not self.channels or any(c <= 0 for c in self.channels):
             raise ValueError(f"channels must be positive integers, got {self.channels}")
+        if any(c % self.norm_groups for c in self.channels):
+            raise ValueError(f"channels {self.channels} must be multiples of norm_groups "
+                             f"({self.norm_groups})")
         down = 2 ** (len(self.channels) - 1)
         if self.image_size % down:
             raise ValueError(
