@@ -83,7 +83,7 @@ Command: `minidiff demo` ({resumed})
 
 Final training loss (one batch): {loss_line}.
 
-Files: `config.json` + `model.safetensors` (EMA weights), `state.*` (to resume),
+Files: `config.json` + `model.safetensors` (EMA weights), `checkpoints/` (to resume),
 `metrics.jsonl` (loss per 50 steps), `samples.npz` (uint8 images [N x 28 x 28]) with
 `samples.json`, and `grid.png`:
 
