@@ -230,8 +230,9 @@ def load_split(name: str = "mnist", split: str = "train", data_dir=None):
     for fspec, magic in zip(spec.files[split], (IMAGES_MAGIC, LABELS_MAGIC)):
         path = _file_in(folder, fspec.name)
         data = read_bytes(path)
+        parsed = parse_idx(data, magic, str(path))  # header errors are the most specific
         verify_bytes(path, data, fspec.sha256)
-        out.append(parse_idx(data, magic, str(path)))
+        out.append(parsed)
     images, labels = out
     if len(images) != len(labels):
         raise DataError(f"{folder}: {len(images)} images but {len(labels)} labels; "

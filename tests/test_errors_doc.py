@@ -1,0 +1,206 @@
+"""Every case in docs/errors.md is run here, and its message must match the documented one.
+
+The doc's table has one row per case: ``| id | command | message |``. In the message column,
+``…`` stands for any text (paths, digests). A case here without a row, or a row without a case,
+fails the test, so the doc cannot drift from what users see.
+"""
+
+import errno
+import gzip
+import json
+import os
+import re
+import shutil
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minidiff import data as mdata
+from minidiff import io as mio
+from minidiff.cli import main
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+TINY = ["--preset", "reduced", "--channels", "8,16", "--batch-size", "8", "--subset", "16",
+        "--precision", "fp32", "--no-progress"]
+
+
+def doc_rows() -> dict[str, str]:
+    rows = {}
+    for line in DOC.read_text().splitlines():
+        m = re.match(r"\|\s*`?([a-z0-9-]+)`?\s*\|(.*)\|(.*)\|\s*$", line)
+        if m and m.group(1) != "id" and set(m.group(1)) != {"-"}:
+            rows[m.group(1)] = m.group(3).strip().strip("`").strip()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("err") / "run"
+    assert main(["train", *TINY, "--steps", "2", "--out", str(out)]) == 0
+    return out
+
+
+def mnist_copy(tmp, mutate):
+    src = mdata.find_dataset("mnist")
+    dst = tmp / "mnist"
+    shutil.copytree(src, dst)
+    mutate(dst)
+    return dst
+
+
+def _truncate(d):
+    f = d / "train-labels-idx1-ubyte.gz"
+    f.write_bytes(gzip.compress(gzip.decompress(f.read_bytes())[:-100]))
+
+
+def _flip(d):
+    f = d / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(f.read_bytes()))
+    raw[-1] ^= 1
+    f.write_bytes(gzip.compress(bytes(raw)))
+
+
+def _magic(d):
+    f = d / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(f.read_bytes()))
+    raw[3] = 3
+    f.write_bytes(gzip.compress(bytes(raw)))
+
+
+def _badgz(d):
+    f = d / "train-labels-idx1-ubyte.gz"
+    f.write_bytes(f.read_bytes()[:-50])
+
+
+def _npz(tmp, arr):
+    f = tmp / "s.npz"
+    np.savez(f, images=arr)
+    return str(f)
+
+
+def case_args(case, tmp, run, monkeypatch):
+    """argv for one documented case (and any environment it needs)."""
+    t = str(tmp)
+    data_case = {"data-truncated": _truncate, "data-checksum": _flip, "data-magic": _magic,
+                 "data-gzip": _badgz}
+    if case in data_case:
+        d = mnist_copy(tmp, data_case[case])
+        return ["train", *TINY, "--steps", "1", "--data-dir", str(d), "--out", t + "/o"]
+    if case == "data-missing":
+        (tmp / "empty").mkdir()
+        monkeypatch.setattr(mdata, "REPO_ROOT", tmp)
+        monkeypatch.setattr(mdata, "SYSTEM_DIR", tmp / "none")
+        return ["train", *TINY, "--steps", "1", "--data-dir", t + "/empty", "--out", t + "/o"]
+    if case == "data-dir-missing":
+        return ["train", *TINY, "--data-dir", t + "/nowhere", "--out", t + "/o"]
+    if case == "fetch-offline":
+        def offline(*a, **k):
+            raise urllib.error.URLError("Name or service not known")
+        monkeypatch.setattr("urllib.request.urlopen", offline)
+        return ["data", "fetch", "mnist", "--dest", t + "/m"]
+    if case == "epochs-negative":
+        return ["train", "--epochs", "-1", "--out", t + "/o"]
+    if case == "unknown-preset":
+        return ["train", "--preset", "huge", "--out", t + "/o"]
+    if case == "unknown-dataset":
+        return ["train", "--dataset", "cifar10", "--out", t + "/o"]
+    if case == "bad-channels":
+        return ["train", "--channels", "12,24", "--out", t + "/o"]
+    if case == "run-exists":
+        return ["train", *TINY, "--steps", "1", "--out", str(run)]
+    if case == "resume-nothing":
+        (tmp / "o").mkdir()
+        return ["train", *TINY, "--out", t + "/o", "--resume"]
+    if case == "diverged":
+        return ["train", *TINY, "--steps", "50", "--lr", "1e30", "--out", t + "/o"]
+    if case == "disk-full":
+        def full(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(mio.os, "fsync", full)
+        return ["train", *TINY, "--steps", "1", "--out", t + "/o"]
+    if case == "no-cuda":
+        return ["train", *TINY, "--steps", "1", "--device", "cuda", "--out", t + "/o"]
+    if case == "n-zero":
+        return ["sample", str(run), "--n", "0", "--out", t + "/s.npz"]
+    if case == "steps-too-many":
+        return ["sample", str(run), "--steps", "1001", "--out", t + "/s.npz"]
+    if case == "unknown-sampler":
+        return ["sample", str(run), "--sampler", "euler", "--out", t + "/s.npz"]
+    if case == "out-not-npz":
+        return ["sample", str(run), "--out", t + "/s.png"]
+    if case == "ckpt-missing":
+        return ["sample", t + "/nope", "--out", t + "/s.npz"]
+    if case == "ckpt-no-weights":
+        return ["sample", t, "--out", t + "/s.npz"]
+    if case == "ckpt-pickle":
+        (tmp / "m.pt").write_bytes(b"\x80\x04K\x01.")
+        return ["sample", t + "/m.pt", "--out", t + "/s.npz"]
+    if case == "ckpt-corrupt":
+        r = tmp / "r"
+        shutil.copytree(run, r)
+        w = r / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:100])
+        return ["sample", str(r), "--out", t + "/s.npz"]
+    if case == "ckpt-mismatch":
+        r = tmp / "r"
+        shutil.copytree(run, r)
+        cfg = json.loads((r / "config.json").read_text())
+        cfg["model"]["channels"] = [8, 32]
+        (r / "config.json").write_text(json.dumps(cfg))
+        w = r / "model.safetensors"
+        lone = tmp / "lone"
+        lone.mkdir()
+        shutil.copy(w, lone / "model.safetensors")
+        shutil.copy(r / "config.json", lone / "config.json")
+        cfg["model_sha256"] = None
+        (lone / "config.json").write_text(json.dumps(cfg))
+        return ["sample", str(lone), "--out", t + "/s.npz"]
+    if case == "samples-missing":
+        return ["grid", t + "/none.npz", "--out", t + "/g.png"]
+    if case == "samples-dtype":
+        return ["grid", _npz(tmp, np.zeros((2, 28, 28), np.float64)), "--out", t + "/g.png"]
+    if case == "samples-shape":
+        return ["grid", _npz(tmp, np.zeros((2, 32, 32), np.uint8)), "--out", t + "/g.png"]
+    if case == "samples-nan":
+        return ["grid", _npz(tmp, np.full((2, 28, 28), np.nan)), "--out", t + "/g.png"]
+    if case == "samples-not-npz":
+        (tmp / "s.npz").write_bytes(b"not a zip")
+        return ["grid", t + "/s.npz", "--out", t + "/g.png"]
+    raise KeyError(case)
+
+
+CASES = ["data-truncated", "data-checksum", "data-magic", "data-gzip", "data-missing",
+         "data-dir-missing", "fetch-offline", "epochs-negative", "unknown-preset",
+         "unknown-dataset", "bad-channels", "run-exists", "resume-nothing", "diverged",
+         "disk-full", "no-cuda", "n-zero", "steps-too-many", "unknown-sampler", "out-not-npz",
+         "ckpt-missing", "ckpt-no-weights", "ckpt-pickle", "ckpt-corrupt", "ckpt-mismatch",
+         "samples-missing", "samples-dtype", "samples-shape", "samples-nan", "samples-not-npz"]
+
+
+def test_doc_lists_exactly_the_tested_cases():
+    assert sorted(doc_rows()) == sorted(CASES)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_documented_message(case, tmp_path, run, monkeypatch, capsys):
+    if case == "no-cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA GPU is visible here, so --device cuda is valid")
+    argv = case_args(case, tmp_path, run, monkeypatch)
+    before = {p: p.stat().st_mtime_ns for p in Path(run).rglob("*") if p.is_file()}
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse errors exit 2
+        rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1, (rc, err)
+    if os.environ.get("MINIDIFF_PRINT_ERRORS"):
+        print(f"\n{case}: {err[0]}")
+    pattern = ".*".join(re.escape(part) for part in doc_rows()[case].split("…"))
+    assert re.search(pattern, err[0]), f"\n doc: {doc_rows()[case]}\n got: {err[0]}"
+    # nothing that was already on disk changed
+    assert before == {p: p.stat().st_mtime_ns for p in Path(run).rglob("*") if p.is_file()}
