@@ -154,6 +154,40 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--n", type=_positive_int, default=100, help="at most this many (default 100)")
     gr.add_argument("--nrow", type=_positive_int, help="images per row (default ~sqrt n)")
 
+    c = sub.add_parser("classifier", help="train or evaluate the metrics' feature classifier",
+                       epilog="examples:\n  minidiff classifier evaluate\n"
+                              "  minidiff classifier train --dataset fashion-mnist",
+                       formatter_class=fmt)
+    csub = c.add_subparsers(dest="classifier_command", parser_class=_Parser)
+    ct = csub.add_parser("train", help="rebuild a shipped classifier from its recipe")
+    ct.add_argument("--dataset", choices=list(DATASETS), default="mnist")
+    ct.add_argument("--epochs", type=_positive_int, help="default: the recipe's")
+    ct.add_argument("--data-dir", help="folder holding the dataset's IDX files")
+    ct.add_argument("--out", help="folder for weights + card (default: the package's assets)")
+    ce = csub.add_parser("evaluate", help="test accuracy of the shipped classifier")
+    ce.add_argument("--dataset", choices=list(DATASETS), default="mnist")
+    ce.add_argument("--data-dir", help="folder holding the dataset's IDX files")
+    ce.add_argument("--json", metavar="OUT", help="also write {\"test_accuracy\": ...} here")
+
+    e = sub.add_parser("eval", help="quality metrics of samples, with real-data floors",
+                       epilog="examples:\n  minidiff eval runs/demo/samples.npz\n"
+                              "  minidiff eval --real --n 10000\n"
+                              "  minidiff eval --model runs/demo --steps 100 --time-n 256",
+                       formatter_class=fmt)
+    e.add_argument("samples", nargs="?", help="an .npz written by `minidiff sample`")
+    e.add_argument("--real", action="store_true", help="print the real-data floors alone")
+    e.add_argument("--model", metavar="CKPT", help="efficiency of a checkpoint instead")
+    e.add_argument("--n", type=_positive_int, default=10000, help="with --real: images")
+    e.add_argument("--reference", choices=["test", "train"], default="test")
+    e.add_argument("--dataset", choices=list(DATASETS), help="default: the samples' dataset")
+    e.add_argument("--data-dir", help="folder holding the dataset's IDX files")
+    e.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    e.add_argument("--sampler", choices=["ddpm"], default="ddpm", help="with --model")
+    e.add_argument("--steps", type=_positive_int, help="with --model: sampler steps (default T)")
+    e.add_argument("--time-n", type=_positive_int, default=256,
+                   help="with --model: samples actually timed; the 10,000-sample time is "
+                        "extrapolated from them (default 256; 10000 times the real thing)")
+
     de = sub.add_parser("demo", help="train the reduced model briefly, sample, write a report",
                         epilog=EXAMPLES["demo"], formatter_class=fmt)
     de.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
@@ -254,6 +288,87 @@ def cmd_grid(args) -> int:
     return 0
 
 
+def cmd_classifier(args) -> int:
+    import dataclasses
+
+    from .classifier import RECIPES, accuracy, load_classifier, save_classifier, train_classifier
+    from .data import load_split
+    from .io import atomic_write_text
+
+    if args.classifier_command == "train":
+        recipe = RECIPES[args.dataset]
+        if args.epochs:
+            recipe = dataclasses.replace(recipe, epochs=args.epochs)
+        model, card = train_classifier(recipe, args.data_dir)
+        path = save_classifier(model, card, Path(args.out) if args.out else None)
+        print(f"{args.dataset}: test accuracy {card['test_accuracy']:.4f}; wrote {path}")
+        return 0
+    if args.classifier_command != "evaluate":
+        raise MinidiffError("choose `minidiff classifier train` or `minidiff classifier evaluate`")
+    model, card = load_classifier(args.dataset)
+    x, y = load_split(args.dataset, "test", args.data_dir)
+    acc = accuracy(model, x, y)
+    print(f"{args.dataset} classifier: test accuracy {acc:.4f} on {len(x)} images "
+          f"(card: {card['test_accuracy']:.4f})")
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"test_accuracy": acc}) + "\n")
+    return 0
+
+
+def _metrics_table(res: dict, floor: dict | None) -> str:
+    rows = [("pseudo_fid", "lower"), ("kid", "lower"), ("precision", "higher"),
+            ("recall", "higher"), ("ssim", "see docs"), ("ssim_nearest", "see docs"),
+            ("class_max_dev", "lower"), ("confidence", "higher"), ("memorization", "lower")]
+    lines = [f"{'metric':<14} {'samples':>10} {'real floor':>11}  better"]
+    for key, better in rows:
+        f = f"{floor[key]:>11.4f}" if floor else f"{'':>11}"
+        lines.append(f"{key:<14} {res[key]:>10.4f} {f}  {better}")
+    hist = " ".join(f"{v:.3f}" for v in res["class_histogram"])
+    lines.append(f"{'classes 0-9':<14} {hist}")
+    lines.append(f"n = {res['n']}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    from .io import atomic_write_text
+
+    if args.model:
+        from .efficiency import efficiency
+
+        res = efficiency(args.model, sampler=args.sampler, steps=args.steps, time_n=args.time_n)
+        for k, v in res.items():
+            print(f"{k:<22} {v}")
+    elif args.real:
+        from .metrics import Reference, floor
+
+        ref = Reference(args.dataset or "mnist", args.reference, args.data_dir)
+        res = floor(ref, args.n)
+        print(f"real-data floor: {args.n} real images vs the {args.reference} split")
+        print(_metrics_table(res, None))
+    else:
+        if not args.samples:
+            raise MinidiffError("give a sample file (`minidiff eval samples.npz`), --real or "
+                                "--model CKPT")
+        import torch
+
+        from .metrics import evaluate
+        from .sampling import load_samples
+
+        images = torch.from_numpy(load_samples(args.samples))
+        dataset = args.dataset
+        side = Path(args.samples).with_suffix(".json")
+        if dataset is None and side.is_file():
+            try:
+                dataset = json.loads(side.read_text()).get("dataset")
+            except ValueError:
+                dataset = None
+        res = evaluate(images, dataset or "mnist", args.reference, args.data_dir)
+        print(_metrics_table(res, res["floor"]))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -264,7 +379,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"data": cmd_data, "models": cmd_models, "train": cmd_train, "sample": cmd_sample,
-            "grid": cmd_grid, "demo": cmd_demo}
+            "grid": cmd_grid, "classifier": cmd_classifier, "eval": cmd_eval,
+            "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,9 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:
         # disk full, permission denied, ...: name the file and the reason, no traceback
-        where = f" {e.filename}" if getattr(e, "filename", None) else ""
-        print(f"minidiff: error:{where} {e.strerror or e}; check the path and free disk space",
-              file=sys.stderr)
+        import errno
+
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        fix = ("free some disk space and run the command again (a training run continues "
+               "with --resume)" if e.errno == errno.ENOSPC else "check the path and its permissions")
+        print(f"minidiff: error: {where}{e.strerror or e}; {fix}", file=sys.stderr)
         return 1
 
 

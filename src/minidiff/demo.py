@@ -15,7 +15,8 @@ from .checkpoint import CONFIG_FILE
 from .diffusion import DiffusionConfig
 from .errors import MinidiffError
 from .io import atomic_write_text
-from .sampling import sample_to_file
+from .metrics import evaluate
+from .sampling import load_samples, sample_to_file
 from .train import TrainConfig, resolve_device, resolve_precision, train
 from .unet import PRESETS, UNet, count_params
 
@@ -62,6 +63,15 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, n: int 
                           precision="auto", grid=str(out / "grid.png"))
     timings["sample"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    metrics = evaluate(torch.from_numpy(load_samples(out / "samples.npz")), "mnist", "test",
+                       data_dir)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    timings["eval"] = time.perf_counter() - t0
+    rows = "\n".join(
+        f"| `{k}` | {metrics[k]:.4f} | {metrics['floor'][k]:.4f} |"
+        for k in ("pseudo_fid", "kid", "precision", "recall", "ssim", "class_max_dev",
+                  "confidence", "memorization"))
     precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
     params = count_params(UNet(PRESETS[DEMO_PRESET]))
     last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
@@ -81,10 +91,21 @@ Command: `minidiff demo` ({resumed})
 | sample | {n} images, DDPM ancestral, {meta['steps']} steps, seed 0, {meta['precision']} | \
 {timings['sample']:.0f} s |
 
+| eval | metrics of the {n} samples and of {n} real training images (the floor) | \
+{timings['eval']:.0f} s |
+
 Final training loss (one batch): {loss_line}.
 
+Quality against the MNIST test split (definitions in docs/metrics.md of the minidiff
+repository; with only {n} samples FID and KID are biased upwards, which is why the floor, the same
+metric for {n} *real* images, stands beside each figure):
+
+| metric | samples | real-data floor |
+|---|---|---|
+{rows}
+
 Files: `config.json` + `model.safetensors` (EMA weights), `checkpoints/` (to resume),
-`metrics.jsonl` (loss per 50 steps), `samples.npz` (uint8 images [N x 28 x 28]) with
+`metrics.jsonl` (loss per 50 steps), `metrics.json` (the table above), `samples.npz` (uint8 images [N x 28 x 28]) with
 `samples.json`, and `grid.png`:
 
 ![samples](grid.png)

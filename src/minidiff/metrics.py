@@ -1,0 +1,230 @@
+"""Sample-quality metrics in the shipped classifier's feature space, each with its real-data floor.
+
+Definitions (also in docs/metrics.md):
+
+* ``pseudo_fid``: Frechet distance between Gaussians fitted to the classifier's 128-wide
+  penultimate features (after global average pooling) of the samples and of the reference split
+  (torchmetrics' ``FrechetInceptionDistance`` with the classifier as its feature network).
+* ``kid``: unbiased kernel inception distance (cubic polynomial kernel), mean over 50 random
+  subsets of min(1000, n) samples (torchmetrics' ``KernelInceptionDistance``), same features.
+* ``precision`` / ``recall``: Kynkaanniemi et al. 2019 with k = 3 in the same feature space: the
+  fraction of samples inside the union of the reference's k-NN balls, and vice versa.
+* ``ssim``: mean SSIM (Gaussian window 11, sigma 1.5, data range 1; torchmetrics) between each
+  sample and a reference image paired at random (fixed seed) -- the study's likely definition.
+  ``ssim_nearest``: mean SSIM between each sample and its nearest reference image in pixel L2.
+* ``class_histogram``: fractions of samples per predicted class; ``class_max_dev``: the largest
+  absolute deviation of those fractions from 1/10; ``confidence``: mean max softmax probability.
+* ``memorization``: fraction of samples whose nearest *training* image (pixel L2) is closer than
+  the 5th percentile of test-to-train nearest-neighbour distances (real test images: ~0.05).
+* ``floor``: all of the above for ``n`` real training images (disjoint from the reference) --
+  the best a generator can hope for at that sample size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .classifier import features_and_logits, load_classifier
+from .data import load_split
+from .errors import MinidiffError
+from .io import atomic_write_text, cache_dir
+
+KEYS = ("pseudo_fid", "kid", "precision", "recall", "ssim", "ssim_nearest", "class_histogram",
+        "class_max_dev", "confidence", "memorization", "n")
+
+
+class _Precomputed(nn.Module):
+    """Lets torchmetrics' FID/KID consume features we computed (and cached) ourselves."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, x):
+        return x
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FID between feature sets ``a: [N x D]`` and ``b: [M x D]`` (torchmetrics)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=_Precomputed(a.shape[1]))
+    fid.update(b.double(), real=True)
+    fid.update(a.double(), real=False)
+    return float(fid.compute())
+
+
+def kernel_distance(a: torch.Tensor, b: torch.Tensor, subsets: int = 50, seed: int = 0) -> float:
+    """Unbiased KID (mean over subsets) between ``a`` and ``b`` (torchmetrics)."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(1000, len(a), len(b))
+    torch.manual_seed(seed)  # torchmetrics draws its subsets from the global RNG
+    kid = KernelInceptionDistance(feature=_Precomputed(a.shape[1]), subsets=subsets,
+                                  subset_size=size)
+    kid.update(b.double(), real=True)
+    kid.update(a.double(), real=False)
+    mean, _ = kid.compute()
+    return float(mean)
+
+
+def _knn_radii(x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
+    """Distance from each row of ``x`` to its k-th nearest other row."""
+    out = []
+    for s in range(0, len(x), chunk):
+        d = torch.cdist(x[s:s + chunk], x)
+        out.append(d.kthvalue(k + 1, dim=1).values)  # +1: the point itself at distance 0
+    return torch.cat(out)
+
+
+def _covered(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor,
+             chunk: int = 2048) -> torch.Tensor:
+    """For each query row: is it inside any ball (ref_j, radii_j)?"""
+    out = []
+    for s in range(0, len(query), chunk):
+        d = torch.cdist(query[s:s + chunk], ref)
+        out.append((d <= radii[None]).any(dim=1))
+    return torch.cat(out)
+
+
+def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifolds."""
+    fake, real = fake.float(), real.float()
+    precision = _covered(fake, real, _knn_radii(real, k)).float().mean().item()
+    recall = _covered(real, fake, _knn_radii(fake, k)).float().mean().item()
+    return precision, recall
+
+
+def _flat(images: torch.Tensor) -> torch.Tensor:
+    return images.reshape(len(images), -1).float() / 255.0
+
+
+def nearest(query: torch.Tensor, ref: torch.Tensor, chunk: int = 1024):
+    """Pixel-L2 nearest neighbour of each uint8 image of ``query`` in ``ref`` -> (dist, index)."""
+    q, r = _flat(query), _flat(ref)
+    r_sq = (r * r).sum(1)
+    dists, idx = [], []
+    for s in range(0, len(q), chunk):
+        qc = q[s:s + chunk]
+        d2 = (qc * qc).sum(1, keepdim=True) - 2 * qc @ r.T + r_sq[None]
+        v, i = d2.min(dim=1)
+        dists.append(v.clamp_min(0).sqrt())
+        idx.append(i)
+    return torch.cat(dists), torch.cat(idx)
+
+
+def ssim_mean(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean SSIM between paired uint8 images ``a[i]``, ``b[i]`` (torchmetrics, data range 1)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    vals = []
+    for s in range(0, len(a), 2000):
+        x = a[s:s + 2000].unsqueeze(1).float() / 255
+        y = b[s:s + 2000].unsqueeze(1).float() / 255
+        vals.append(ssim(x, y, data_range=1.0, reduction="none"))
+    return torch.cat(vals).mean().item()
+
+
+# --------------------------------------------------------------------------- reference cache
+
+
+def _cache_key(dataset: str, reference: str) -> str:
+    from .classifier import weights_path
+
+    card = json.loads(weights_path(dataset).with_suffix(".json").read_text())
+    return hashlib.sha256(f"{dataset}|{reference}|{card['sha256']}".encode()).hexdigest()[:16]
+
+
+class Reference:
+    """A reference split with its classifier features and the memorisation threshold, cached."""
+
+    def __init__(self, dataset: str = "mnist", reference: str = "test", data_dir=None):
+        self.dataset, self.reference = dataset, reference
+        self.classifier, self.card = load_classifier(dataset)
+        self.images, self.labels = load_split(dataset, reference, data_dir)
+        self.train_images, _ = load_split(dataset, "train", data_dir)
+        folder = cache_dir() / "reference" / _cache_key(dataset, reference)
+        cached = folder / "reference.safetensors"
+        if cached.is_file():
+            t = load_file(cached)
+            self.features, self.threshold = t["features"], float(t["threshold"])
+        else:
+            self.features, _ = features_and_logits(self.classifier, self.images)
+            # memorisation threshold: 5th percentile of test-to-train nearest-neighbour distances
+            test, _ = load_split(dataset, "test", data_dir)
+            d, _ = nearest(test, self.train_images)
+            self.threshold = torch.quantile(d, 0.05).item()
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / ".reference.tmp"
+            save_file({"features": self.features.contiguous(),
+                       "threshold": torch.tensor(self.threshold)}, str(tmp))
+            tmp.replace(cached)
+        self.folder = folder
+
+
+def evaluate_images(images: torch.Tensor, ref: Reference, seed: int = 0) -> dict:
+    """All metrics of uint8 images ``[N x 28 x 28]`` against ``ref`` (without the floor)."""
+    feats, logits = features_and_logits(ref.classifier, images)
+    probs = logits.softmax(1)
+    hist = torch.bincount(probs.argmax(1), minlength=10).float() / len(images)
+    precision, recall = precision_recall(feats, ref.features)
+    g = torch.Generator().manual_seed(seed)
+    paired = ref.images[torch.randint(0, len(ref.images), (len(images),), generator=g)]
+    _, nn_ref = nearest(images, ref.images)
+    d_train, _ = nearest(images, ref.train_images)
+    return {
+        "pseudo_fid": frechet_distance(feats, ref.features),
+        "kid": kernel_distance(feats, ref.features, seed=seed),
+        "precision": precision,
+        "recall": recall,
+        "ssim": ssim_mean(images, paired),
+        "ssim_nearest": ssim_mean(images, ref.images[nn_ref]),
+        "class_histogram": [round(v, 4) for v in hist.tolist()],
+        "class_max_dev": (hist - 0.1).abs().max().item(),
+        "confidence": probs.max(1).values.mean().item(),
+        "memorization": (d_train < ref.threshold).float().mean().item(),
+        "n": len(images),
+    }
+
+
+def floor(ref: Reference, n: int, seed: int = 0) -> dict:
+    """The metrics of ``n`` real images from the other split than the reference (training
+    images against ``test``, test images against ``train``), cached on disk. Memorisation is
+    always measured on held-out test images, since training images are their own neighbours."""
+    path = ref.folder / f"floor-{n}-{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    g = torch.Generator().manual_seed(seed + 1)
+    if ref.reference == "test":
+        # real *training* images against the test reference; memorisation is measured on
+        # held-out images instead (training images are their own nearest neighbours)
+        pool = ref.train_images
+    else:
+        pool = load_split(ref.dataset, "test")[0]
+    if n > len(pool):
+        raise MinidiffError(f"n = {n} is larger than the {len(pool)} real images available "
+                            "for the floor; evaluate fewer samples")
+    real = pool[torch.randperm(len(pool), generator=g)[:n]]
+    out = evaluate_images(real, ref, seed)
+    if ref.reference == "test":
+        test = ref.images[torch.randperm(len(ref.images), generator=g)[:n]]
+        d, _ = nearest(test, ref.train_images)
+        out["memorization"] = (d < ref.threshold).float().mean().item()
+    atomic_write_text(path, json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def evaluate(images: torch.Tensor, dataset: str = "mnist", reference: str = "test",
+             data_dir=None, with_floor: bool = True, seed: int = 0) -> dict:
+    """Metrics of ``images`` (uint8 ``[N x 28 x 28]``) with their real-data floor."""
+    ref = Reference(dataset, reference, data_dir)
+    out = evaluate_images(images, ref, seed)
+    if with_floor:
+        out["floor"] = floor(ref, len(images), seed)
+    return out

@@ -1,0 +1,110 @@
+"""The evaluation suite: each metric reacts the way its definition says it must."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minidiff import classifier as clf
+from minidiff.data import load_split
+from minidiff.errors import MinidiffError
+from minidiff.metrics import (Reference, evaluate_images, frechet_distance, nearest,
+                              precision_recall, ssim_mean)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return Reference("mnist", "test")
+
+
+@pytest.fixture(scope="module")
+def train_images():
+    return load_split("mnist", "train")[0]
+
+
+def feats(ref, images):
+    return clf.features_and_logits(ref.classifier, images)[0]
+
+
+def test_shipped_classifier_meets_its_target_and_card(ref):
+    x, y = ref.images, ref.labels
+    acc = clf.accuracy(ref.classifier, x, y)
+    assert acc >= 0.993 and acc == pytest.approx(ref.card["test_accuracy"], abs=1e-4)
+    assert clf.weights_path("mnist").stat().st_size < 2 * 2**20
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_train_vs_test_is_small(ref, train_images):
+    f = ref.features[:2000]
+    assert abs(frechet_distance(f, f)) < 1e-3
+    a = frechet_distance(feats(ref, train_images[:2000]), ref.features)
+    b = frechet_distance(feats(ref, train_images[2000:4000]), ref.features)
+    assert 0 < a < 5 and 0 < b < 5 and abs(a - b) < 0.5 * max(a, b)
+
+
+def _noisy(images, sigma, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = images.float() / 255 + sigma * torch.randn(images.shape, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def _blurred(images, k):
+    if k == 1:
+        return images
+    x = images.float().unsqueeze(1)
+    x = F.avg_pool2d(F.pad(x, (k // 2,) * 4, mode="replicate"), k, stride=1)
+    return x.squeeze(1).round().to(torch.uint8)
+
+
+def test_fid_grows_with_noise_and_blur(ref, train_images):
+    real = train_images[:2000]
+    by_noise = [frechet_distance(feats(ref, _noisy(real, s)), ref.features)
+                for s in (0.0, 0.1, 0.25, 0.5)]
+    by_blur = [frechet_distance(feats(ref, _blurred(real, k)), ref.features) for k in (1, 3, 5)]
+    assert by_noise == sorted(by_noise) and by_noise[-1] > 10 * by_noise[0], by_noise
+    assert by_blur == sorted(by_blur) and by_blur[-1] > 3 * by_blur[0], by_blur
+
+
+def test_ssim_of_identical_images_is_one(ref):
+    x = ref.images[:50]
+    assert ssim_mean(x, x) == pytest.approx(1.0, abs=1e-6)
+    assert ssim_mean(x, ref.images[50:100]) < 0.6
+
+
+def test_precision_recall_of_a_collapsed_set(ref):
+    f = ref.features
+    p, r = precision_recall(f[:1000], f[1000:3000])
+    assert p > 0.6 and r > 0.6
+    ones = f[ref.labels == 1][:500]  # only one digit: precise but no recall
+    p1, r1 = precision_recall(ones, f[1000:3000])
+    assert p1 > 0.6 and r1 < 0.3
+
+
+def test_class_balance_memorisation_and_confidence(ref, train_images):
+    seven = ref.images[ref.labels == 7][:1]
+    one_digit = evaluate_images(seven.repeat(300, 1, 1), ref)
+    assert one_digit["class_max_dev"] == pytest.approx(0.9, abs=1e-6)
+    copies = evaluate_images(train_images[:500], ref)
+    held_out = evaluate_images(ref.images[:2000], ref)
+    assert copies["memorization"] > 0.99
+    assert 0.02 < held_out["memorization"] < 0.09
+    assert held_out["confidence"] > 0.95 and held_out["class_max_dev"] < 0.03
+    assert set(json.loads(json.dumps(copies))) >= {"pseudo_fid", "kid", "precision", "recall",
+                                                    "ssim", "class_histogram", "n"}
+
+
+def test_nearest_finds_exact_copies(ref):
+    d, idx = nearest(ref.images[[5, 17]], ref.images)
+    assert idx.tolist() == [5, 17] and d.max().item() == 0
+
+
+def test_tampered_classifier_is_refused(tmp_path, monkeypatch):
+    for f in ("classifier-mnist.safetensors", "classifier-mnist.json"):
+        shutil.copy(clf.ASSETS / f, tmp_path / f)
+    w = tmp_path / "classifier-mnist.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    with pytest.raises(MinidiffError, match="does not match its card"):
+        clf.load_classifier("mnist", tmp_path)
