@@ -108,3 +108,30 @@ def test_tampered_classifier_is_refused(tmp_path, monkeypatch):
     w.write_bytes(bytes(data))
     with pytest.raises(MinidiffError, match="does not match its card"):
         clf.load_classifier("mnist", tmp_path)
+
+
+def test_eval_cli_prints_table_with_floor_and_writes_json(tmp_path, capsys, ref):
+    from minidiff.cli import main
+    from minidiff.sampling import save_samples
+
+    samples = tmp_path / "s.npz"
+    save_samples(samples, ref.images[:200].numpy(), {"dataset": "mnist"})
+    out = tmp_path / "m.json"
+    assert main(["eval", str(samples), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "pseudo_fid" in text and "real floor" in text and "n = 200" in text
+    res = json.loads(out.read_text())
+    assert set(res) == {"pseudo_fid", "kid", "precision", "recall", "ssim", "ssim_nearest",
+                        "class_histogram", "class_max_dev", "confidence", "memorization", "n",
+                        "floor"}
+    assert res["n"] == 200 and res["floor"]["n"] == 200
+    assert len(res["class_histogram"]) == 10 and abs(sum(res["class_histogram"]) - 1) < 1e-3
+
+
+def test_classifier_evaluate_cli_writes_accuracy(tmp_path, capsys):
+    from minidiff.cli import main
+
+    out = tmp_path / "acc.json"
+    assert main(["classifier", "evaluate", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["test_accuracy"] >= 0.993
+    assert "test accuracy" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from .checkpoint import CONFIG_FILE
 from .diffusion import DiffusionConfig
 from .errors import MinidiffError
 from .io import atomic_write_text
-from .metrics import evaluate
+from .metrics import MIN_SAMPLES, evaluate
 from .sampling import load_samples, sample_to_file
 from .train import TrainConfig, resolve_device, resolve_precision, train
 from .unet import PRESETS, UNet, count_params
@@ -42,6 +42,8 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, n: int 
              data_dir=None, force: bool = False) -> Path:
     """Train (or resume, or reuse) the demo run in ``out``; write samples, grid and report."""
     out = Path(out)
+    if n < MIN_SAMPLES:
+        raise MinidiffError(f"--n must be >= {MIN_SAMPLES}: the demo evaluates its samples")
     cfg = DEMO_TRAIN if steps is None else TrainConfig(**{**DEMO_TRAIN.to_dict(), "steps": steps})
     if force and out.exists():
         shutil.rmtree(out)

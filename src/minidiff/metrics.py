@@ -37,6 +37,7 @@ from .io import atomic_write_text, cache_dir
 
 KEYS = ("pseudo_fid", "kid", "precision", "recall", "ssim", "ssim_nearest", "class_histogram",
         "class_max_dev", "confidence", "memorization", "n")
+MIN_SAMPLES = 10
 
 
 class _Precomputed(nn.Module):
@@ -223,6 +224,9 @@ def floor(ref: Reference, n: int, seed: int = 0) -> dict:
 def evaluate(images: torch.Tensor, dataset: str = "mnist", reference: str = "test",
              data_dir=None, with_floor: bool = True, seed: int = 0) -> dict:
     """Metrics of ``images`` (uint8 ``[N x 28 x 28]``) with their real-data floor."""
+    if len(images) < MIN_SAMPLES:
+        raise MinidiffError(f"{len(images)} samples are too few to evaluate (k-NN precision/"
+                            f"recall and KID need at least {MIN_SAMPLES}); sample more")
     ref = Reference(dataset, reference, data_dir)
     out = evaluate_images(images, ref, seed)
     if with_floor:
