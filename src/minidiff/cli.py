@@ -315,11 +315,11 @@ def cmd_classifier(args) -> int:
     return 0
 
 
-def _metrics_table(res: dict, floor: dict | None) -> str:
+def _metrics_table(res: dict, floor: dict | None, label: str = "samples") -> str:
     rows = [("pseudo_fid", "lower"), ("kid", "lower"), ("precision", "higher"),
             ("recall", "higher"), ("ssim", "see docs"), ("ssim_nearest", "see docs"),
             ("class_max_dev", "lower"), ("confidence", "higher"), ("memorization", "lower")]
-    lines = [f"{'metric':<14} {'samples':>10} {'real floor':>11}  better"]
+    lines = [f"{'metric':<14} {label:>10} {'real floor' if floor else '':>11}  better"]
     for key, better in rows:
         f = f"{floor[key]:>11.4f}" if floor else f"{'':>11}"
         lines.append(f"{key:<14} {res[key]:>10.4f} {f}  {better}")
@@ -344,7 +344,7 @@ def cmd_eval(args) -> int:
         ref = Reference(args.dataset or "mnist", args.reference, args.data_dir)
         res = floor(ref, args.n)
         print(f"real-data floor: {args.n} real images vs the {args.reference} split")
-        print(_metrics_table(res, None))
+        print(_metrics_table(res, None, label="real"))
     else:
         if not args.samples:
             raise MinidiffError("give a sample file (`minidiff eval samples.npz`), --real or "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,8 +68,10 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor, subsets: int = 50, seed: i
 
     size = min(1000, len(a), len(b))
     torch.manual_seed(seed)  # torchmetrics draws its subsets from the global RNG
-    kid = KernelInceptionDistance(feature=_Precomputed(a.shape[1]), subsets=subsets,
-                                  subset_size=size)
+    with warnings.catch_warnings():  # "will save all extracted features": that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(feature=_Precomputed(a.shape[1]), subsets=subsets,
+                                      subset_size=size)
     kid.update(b.double(), real=True)
     kid.update(a.double(), real=False)
     mean, _ = kid.compute()
