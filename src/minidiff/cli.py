@@ -25,7 +25,8 @@ EXAMPLES = {
     "sample": (
         "examples:\n"
         "  minidiff sample runs/demo --n 100 --out samples.npz --grid grid.png\n"
-        "  minidiff sample runs/demo/model.safetensors --n 64 --steps 250 --out s.npz"
+        "  minidiff sample runs/demo/model.safetensors --n 64 --steps 250 --out s.npz\n"
+        "  minidiff sample runs/demo --sampler dpmpp --steps 20 --n 64 --out fast.npz"
     ),
     "demo": "example:\n  minidiff demo            # ~10 minutes on a 2-core CPU, writes runs/demo/",
 }
@@ -81,6 +82,7 @@ def _channels(s: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
+    from .samplers import SAMPLERS
     from .unet import PRESETS
 
     p = _Parser(prog="minidiff", description="Train, sample and inspect small DDPMs on MNIST.")
@@ -137,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=_positive_int, default=64, help="number of images (default 64)")
     s.add_argument("--steps", type=_positive_int,
                    help="denoising steps, respaced evenly over T (default: all T)")
-    s.add_argument("--sampler", choices=["ddpm"], default="ddpm")
+    s.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm",
+                   help="ddpm (ancestral), ddim (eta 0: deterministic), dpmpp "
+                        "(DPM-Solver++(2M)); all respaced to --steps")
+    s.add_argument("--eta", type=float, help="DDIM's noise scale (0..1; default 0)")
     s.add_argument("--seed", type=_nonneg_int, default=0)
     s.add_argument("--batch-size", type=_positive_int, default=256)
     s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32")
@@ -182,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", choices=list(DATASETS), help="default: the samples' dataset")
     e.add_argument("--data-dir", help="folder holding the dataset's IDX files")
     e.add_argument("--json", metavar="OUT", help="also write the results as JSON")
-    e.add_argument("--sampler", choices=["ddpm"], default="ddpm", help="with --model")
+    e.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm", help="with --model")
     e.add_argument("--steps", type=_positive_int, help="with --model: sampler steps (default T)")
     e.add_argument("--time-n", type=_positive_int, default=256,
                    help="with --model: samples actually timed; the 10,000-sample time is "
@@ -271,7 +276,7 @@ def cmd_sample(args) -> int:
     meta = sample_to_file(args.checkpoint, args.out, n=args.n, steps=args.steps,
                           sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
                           precision=args.precision, device=args.device, grid=args.grid,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, eta=args.eta)
     print(json.dumps(meta))
     return 0
 

@@ -92,7 +92,6 @@ Command: `minidiff demo` ({resumed})
 {timings['train']:.0f} s |
 | sample | {n} images, DDPM ancestral, {meta['steps']} steps, seed 0, {meta['precision']} | \
 {timings['sample']:.0f} s |
-
 | eval | metrics of the {n} samples and of {n} real training images (the floor) | \
 {timings['eval']:.0f} s |
 
@@ -107,8 +106,8 @@ metric for {n} *real* images, stands beside each figure):
 {rows}
 
 Files: `config.json` + `model.safetensors` (EMA weights), `checkpoints/` (to resume),
-`metrics.jsonl` (loss per 50 steps), `metrics.json` (the table above), `samples.npz` (uint8 images [N x 28 x 28]) with
-`samples.json`, and `grid.png`:
+`metrics.jsonl` (loss per 50 steps), `metrics.json` (the table above), `samples.npz`
+(uint8 images [N x 28 x 28]) with `samples.json`, and `grid.png`:
 
 ![samples](grid.png)
 

@@ -9,6 +9,7 @@ writing one function here and adding it to :data:`SAMPLERS`.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
@@ -46,7 +47,66 @@ def sample_ddpm(model, x, sched: Schedule, *, y=None, generator=None, callback=N
     return x.clamp(-1, 1)
 
 
-SAMPLERS: dict[str, Callable] = {"ddpm": sample_ddpm}
+def _predict_x0(model, x, sched: Schedule, i: int, y, clip: bool):
+    """Model's eps at schedule index ``i`` and the x_0 it implies (Ho et al. eq. 15)."""
+    n = x.shape[0]
+    t = sched.timesteps[i].to(x.device).expand(n)
+    eps = model(x, t, y).float()
+    ab = sched.alpha_bar[i].item()
+    x0 = (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - ab ** 0.5 * x0) / (1 - ab) ** 0.5  # keep eps consistent with the clipped x0
+    return eps, x0
+
+
+@torch.no_grad()
+def sample_ddim(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
+                eta: float = 0.0, clip_denoised: bool = True):
+    """DDIM, Song et al. 2021, eq. 12; eta = 0 is deterministic, eta = 1 has DDPM's variance."""
+    for i in reversed(range(len(sched))):
+        eps, x0 = _predict_x0(model, x, sched, i, y, clip_denoised)
+        ab, ab_prev = sched.alpha_bar[i].item(), sched.alpha_bar_prev[i].item()
+        # sigma_t of eq. 16: eta interpolates between DDIM (0) and DDPM's beta-tilde (1)
+        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)) ** 0.5
+        x = ab_prev ** 0.5 * x0 + max(1 - ab_prev - sigma ** 2, 0.0) ** 0.5 * eps
+        if sigma > 0 and i > 0:
+            x = x + sigma * torch.randn(x.shape, device=x.device, generator=generator)
+        if callback is not None:
+            callback({"i": i, "t": int(sched.timesteps[i]), "x": x, "x0": x0})
+    return x.clamp(-1, 1)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
+                    clip_denoised: bool = True):
+    """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: multistep, data prediction, no noise."""
+    def lam(ab):  # half log-SNR, lambda = log(alpha / sigma)
+        return 0.5 * (torch.log(ab) - torch.log1p(-ab)).item()
+
+    x0_prev, h_prev = None, None
+    for i in reversed(range(len(sched))):
+        _, x0 = _predict_x0(model, x, sched, i, y, clip_denoised)
+        ab, ab_next = sched.alpha_bar[i], sched.alpha_bar_prev[i]
+        if i == 0:  # the next "time" is clean data (sigma = 0): the update reduces to x0
+            x = x0
+        else:
+            h = lam(ab_next) - lam(ab)
+            if x0_prev is None:
+                d = x0  # first step: DPM-Solver++(1), i.e. DDIM
+            else:  # second-order multistep correction from the previous x0 prediction
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            sig_ratio = ((1 - ab_next) / (1 - ab)).sqrt().item()
+            x = sig_ratio * x - ab_next.sqrt().item() * math.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback({"i": i, "t": int(sched.timesteps[i]), "x": x, "x0": x0})
+    return x.clamp(-1, 1)
+
+
+SAMPLERS: dict[str, Callable] = {"ddpm": sample_ddpm, "ddim": sample_ddim,
+                                 "dpmpp": sample_dpmpp_2m}
 
 
 def autocast_context(device: torch.device, precision: str):
@@ -58,7 +118,8 @@ def autocast_context(device: torch.device, precision: str):
 
 def generate(model, sched: Schedule, n: int, *, sampler: str = "ddpm", seed: int = 0,
              batch_size: int = 256, y: torch.Tensor | None = None, precision: str = "fp32",
-             device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None):
+             device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
+             **sampler_kwargs):
     """Draw ``n`` samples in batches -> uint8 ``[n x H x W]`` (one channel) or ``[n x C x H x W]``.
 
     The noise of sample ``k`` depends only on ``seed`` and ``k``'s batch, so results are
@@ -78,7 +139,7 @@ def generate(model, sched: Schedule, n: int, *, sampler: str = "ddpm", seed: int
             b = min(batch_size, n - start)
             x = torch.randn((b, *shape), device=device, generator=gen)
             yb = None if y is None else y[start:start + b].to(device)
-            x0 = fn(model, x, sched, y=yb, generator=gen)
+            x0 = fn(model, x, sched, y=yb, generator=gen, **sampler_kwargs)
             out.append(to_uint8(x0).cpu())
             if progress is not None:
                 progress(b)

@@ -67,7 +67,7 @@ def load_samples(path: str | Path, image_size: int = 28) -> np.ndarray:
 def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
                    sampler: str = "ddpm", seed: int = 0, batch_size: int = 256,
                    precision: str = "fp32", device: str = "auto", grid: str | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, eta: float | None = None) -> dict:
     """Generate ``n`` images from ``checkpoint`` into ``out`` (.npz); returns the sidecar dict."""
     out = Path(out)
     if out.suffix != ".npz":
@@ -78,6 +78,11 @@ def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
         raise MinidiffError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     if n < 1:
         raise MinidiffError(f"--n must be >= 1, got {n}")
+    if eta is not None and sampler != "ddim":
+        raise MinidiffError("--eta applies to --sampler ddim only")
+    if eta is not None and eta < 0:
+        raise MinidiffError(f"--eta must be >= 0, got {eta}")
+    kwargs = {"eta": eta} if eta is not None else {}
     dev = resolve_device(device)
     model, config, digest = load_checkpoint(checkpoint, dev)
     diff_cfg = DiffusionConfig.from_dict(config["diffusion"])
@@ -95,11 +100,13 @@ def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
         bar = tqdm(total=n, unit="img", desc=f"sample {sampler}-{steps}", dynamic_ncols=True)
     t0 = time.perf_counter()
     images = generate(model, sched, n, sampler=sampler, seed=seed, batch_size=batch_size,
-                      precision=prec, device=dev, progress=bar.update if bar else None)
+                      precision=prec, device=dev, progress=bar.update if bar else None,
+                      **kwargs)
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    meta = {"n": n, "sampler": sampler, "steps": steps, "seed": seed, "batch_size": batch_size,
+    meta = {"n": n, "sampler": sampler, **kwargs, "steps": steps, "seed": seed,
+            "batch_size": batch_size,
             "precision": prec, "device": str(dev), "checkpoint": str(checkpoint),
             "checkpoint_sha256": digest, "seconds": round(seconds, 3),
             "dataset": config.get("train", {}).get("dataset", "mnist")}
