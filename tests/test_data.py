@@ -133,3 +133,13 @@ def test_batches_are_scaled_and_order_is_a_seeded_permutation():
     assert sorted(p.tolist()) == list(range(100))
     assert torch.equal(p, data.epoch_order(100, seed=3, epoch=1))
     assert not torch.equal(p, data.epoch_order(100, seed=3, epoch=2))
+
+
+def test_fashion_mnist_loads_and_verifies_when_installed():
+    try:
+        folder = data.find_dataset("fashion-mnist")
+    except DataError:
+        pytest.skip("dataset-fashion-mnist is not installed (.ci/run installs it with apt)")
+    images, labels = data.load_split("fashion-mnist", "test")
+    assert images.shape == (10000, 28, 28) and labels.max().item() == 9
+    assert data.dataset_status("fashion-mnist")["verified"], folder

@@ -1,0 +1,85 @@
+"""Pseudo-FID and wall time versus steps for each sampler on one checkpoint.
+
+Run: .venv/bin/python benchmarks/sampler_quality.py runs/demo [--n 1000]
+  -> benchmarks/results/sampler_quality.{json,md}
+
+Each row samples n images with a fixed seed and evaluates them against the MNIST test split;
+the floor row is n real training images. Rows already in the JSON (same checkpoint and n) are
+kept, so an interrupted run continues where it stopped.
+"""
+
+import argparse
+import json
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from minidiff.checkpoint import load_checkpoint  # noqa: E402
+from minidiff.demo import cpu_name  # noqa: E402
+from minidiff.diffusion import DiffusionConfig, Schedule  # noqa: E402
+from minidiff.metrics import Reference, evaluate_images, floor  # noqa: E402
+from minidiff.samplers import generate  # noqa: E402
+
+GRID = [("ddpm", 1000, {}), ("ddpm", 100, {}), ("ddpm", 50, {}), ("ddpm", 20, {}),
+        ("ddim", 100, {}), ("ddim", 50, {}), ("ddim", 20, {}), ("ddim", 10, {}),
+        ("ddim", 100, {"eta": 1.0}), ("ddim", 50, {"eta": 1.0}),
+        ("dpmpp", 50, {}), ("dpmpp", 20, {}), ("dpmpp", 10, {}), ("dpmpp", 5, {})]
+
+ap = argparse.ArgumentParser()
+ap.add_argument("checkpoint")
+ap.add_argument("--n", type=int, default=1000)
+args = ap.parse_args()
+
+out = Path(__file__).resolve().parent / "results"
+out.mkdir(exist_ok=True)
+path = out / "sampler_quality.json"
+model, config, digest = load_checkpoint(args.checkpoint)
+res = json.loads(path.read_text()) if path.is_file() else {}
+if res.get("checkpoint_sha256") != digest or res.get("n") != args.n:
+    res = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest, "n": args.n,
+           "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "precision": "bf16", "rows": []}
+ref = Reference("mnist", "test")
+res["floor_pseudo_fid"] = floor(ref, args.n)["pseudo_fid"]
+sched = Schedule.from_config(DiffusionConfig.from_dict(config["diffusion"]))
+done = {(r["sampler"], r["steps"], r.get("eta")) for r in res["rows"]}
+for name, steps, kw in GRID:
+    if (name, steps, kw.get("eta")) in done:
+        continue
+    t0 = time.perf_counter()
+    images = generate(model, sched.respace(steps), args.n, sampler=name, seed=0,
+                      batch_size=250, precision="bf16", **kw)
+    seconds = time.perf_counter() - t0
+    m = evaluate_images(images, ref)
+    row = {"sampler": name, "steps": steps, "eta": kw.get("eta"), "seconds": round(seconds, 1),
+           **{k: round(m[k], 4) for k in ("pseudo_fid", "kid", "precision", "recall",
+                                          "confidence")}}
+    res["rows"].append(row)
+    res["date"] = str(date.today())
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(row), flush=True)
+
+base = next(r for r in res["rows"] if r["sampler"] == "ddpm" and r["steps"] == 1000)
+lines = [f"# Sampler quality vs steps ({res['date']}, {res['cpu']}, {res['threads']} threads, "
+         f"bf16)", "",
+         f"Checkpoint `{res['checkpoint']}` (sha256 {digest[:12]}...; `runs/demo` is what "
+         f"`make demo` trains), {args.n} samples per row, "
+         f"seed 0, against the MNIST test split. Real-data floor at n = {args.n}: pseudo-FID "
+         f"{res['floor_pseudo_fid']:.3f}.", "",
+         "| sampler | steps | pseudo-FID | vs DDPM-1000 | KID | precision | recall | "
+         "confidence | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+for r in sorted(res["rows"], key=lambda r: (r["sampler"], r.get("eta") or 0, -r["steps"])):
+    label = r["sampler"] + (f" (eta {r['eta']})" if r.get("eta") is not None else "")
+    lines.append(f"| {label} | {r['steps']} | {r['pseudo_fid']:.3f} | "
+                 f"{r['pseudo_fid'] / base['pseudo_fid'] - 1:+.0%} | {r['kid']:.4f} | "
+                 f"{r['precision']:.3f} | {r['recall']:.3f} | {r['confidence']:.3f} | "
+                 f"{r['seconds']} |")
+lines += ["", f"Command: `.venv/bin/python benchmarks/sampler_quality.py {res['checkpoint']} "
+          f"--n {args.n}`"]
+(out / "sampler_quality.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
