@@ -105,3 +105,19 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert p.returncode == 1
     assert "Traceback" not in p.stderr
     assert p.stderr.strip().count("\n") == 0 and "no such checkpoint" in p.stderr
+
+
+def test_sample_with_spacing_and_fast_samplers_records_them(run_dir, tmp_path, capsys):
+    for sampler, extra in (("ddim", ["--eta", "0.5"]), ("dpmpp", [])):
+        out = tmp_path / f"{sampler}.npz"
+        assert main(["sample", str(run_dir), "--n", "3", "--steps", "5", "--sampler", sampler,
+                     "--spacing", "quadratic", *extra, "--out", str(out), "--no-progress"]) == 0
+        meta = json.loads(out.with_suffix(".json").read_text())
+        assert meta["sampler"] == sampler and meta["spacing"] == "quadratic"
+        assert np.load(out)["images"].shape == (3, 28, 28)
+    capsys.readouterr()
+    assert main(["sample", str(run_dir), "--steps", "100", "--spacing", "quadratic",
+                 "--out", str(tmp_path / "q.npz")]) == 1
+    assert "repeats timesteps" in one_error_line(capsys)
+    assert main(["sample", str(run_dir), "--eta", "1", "--out", str(tmp_path / "e.npz")]) == 1
+    assert "--eta applies to --sampler ddim only" in one_error_line(capsys)

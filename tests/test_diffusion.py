@@ -62,3 +62,24 @@ def test_config_round_trip_and_validation():
     assert DiffusionConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="unknown schedule"):
         DiffusionConfig(schedule="sigmoid")
+
+
+@pytest.mark.parametrize("spacing", ["uniform", "trailing", "quadratic"])
+def test_spacings_give_increasing_timesteps_with_consistent_alpha_bar(spacing):
+    full = Schedule.from_config(DiffusionConfig())
+    r = full.respace(20, spacing)
+    ts = r.timesteps
+    assert len(r) == 20 and bool((ts[1:] > ts[:-1]).all())
+    assert torch.allclose(r.alpha_bar, full.alpha_bar[ts], rtol=1e-12)
+    assert ts[-1] == {"uniform": 999, "trailing": 999, "quadratic": 800}[spacing]
+    assert ts[0] == {"uniform": 0, "trailing": 49, "quadratic": 0}[spacing]
+
+
+def test_quadratic_spacing_is_denser_at_low_noise_and_refuses_repeats():
+    full = Schedule.from_config(DiffusionConfig())
+    q = full.respace(20, "quadratic").timesteps
+    assert (q < 200).sum() > (full.respace(20).timesteps < 200).sum()
+    with pytest.raises(ValueError, match="repeats timesteps"):
+        full.respace(100, "quadratic")
+    with pytest.raises(ValueError, match="unknown spacing"):
+        full.respace(10, "cubic")

@@ -82,6 +82,7 @@ def _channels(s: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
+    from .diffusion import SPACINGS
     from .samplers import SAMPLERS
     from .unet import PRESETS
 
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ddpm (ancestral), ddim (eta 0: deterministic), dpmpp "
                         "(DPM-Solver++(2M)); all respaced to --steps")
     s.add_argument("--eta", type=float, help="DDIM's noise scale (0..1; default 0)")
+    s.add_argument("--spacing", choices=list(SPACINGS), default="uniform",
+                   help="which timesteps --steps keeps: uniform (default), trailing, quadratic "
+                        "(denser at low noise)")
     s.add_argument("--seed", type=_nonneg_int, default=0)
     s.add_argument("--batch-size", type=_positive_int, default=256)
     s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="fp32")
@@ -189,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     e.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm", help="with --model")
     e.add_argument("--steps", type=_positive_int, help="with --model: sampler steps (default T)")
+    e.add_argument("--spacing", choices=list(SPACINGS), default="uniform", help="with --model")
     e.add_argument("--time-n", type=_positive_int, default=256,
                    help="with --model: samples actually timed; the 10,000-sample time is "
                         "extrapolated from them (default 256; 10000 times the real thing)")
@@ -276,7 +281,7 @@ def cmd_sample(args) -> int:
     meta = sample_to_file(args.checkpoint, args.out, n=args.n, steps=args.steps,
                           sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
                           precision=args.precision, device=args.device, grid=args.grid,
-                          progress=not args.no_progress, eta=args.eta)
+                          progress=not args.no_progress, eta=args.eta, spacing=args.spacing)
     print(json.dumps(meta))
     return 0
 
@@ -340,7 +345,8 @@ def cmd_eval(args) -> int:
     if args.model:
         from .efficiency import efficiency
 
-        res = efficiency(args.model, sampler=args.sampler, steps=args.steps, time_n=args.time_n)
+        res = efficiency(args.model, sampler=args.sampler, steps=args.steps,
+                         spacing=args.spacing, time_n=args.time_n)
         for k, v in res.items():
             print(f"{k:<22} {v}")
     elif args.real:

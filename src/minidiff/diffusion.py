@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 SCHEDULES = ("linear", "cosine")
+SPACINGS = ("uniform", "trailing", "quadratic")
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,29 @@ class Schedule:
     def __len__(self) -> int:
         return len(self.betas)
 
-    def respace(self, steps: int) -> "Schedule":
-        """A schedule over ``steps`` evenly spaced timesteps of this one (improved-diffusion)."""
+    def respace(self, steps: int, spacing: str = "uniform") -> "Schedule":
+        """A schedule over ``steps`` timesteps of this one (improved-diffusion's respacing).
+
+        ``uniform``: evenly spaced from the first to the last timestep. ``trailing``: evenly
+        spaced ending at the last timestep (Lin et al. 2024, table 2). ``quadratic``: denser at
+        low noise, ``t_k = floor((k * sqrt(0.8 T) / (S - 1))^2)`` (Song et al. 2021, DDIM, C.2).
+        """
         T = len(self)
         if not 1 <= steps <= T:
             raise ValueError(f"steps must be in 1..{T}, got {steps}")
-        if steps == T:
-            return self
-        # evenly spaced, always including the first and last timestep
-        idx = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
+        if spacing == "uniform":
+            if steps == T:
+                return self
+            idx = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+        elif spacing == "trailing":
+            idx = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round().long() - 1).flip(0)
+        else:
+            idx = (torch.linspace(0, math.sqrt(0.8 * T), steps, dtype=torch.float64) ** 2).long()
+            if len(idx.unique()) < steps:
+                raise ValueError(f"quadratic spacing repeats timesteps at {steps} steps of "
+                                 f"{T}; use fewer steps or --spacing uniform")
         ab = self.alpha_bar[idx]
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
         return Schedule(1.0 - ab / ab_prev, self.timesteps[idx])

@@ -17,6 +17,7 @@ from .unet import count_macs, count_params
 
 
 def efficiency(checkpoint, *, sampler: str = "ddpm", steps: int | None = None,
+               spacing: str = "uniform",
                time_n: int = 256, batch_size: int = 256, precision: str = "auto",
                device: str = "auto") -> dict:
     """Measure ``checkpoint``; the 10,000-sample time is measured on ``time_n`` samples and
@@ -28,7 +29,10 @@ def efficiency(checkpoint, *, sampler: str = "ddpm", steps: int | None = None,
     steps = steps or diff.timesteps
     if not 1 <= steps <= diff.timesteps:
         raise MinidiffError(f"--steps must be in 1..{diff.timesteps}, got {steps}")
-    sched = Schedule.from_config(diff).respace(steps)
+    try:
+        sched = Schedule.from_config(diff).respace(steps, spacing)
+    except ValueError as e:
+        raise MinidiffError(f"--spacing {spacing}: {e}")
     prec = resolve_precision(precision, dev)
     generate(model, sched, min(8, time_n), sampler=sampler, batch_size=batch_size,
              precision=prec, device=dev)  # warm-up (kernel selection, allocator)
@@ -48,6 +52,7 @@ def efficiency(checkpoint, *, sampler: str = "ddpm", steps: int | None = None,
         "peak_memory_kind": "CUDA allocated" if dev.type == "cuda" else "process max RSS",
         "sampler": sampler,
         "steps": steps,
+        "spacing": spacing,
         "precision": prec,
         "batch_size": batch_size,
         "timed_samples": time_n,

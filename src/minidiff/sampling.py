@@ -67,7 +67,8 @@ def load_samples(path: str | Path, image_size: int = 28) -> np.ndarray:
 def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
                    sampler: str = "ddpm", seed: int = 0, batch_size: int = 256,
                    precision: str = "fp32", device: str = "auto", grid: str | None = None,
-                   progress: bool = True, eta: float | None = None) -> dict:
+                   progress: bool = True, eta: float | None = None,
+                   spacing: str = "uniform") -> dict:
     """Generate ``n`` images from ``checkpoint`` into ``out`` (.npz); returns the sidecar dict."""
     out = Path(out)
     if out.suffix != ".npz":
@@ -90,7 +91,10 @@ def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
     steps = steps or T
     if not 1 <= steps <= T:
         raise MinidiffError(f"--steps must be in 1..{T} (the model's T), got {steps}")
-    sched = Schedule.from_config(diff_cfg).respace(steps)
+    try:
+        sched = Schedule.from_config(diff_cfg).respace(steps, spacing)
+    except ValueError as e:
+        raise MinidiffError(f"--spacing {spacing}: {e}")
     prec = resolve_precision(precision, dev)
 
     bar = None
@@ -105,7 +109,8 @@ def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    meta = {"n": n, "sampler": sampler, **kwargs, "steps": steps, "seed": seed,
+    meta = {"n": n, "sampler": sampler, **kwargs, "steps": steps, "spacing": spacing,
+            "seed": seed,
             "batch_size": batch_size,
             "precision": prec, "device": str(dev), "checkpoint": str(checkpoint),
             "checkpoint_sha256": digest, "seconds": round(seconds, 3),
