@@ -29,6 +29,10 @@ GRID = [("ddpm", 1000, {}), ("ddpm", 100, {}), ("ddpm", 50, {}), ("ddpm", 20, {}
         ("ddim", 100, {}), ("ddim", 50, {}), ("ddim", 20, {}), ("ddim", 10, {}),
         ("ddim", 100, {"eta": 1.0}), ("ddim", 50, {"eta": 1.0}),
         ("dpmpp", 50, {}), ("dpmpp", 20, {}), ("dpmpp", 10, {}), ("dpmpp", 5, {})]
+GRID += [(name, steps, {**kw, "spacing": sp}) for sp in ("quadratic", "trailing")
+         for name, steps, kw in [("ddpm", 50, {}), ("ddpm", 20, {}), ("ddim", 20, {}),
+                                 ("ddim", 50, {"eta": 1.0}), ("dpmpp", 20, {}),
+                                 ("dpmpp", 10, {})]]
 
 ap = argparse.ArgumentParser()
 ap.add_argument("checkpoint")
@@ -47,16 +51,20 @@ if res.get("checkpoint_sha256") != digest or res.get("n") != args.n:
 ref = Reference("mnist", "test")
 res["floor_pseudo_fid"] = floor(ref, args.n)["pseudo_fid"]
 sched = Schedule.from_config(DiffusionConfig.from_dict(config["diffusion"]))
-done = {(r["sampler"], r["steps"], r.get("eta")) for r in res["rows"]}
+done = {(r["sampler"], r["steps"], r.get("eta"), r.get("spacing", "uniform"))
+        for r in res["rows"]}
 for name, steps, kw in GRID:
-    if (name, steps, kw.get("eta")) in done:
+    kw = dict(kw)
+    spacing = kw.pop("spacing", "uniform")
+    if (name, steps, kw.get("eta"), spacing) in done:
         continue
     t0 = time.perf_counter()
-    images = generate(model, sched.respace(steps), args.n, sampler=name, seed=0,
+    images = generate(model, sched.respace(steps, spacing), args.n, sampler=name, seed=0,
                       batch_size=250, precision="bf16", **kw)
     seconds = time.perf_counter() - t0
     m = evaluate_images(images, ref)
-    row = {"sampler": name, "steps": steps, "eta": kw.get("eta"), "seconds": round(seconds, 1),
+    row = {"sampler": name, "steps": steps, "eta": kw.get("eta"), "spacing": spacing,
+           "seconds": round(seconds, 1),
            **{k: round(m[k], 4) for k in ("pseudo_fid", "kid", "precision", "recall",
                                           "confidence")}}
     res["rows"].append(row)
@@ -64,18 +72,21 @@ for name, steps, kw in GRID:
     path.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(row), flush=True)
 
-base = next(r for r in res["rows"] if r["sampler"] == "ddpm" and r["steps"] == 1000)
+base = next(r for r in res["rows"] if r["sampler"] == "ddpm" and r["steps"] == 1000
+            and r.get("spacing", "uniform") == "uniform")
 lines = [f"# Sampler quality vs steps ({res['date']}, {res['cpu']}, {res['threads']} threads, "
          f"bf16)", "",
          f"Checkpoint `{res['checkpoint']}` (sha256 {digest[:12]}...; `runs/demo` is what "
          f"`make demo` trains), {args.n} samples per row, "
          f"seed 0, against the MNIST test split. Real-data floor at n = {args.n}: pseudo-FID "
          f"{res['floor_pseudo_fid']:.3f}.", "",
-         "| sampler | steps | pseudo-FID | vs DDPM-1000 | KID | precision | recall | "
-         "confidence | seconds |", "|---|---|---|---|---|---|---|---|---|"]
-for r in sorted(res["rows"], key=lambda r: (r["sampler"], r.get("eta") or 0, -r["steps"])):
+         "| sampler | spacing | steps | pseudo-FID | vs DDPM-1000 | KID | precision | recall | "
+         "confidence | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+for r in sorted(res["rows"], key=lambda r: (r["sampler"], r.get("eta") or 0,
+                                            r.get("spacing", "uniform"), -r["steps"])):
     label = r["sampler"] + (f" (eta {r['eta']})" if r.get("eta") is not None else "")
-    lines.append(f"| {label} | {r['steps']} | {r['pseudo_fid']:.3f} | "
+    lines.append(f"| {label} | {r.get('spacing', 'uniform')} | {r['steps']} | "
+                 f"{r['pseudo_fid']:.3f} | "
                  f"{r['pseudo_fid'] / base['pseudo_fid'] - 1:+.0%} | {r['kid']:.4f} | "
                  f"{r['precision']:.3f} | {r['recall']:.3f} | {r['confidence']:.3f} | "
                  f"{r['seconds']} |")

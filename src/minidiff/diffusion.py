@@ -89,7 +89,8 @@ class Schedule:
 
         ``uniform``: evenly spaced from the first to the last timestep. ``trailing``: evenly
         spaced ending at the last timestep (Lin et al. 2024, table 2). ``quadratic``: denser at
-        low noise, ``t_k = floor((k * sqrt(0.8 T) / (S - 1))^2)`` (Song et al. 2021, DDIM, C.2).
+        low noise, ``t_k = floor((k * sqrt(0.8 T) / (S - 1))^2)`` (Song et al. 2021, DDIM, C.2),
+        a repeated timestep moved to the next free one.
         """
         T = len(self)
         if not 1 <= steps <= T:
@@ -104,9 +105,11 @@ class Schedule:
             idx = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round().long() - 1).flip(0)
         else:
             idx = (torch.linspace(0, math.sqrt(0.8 * T), steps, dtype=torch.float64) ** 2).long()
-            if len(idx.unique()) < steps:
-                raise ValueError(f"quadratic spacing repeats timesteps at {steps} steps of "
-                                 f"{T}; use fewer steps or --spacing uniform")
+            # Near t = 0 the squares repeat (from ~30 steps of 1000 on); a repeated timestep
+            # would be a zero-length step, so move it to the next free one.
+            for k in range(1, steps):
+                idx[k] = max(idx[k], idx[k - 1] + 1)
+            assert idx[-1] <= T - 1
         ab = self.alpha_bar[idx]
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
         return Schedule(1.0 - ab / ab_prev, self.timesteps[idx])
