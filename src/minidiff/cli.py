@@ -415,6 +415,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minidiff: interrupted after {time.perf_counter() - t0:.0f} s; checkpoints "
               "written so far are kept (resume with --resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         # disk full, permission denied, ...: name the file and the reason, no traceback
         import errno

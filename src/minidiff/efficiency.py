@@ -9,9 +9,8 @@ import torch
 
 from .checkpoint import load_checkpoint, resolve
 from .demo import cpu_name
-from .diffusion import DiffusionConfig, Schedule
-from .errors import MinidiffError
 from .samplers import generate
+from .sampling import sampling_schedule
 from .train import resolve_device, resolve_precision
 from .unet import count_macs, count_params
 
@@ -25,14 +24,7 @@ def efficiency(checkpoint, *, sampler: str = "ddpm", steps: int | None = None,
     dev = resolve_device(device)
     model, config, _ = load_checkpoint(checkpoint, dev)
     weights, _ = resolve(checkpoint)
-    diff = DiffusionConfig.from_dict(config["diffusion"])
-    steps = steps or diff.timesteps
-    if not 1 <= steps <= diff.timesteps:
-        raise MinidiffError(f"--steps must be in 1..{diff.timesteps}, got {steps}")
-    try:
-        sched = Schedule.from_config(diff).respace(steps, spacing)
-    except ValueError as e:
-        raise MinidiffError(f"--spacing {spacing}: {e}")
+    sched, steps = sampling_schedule(config, steps, spacing)
     prec = resolve_precision(precision, dev)
     generate(model, sched, min(8, time_n), sampler=sampler, batch_size=batch_size,
              precision=prec, device=dev)  # warm-up (kernel selection, allocator)

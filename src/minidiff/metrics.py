@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file

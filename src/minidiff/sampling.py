@@ -64,6 +64,20 @@ def load_samples(path: str | Path, image_size: int = 28) -> np.ndarray:
     return images
 
 
+def sampling_schedule(config: dict, steps: int | None, spacing: str = "uniform"):
+    """The respaced schedule a checkpoint's ``config`` is sampled with -> ``(sched, steps)``;
+    ``steps=None`` means all T."""
+    diff_cfg = DiffusionConfig.from_dict(config["diffusion"])
+    T = diff_cfg.timesteps
+    steps = steps or T
+    if not 1 <= steps <= T:
+        raise MinidiffError(f"--steps must be in 1..{T} (the model's T), got {steps}")
+    try:
+        return Schedule.from_config(diff_cfg).respace(steps, spacing), steps
+    except ValueError as e:
+        raise MinidiffError(f"--spacing {spacing}: {e}")
+
+
 def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
                    sampler: str = "ddpm", seed: int = 0, batch_size: int = 256,
                    precision: str = "fp32", device: str = "auto", grid: str | None = None,
@@ -86,15 +100,7 @@ def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
     kwargs = {"eta": eta} if eta is not None else {}
     dev = resolve_device(device)
     model, config, digest = load_checkpoint(checkpoint, dev)
-    diff_cfg = DiffusionConfig.from_dict(config["diffusion"])
-    T = diff_cfg.timesteps
-    steps = steps or T
-    if not 1 <= steps <= T:
-        raise MinidiffError(f"--steps must be in 1..{T} (the model's T), got {steps}")
-    try:
-        sched = Schedule.from_config(diff_cfg).respace(steps, spacing)
-    except ValueError as e:
-        raise MinidiffError(f"--spacing {spacing}: {e}")
+    sched, steps = sampling_schedule(config, steps, spacing)
     prec = resolve_precision(precision, dev)
 
     bar = None
