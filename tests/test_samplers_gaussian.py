@@ -37,6 +37,7 @@ EXACT_MEAN, EXACT_STD = MU + S * Z.mean().item(), S * Z.std().item()
 
 @pytest.mark.parametrize("name,steps,kw,tol", [
     ("ddpm", 1000, {}, 0.01), ("ddpm", 200, {}, 0.02), ("ddim", 1000, {"eta": 1.0}, 0.01),
+    ("dpmpp-sde", 1000, {}, 0.005), ("dpmpp-sde", 200, {}, 0.015),
 ])
 def test_stochastic_samplers_recover_mean_and_std(name, steps, kw, tol):
     out = run(name, steps, **kw)

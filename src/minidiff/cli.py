@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -142,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="denoising steps, respaced evenly over T (default: all T)")
     s.add_argument("--sampler", choices=list(SAMPLERS), default="ddpm",
                    help="ddpm (ancestral), ddim (eta 0: deterministic), dpmpp "
-                        "(DPM-Solver++(2M)); all respaced to --steps")
+                        "(DPM-Solver++(2M)), dpmpp-sde (SDE-DPM-Solver++(2M)); all respaced "
+                        "to --steps")
     s.add_argument("--eta", type=float, help="DDIM's noise scale (0..1; default 0)")
     s.add_argument("--spacing", choices=list(SPACINGS), default="uniform",
                    help="which timesteps --steps keeps: uniform (default), trailing, quadratic "
@@ -271,7 +273,8 @@ def cmd_train(args) -> int:
     summary = train(model_cfg, DiffusionConfig(schedule=args.schedule), cfg,
                     args.out, data_dir=args.data_dir, resume=args.resume,
                     progress=not args.no_progress, preset=args.preset)
-    print(json.dumps({"out": args.out, **summary}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print(json.dumps({"out": args.out, **summary}))
     return 0
 
 

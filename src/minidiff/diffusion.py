@@ -135,11 +135,17 @@ class EpsilonLoss:
     def __init__(self, sched: Schedule):
         self.sched = sched
 
-    def __call__(self, model, x0: torch.Tensor, y: torch.Tensor | None = None, generator=None):
-        """Mean loss over ``x0: [N x C x H x W]`` with uniformly drawn timesteps."""
-        n = x0.shape[0]
-        i = torch.randint(0, len(self.sched), (n,), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+    def draw(self, shape, device, generator=None):
+        """Timestep indices ``[N]`` and noise ``shape = [N x C x H x W]`` for one batch."""
+        i = torch.randint(0, len(self.sched), (shape[0],), device=device, generator=generator)
+        return i, torch.randn(shape, device=device, generator=generator)
+
+    def __call__(self, model, x0: torch.Tensor, y: torch.Tensor | None = None, generator=None,
+                 i: torch.Tensor | None = None, noise: torch.Tensor | None = None):
+        """Mean loss over ``x0: [N x C x H x W]`` with uniformly drawn timesteps (or the given
+        indices ``i: [N]`` and ``noise``, e.g. one rank's shard of a batch's draws)."""
+        if i is None or noise is None:
+            i, noise = self.draw(x0.shape, x0.device, generator)
         x_t = q_sample(self.sched, x0, i, noise)
         eps = model(x_t, self.sched.timesteps.to(x0.device)[i], y)
         return (eps.float() - noise).pow(2).mean()

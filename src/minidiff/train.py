@@ -7,6 +7,7 @@ from ``(seed, epoch)`` and each step's timesteps and noise from a generator seed
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from . import distributed
 from .checkpoint import CONFIG_FILE, clean_partial, load_state, save_model, save_state
 from .data import epoch_order, get_spec, load_split, to_model_range
 from .diffusion import DiffusionConfig, EpsilonLoss, Schedule
@@ -136,8 +138,13 @@ def run_config(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, train_cfg: Trai
 def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, out: str | Path,
           *, data_dir=None, resume: bool = False, progress: bool = True,
           preset: str | None = None) -> dict:
-    """Train a noise predictor and write the run folder ``out``; returns a summary dict."""
+    """Train a noise predictor and write the run folder ``out``; returns a summary dict.
+
+    Under ``torchrun --nproc_per_node=N`` this is data-parallel: ``cfg.batch_size`` is the global
+    batch, each rank trains on its shard, rank 0 writes the run folder.
+    """
     out = Path(out)
+    world, device = distributed.init(resolve_device(cfg.device))
     if resume:
         # a resumed run continues with exactly the configs it was started with
         try:
@@ -152,9 +159,8 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
     elif (out / CONFIG_FILE).exists():
         raise MinidiffError(f"{out} already holds a run; pass --resume to continue it or choose "
                             "another --out")
-    device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16() and world.main:
         print("note: this CPU has no native bf16; autocast will emulate it (slow)")
 
     images, labels = load_split(cfg.dataset, "train", data_dir)
@@ -165,37 +171,46 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
                             f"expects {model_cfg.image_size}x{model_cfg.image_size}")
     n = len(images)
     bs = min(cfg.batch_size, n)
+    distributed.check_batch(world, bs)
     steps_per_epoch = max(1, n // bs)
     total = cfg.steps or math.ceil((cfg.epochs or 10) * steps_per_epoch)
 
     torch.manual_seed(cfg.seed)  # weight init
     model = UNet(model_cfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    net = distributed.wrap(model, world, device)  # what forward/backward run through
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = Schedule.from_config(diff_cfg)
     loss_fn = EpsilonLoss(sched)
     extra = {"preset": preset} if preset else {}
 
     step = 0
-    out.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(world)  # every rank has checked `out` before rank 0 writes to it
     metrics_path = out / "metrics.jsonl"
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            clean_partial(out)
+        else:
+            save_model(out, ema, run_config(model_cfg, diff_cfg, cfg, 0, **extra))
+    distributed.barrier(world)
     if resume:
-        clean_partial(out)
-        step = load_state(out, model, ema, opt)["step"]
-        # the sampling pair may be newer than the restored state (or half-written): re-sync it
-        save_model(out, ema, run_config(model_cfg, diff_cfg, cfg, step, **extra))
-        # keep only the log lines the restored state has already produced
-        if metrics_path.exists():
-            kept = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= step]
-            atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
-    else:
-        save_model(out, ema, run_config(model_cfg, diff_cfg, cfg, 0, **extra))
+        step = load_state(out, model, ema, opt,
+                          warn=print if world.main else lambda _: None)["step"]
+        if world.main:
+            # the sampling pair may be newer than the restored state (or half-written): re-sync
+            save_model(out, ema, run_config(model_cfg, diff_cfg, cfg, step, **extra))
+            # keep only the log lines the restored state has already produced
+            if metrics_path.exists():
+                kept = [ln for ln in metrics_path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln)["step"] <= step]
+                atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
     if step >= total:
+        distributed.finish(world)
         return {"steps": step, "total": total, "note": "already finished"}
 
     bar = None
-    if progress:
+    if progress and world.main:
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
@@ -205,7 +220,7 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
     order, order_epoch = None, -1
     loss_val = float("nan")
     model.train()
-    with open(metrics_path, "a") as log:
+    with open(metrics_path, "a") if world.main else contextlib.nullcontext() as log:
         while step < total:
             # data: batch `k` of this epoch's permutation
             epoch, k = divmod(step, steps_per_epoch)
@@ -218,13 +233,16 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
             step_seed = cfg.seed * 1_000_003 + step
             torch.manual_seed(step_seed)  # anything drawing from the global RNG (dropout)
             gen = torch.Generator(device=device).manual_seed(step_seed)
+            t_idx, noise = loss_fn.draw(x0.shape, device, gen)  # for the whole global batch
+            sh = world.shard(len(x0))  # this rank's rows (all of them in a single process)
 
             # forward
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step, total)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = loss_fn(model, x0, y, generator=gen)
-            loss_val = loss.item()
+                loss = loss_fn(net, x0[sh], None if y is None else y[sh], i=t_idx[sh],
+                               noise=noise[sh])
+            loss_val = distributed.mean(loss, world).item()
             if not math.isfinite(loss_val):
                 raise MinidiffError(
                     f"training diverged at step {step}: loss is {loss_val} (lr "
@@ -244,7 +262,7 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
             seen_since_log += bs
 
             # log
-            if step % cfg.log_every == 0 or step == total:
+            if world.main and (step % cfg.log_every == 0 or step == total):
                 now = time.perf_counter()
                 ips = seen_since_log / max(now - t_log, 1e-9)
                 rec = {"step": step, "loss": round(loss_val, 6),
@@ -259,11 +277,12 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
                 bar.update(1)
 
             # checkpoint
-            if step % cfg.checkpoint_every == 0 or step == total:
+            if world.main and (step % cfg.checkpoint_every == 0 or step == total):
                 save_state(out, model, ema, opt, step, keep=cfg.keep_checkpoints)
                 save_model(out, ema, run_config(model_cfg, diff_cfg, cfg, step, **extra))
     if bar is not None:
         bar.close()
+    distributed.finish(world)
     return {"steps": step, "total": total, "final_loss": loss_val,
             "seconds": time.perf_counter() - t_start, "precision": precision,
             "device": str(device), "steps_per_epoch": steps_per_epoch}

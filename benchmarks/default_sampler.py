@@ -1,0 +1,130 @@
+"""Choose `minidiff sample`'s default: the fewest network evaluations within 10% of DDPM-1000.
+
+Run: .venv/bin/python benchmarks/default_sampler.py runs/demo [--n 1000] [--seeds 0 1 2]
+  -> benchmarks/results/default_sampler.{json,md}
+
+Each candidate samples n images per seed (batch 250, bf16) and is scored by the project's
+pseudo-FID against the MNIST test split; the rule compares the mean over seeds with DDPM-1000's
+mean over the same seeds. Rows already in the JSON (same checkpoint and n) are kept, so an
+interrupted run continues where it stopped; seed-0 rows also found in sampler_quality.json
+(same checkpoint, n, batch and precision) are reused instead of being recomputed.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from minidiff.checkpoint import load_checkpoint  # noqa: E402
+from minidiff.demo import cpu_name  # noqa: E402
+from minidiff.metrics import Reference, evaluate_images  # noqa: E402
+from minidiff.samplers import generate  # noqa: E402
+from minidiff.sampling import sampling_schedule  # noqa: E402
+
+# (sampler, steps, spacing): DDPM-1000 is the reference; the rest are the stochastic few-step
+# candidates that the single-seed table (sampler_quality.md) left in contention.
+CANDIDATES = [("ddpm", 1000, "uniform"),
+              ("ddpm", 20, "quadratic"), ("ddpm", 15, "quadratic"), ("ddpm", 10, "quadratic"),
+              ("dpmpp-sde", 20, "quadratic"), ("dpmpp-sde", 15, "quadratic"),
+              ("dpmpp-sde", 10, "quadratic"), ("dpmpp-sde", 15, "trailing"),
+              ("dpmpp-sde", 10, "trailing"),
+              ("dpmpp-sde", 8, "trailing"), ("dpmpp-sde", 6, "trailing")]
+TOLERANCE = 0.10
+
+ap = argparse.ArgumentParser()
+ap.add_argument("checkpoint")
+ap.add_argument("--n", type=int, default=1000)
+ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+args = ap.parse_args()
+
+out = Path(__file__).resolve().parent / "results"
+out.mkdir(exist_ok=True)
+path = out / "default_sampler.json"
+model, config, digest = load_checkpoint(args.checkpoint)
+res = json.loads(path.read_text()) if path.is_file() else {}
+if res.get("checkpoint_sha256") != digest or res.get("n") != args.n:
+    res = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest, "n": args.n,
+           "batch_size": 250, "precision": "bf16", "cpu": cpu_name(),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": []}
+    old = out / "sampler_quality.json"
+    if old.is_file():
+        q = json.loads(old.read_text())
+        if q.get("checkpoint_sha256") == digest and q.get("n") == args.n:
+            res["rows"] += [{**r, "seed": 0, "reused_from": "sampler_quality.json"}
+                            for r in q["rows"] if r.get("eta") is None
+                            and (r["sampler"], r["steps"], r.get("spacing", "uniform"))
+                            in CANDIDATES]
+
+
+def key(r):
+    return r["sampler"], r["steps"], r.get("spacing", "uniform"), r["seed"]
+
+
+ref = Reference("mnist", "test")
+done = {key(r) for r in res["rows"]}
+for seed in args.seeds:
+    for name, steps, spacing in CANDIDATES:
+        if (name, steps, spacing, seed) in done:
+            continue
+        sched, _ = sampling_schedule(config, steps, spacing)
+        t0 = time.perf_counter()
+        images = generate(model, sched, args.n, sampler=name, seed=seed, batch_size=250,
+                          precision="bf16")
+        seconds = time.perf_counter() - t0
+        m = evaluate_images(images, ref)
+        row = {"sampler": name, "steps": steps, "spacing": spacing, "seed": seed,
+               "seconds": round(seconds, 1),
+               **{k: round(m[k], 4) for k in ("pseudo_fid", "kid", "precision", "recall",
+                                              "confidence")}}
+        res["rows"].append(row)
+        res["date"] = str(date.today())
+        path.write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps(row), flush=True)
+
+# Summarise over the seeds asked for; a config counts only when every seed is in.
+summary = []
+for name, steps, spacing in CANDIDATES:
+    rows = [r for r in res["rows"] if key(r)[:3] == (name, steps, spacing)
+            and r["seed"] in args.seeds]
+    if len(rows) == len(args.seeds):
+        fids = [r["pseudo_fid"] for r in rows]
+        summary.append({"sampler": name, "steps": steps, "spacing": spacing,
+                        "pseudo_fid_mean": round(statistics.mean(fids), 4),
+                        "pseudo_fid_min": min(fids), "pseudo_fid_max": max(fids),
+                        "precision_mean": round(statistics.mean(r["precision"] for r in rows), 4),
+                        "recall_mean": round(statistics.mean(r["recall"] for r in rows), 4)})
+base = next(s for s in summary if s["steps"] == 1000)
+for s in summary:
+    s["vs_ddpm_1000"] = round(s["pseudo_fid_mean"] / base["pseudo_fid_mean"] - 1, 4)
+ok = [s for s in summary if s["vs_ddpm_1000"] <= TOLERANCE]
+choice = min(ok, key=lambda s: (s["steps"], s["pseudo_fid_mean"]))
+res.update(summary=summary, seeds=args.seeds, choice=choice)
+path.write_text(json.dumps(res, indent=2) + "\n")
+
+lines = [f"# Default sampler: fewest steps within {TOLERANCE:.0%} of DDPM-1000 "
+         f"({res['date']}, {res['cpu']}, {res['threads']} threads, bf16)", "",
+         f"Checkpoint `{res['checkpoint']}` (sha256 {digest[:12]}...; what `make demo` trains), "
+         f"{args.n} samples per seed, seeds {', '.join(map(str, args.seeds))}, batch 250, "
+         "pseudo-FID against the MNIST test split (lower is better). Every sampler here takes "
+         "one network evaluation per step.", "",
+         "| sampler | spacing | steps | pseudo-FID mean | min..max over seeds | vs DDPM-1000 | "
+         "precision | recall |", "|---|---|---|---|---|---|---|---|"]
+for s in sorted(summary, key=lambda s: (s["sampler"], s["spacing"], -s["steps"])):
+    mark = " **(default)**" if s is choice else ""
+    lines.append(f"| {s['sampler']}{mark} | {s['spacing']} | {s['steps']} | "
+                 f"{s['pseudo_fid_mean']:.3f} | {s['pseudo_fid_min']:.3f}..{s['pseudo_fid_max']:.3f}"
+                 f" | {s['vs_ddpm_1000']:+.1%} | {s['precision_mean']:.3f} | "
+                 f"{s['recall_mean']:.3f} |")
+lines += ["", f"Chosen: `--sampler {choice['sampler']} --steps {choice['steps']} --spacing "
+          f"{choice['spacing']}` ({choice['vs_ddpm_1000']:+.1%} vs DDPM-1000).", "",
+          f"Command: `.venv/bin/python benchmarks/default_sampler.py {res['checkpoint']} "
+          f"--n {args.n} --seeds {' '.join(map(str, args.seeds))}`"]
+(out / "default_sampler.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
