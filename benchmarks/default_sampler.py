@@ -119,7 +119,8 @@ lines = [f"# Default sampler: fewest steps within {TOLERANCE:.0%} of DDPM-1000 "
 for s in sorted(summary, key=lambda s: (s["sampler"], s["spacing"], -s["steps"])):
     mark = " **(default)**" if s is choice else ""
     lines.append(f"| {s['sampler']}{mark} | {s['spacing']} | {s['steps']} | "
-                 f"{s['pseudo_fid_mean']:.3f} | {s['pseudo_fid_min']:.3f}..{s['pseudo_fid_max']:.3f}"
+                 f"{s['pseudo_fid_mean']:.3f} | "
+                 f"{s['pseudo_fid_min']:.3f}..{s['pseudo_fid_max']:.3f}"
                  f" | {s['vs_ddpm_1000']:+.1%} | {s['precision_mean']:.3f} | "
                  f"{s['recall_mean']:.3f} |")
 lines += ["", f"Chosen: `--sampler {choice['sampler']} --steps {choice['steps']} --spacing "

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--out", required=True, help="output .npz (images uint8 [N x 28 x 28])")
     s.add_argument("--grid", help="also write a PNG grid of the samples")
+    s.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile (eager if compiling fails); "
+                        "pays off only for long runs, see benchmarks/results/bench.md")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     gr = sub.add_parser("grid", help="render a sample file as a PNG grid",
@@ -207,6 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--n", type=_positive_int, default=100, help="images to sample (default 100)")
     de.add_argument("--data-dir", help="folder holding MNIST's IDX files")
     de.add_argument("--force", action="store_true", help="overwrite an existing demo run")
+    b = sub.add_parser("bench", help="training and sampling speed beside diffusers, vs the "
+                       "matmul peak", epilog="examples:\n  minidiff bench\n"
+                       "  minidiff bench --presets reduced --n 100 --out /tmp/bench",
+                       formatter_class=fmt)
+    b.add_argument("--presets", nargs="+", choices=list(PRESETS),
+                   default=["reduced", "baseline", "shallow"])
+    b.add_argument("--n", type=_positive_int, default=500,
+                   help="samples timed per sampling job, scaled to 10,000 (default 500)")
+    b.add_argument("--steps", type=_positive_int, default=10,
+                   help="network evaluations per sample (default 10, the default sampler's)")
+    b.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    b.add_argument("--no-anchor", action="store_true", help="skip the diffusers rows")
+    b.add_argument("--compile", action="store_true",
+                   help="also time the default sampler through torch.compile")
+    b.add_argument("--out", default="benchmarks/results",
+                   help="folder for bench.json and bench.md (default benchmarks/results)")
     return p
 
 
@@ -284,7 +303,8 @@ def cmd_sample(args) -> int:
     meta = sample_to_file(args.checkpoint, args.out, n=args.n, steps=args.steps,
                           sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
                           precision=args.precision, device=args.device, grid=args.grid,
-                          progress=not args.no_progress, eta=args.eta, spacing=args.spacing)
+                          progress=not args.no_progress, eta=args.eta, spacing=args.spacing,
+                          compile=args.compile)
     print(json.dumps(meta))
     return 0
 
@@ -392,7 +412,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"data": cmd_data, "models": cmd_models, "train": cmd_train, "sample": cmd_sample,
+def cmd_bench(args) -> int:
+    from .bench import report, run_bench
+    from .io import atomic_write_text
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = run_bench(presets=tuple(args.presets), n=args.n, steps=args.steps,
+                    precision=args.precision, anchor=not args.no_anchor,
+                    compile_=args.compile,
+                    log=lambda r: print(json.dumps(r) if isinstance(r, dict) else r, flush=True))
+    command = "minidiff bench " + " ".join(sys.argv[2:])
+    atomic_write_text(out / "bench.json", json.dumps(res, indent=2) + "\n")
+    atomic_write_text(out / "bench.md", report(res, command.strip()))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "data": cmd_data, "models": cmd_models, "train": cmd_train,
+            "sample": cmd_sample,
             "grid": cmd_grid, "classifier": cmd_classifier, "eval": cmd_eval,
             "demo": cmd_demo}
 

@@ -82,7 +82,7 @@ def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
                    sampler: str = "ddpm", seed: int = 0, batch_size: int = 256,
                    precision: str = "fp32", device: str = "auto", grid: str | None = None,
                    progress: bool = True, eta: float | None = None,
-                   spacing: str = "uniform") -> dict:
+                   spacing: str = "uniform", compile: bool = False) -> dict:
     """Generate ``n`` images from ``checkpoint`` into ``out`` (.npz); returns the sidecar dict."""
     out = Path(out)
     if out.suffix != ".npz":
@@ -111,14 +111,15 @@ def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
     t0 = time.perf_counter()
     images = generate(model, sched, n, sampler=sampler, seed=seed, batch_size=batch_size,
                       precision=prec, device=dev, progress=bar.update if bar else None,
-                      **kwargs)
+                      compile=compile, **kwargs)
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
     meta = {"n": n, "sampler": sampler, **kwargs, "steps": steps, "spacing": spacing,
             "seed": seed,
             "batch_size": batch_size,
-            "precision": prec, "device": str(dev), "checkpoint": str(checkpoint),
+            "precision": prec, "compile": compile, "device": str(dev),
+            "checkpoint": str(checkpoint),
             "checkpoint_sha256": digest, "seconds": round(seconds, 3),
             "dataset": config.get("train", {}).get("dataset", "mnist")}
     save_samples(out, images.numpy(), meta)

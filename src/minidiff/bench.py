@@ -1,0 +1,248 @@
+"""``minidiff bench``: training images/s and the time for 10,000 samples, per preset and sampler,
+beside diffusers' UNet2DModel at matched widths, against this machine's measured matmul peak.
+
+Every job runs in this one process, one after another, on random inputs (the network's speed,
+not the data pipeline's); each rate is the median of several timed repetitions after a warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from datetime import date
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .demo import cpu_name
+from .diffusion import DiffusionConfig, EpsilonLoss, Schedule
+from .samplers import SAMPLERS, autocast_context, generate
+from .unet import PRESETS, UNet, count_params
+
+# `minidiff sample`'s defaults (benchmarks/results/default_sampler.md explains the choice)
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SPACING = "dpmpp-sde", 10, "trailing"
+# diffusers' schedulers beside ours, at the same number of network evaluations
+DIFFUSERS_SCHEDULERS = {"ddpm": ("DDPMScheduler", {}),
+                        "ddim": ("DDIMScheduler", {}),
+                        "dpmpp": ("DPMSolverMultistepScheduler", {}),
+                        "dpmpp-sde": ("DPMSolverMultistepScheduler",
+                                      {"algorithm_type": "sde-dpmsolver++"})}
+
+
+def _timed(fn: Callable[[], object], reps: int) -> tuple[float, float]:
+    """``(median seconds of reps calls, seconds of the untimed warm-up call before them)``; the
+    warm-up pays kernel selection, allocation and, when compiled, compilation."""
+    t0 = time.perf_counter()
+    fn()
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), warm
+
+
+def _median_seconds(fn: Callable[[], object], reps: int) -> float:
+    return _timed(fn, reps)[0]
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """Measured GFLOP/s of an ``n x n`` matmul in ``dtype``: the machine's practical peak."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n ** 3 / _median_seconds(lambda: a @ b, reps) / 1e9
+
+
+def forward_macs(net: nn.Module, shape=(1, 1, 28, 28)) -> int:
+    """Multiply-accumulates of one forward pass on one image (PyTorch's FLOP counter / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(torch.zeros(shape), torch.zeros(shape[0], dtype=torch.long))
+    return counter.get_total_flops() // 2
+
+
+class DiffusersEps(nn.Module):
+    """diffusers' UNet2DModel behind minidiff's ``model(x, t, y) -> eps`` signature."""
+
+    def __init__(self, channels: tuple[int, ...], norm_groups: int = 8):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        self.net = UNet2DModel(sample_size=28, in_channels=1, out_channels=1,
+                               block_out_channels=tuple(channels), layers_per_block=1,
+                               down_block_types=("DownBlock2D",) * len(channels),
+                               up_block_types=("UpBlock2D",) * len(channels),
+                               norm_num_groups=norm_groups)
+
+    def forward(self, x, t, y=None):
+        return self.net(x, t).sample
+
+
+def train_rate(net: nn.Module, batch: int, precision: str, reps: int = 8) -> float:
+    """Images/s of full training steps (forward, backward, clipping, AdamW) on random data."""
+    loss_fn = EpsilonLoss(Schedule.from_config(DiffusionConfig()))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    x0 = torch.rand(batch, 1, 28, 28) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
+    net.train()
+
+    def step():
+        with autocast_context(torch.device("cpu"), precision):
+            loss = loss_fn(net, x0, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+
+    return batch / _median_seconds(step, reps)
+
+
+def sample_seconds_ours(net: nn.Module, sampler: str, steps: int, n: int, batch: int,
+                        precision: str, spacing: str = DEFAULT_SPACING,
+                        compile: bool = False) -> tuple[float, float]:
+    """``(seconds for n samples, seconds of the first run)``: compiled, the first run compiles."""
+    sched = Schedule.from_config(DiffusionConfig()).respace(steps, spacing)
+    if compile:
+        from .samplers import CompiledOrEager
+
+        net = CompiledOrEager(net)
+    return _timed(lambda: generate(net, sched, n, sampler=sampler, batch_size=batch,
+                                   precision=precision), 3)
+
+
+def sample_seconds_diffusers(net: DiffusersEps, sampler: str, steps: int, n: int, batch: int,
+                             precision: str) -> tuple[float, float]:
+    """The same job the way a diffusers user writes it: the scheduler's ``step`` loop."""
+    import diffusers
+
+    cls_name, kw = DIFFUSERS_SCHEDULERS[sampler]
+    sched = getattr(diffusers, cls_name)(num_train_timesteps=1000, beta_schedule="linear",
+                                         beta_start=1e-4, beta_end=0.02,
+                                         timestep_spacing="trailing", **kw)
+    gen = torch.Generator().manual_seed(0)
+
+    def run():
+        with torch.inference_mode(), autocast_context(torch.device("cpu"), precision):
+            for start in range(0, n, batch):
+                sched.set_timesteps(steps)  # resets the multistep solvers' state
+                x = torch.randn(min(batch, n - start), 1, 28, 28, generator=gen)
+                for t in sched.timesteps:
+                    x = sched.step(net.net(x, t).sample.float(), t, x,
+                                   generator=gen).prev_sample
+                ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+    net.eval()
+    return _timed(run, 3)
+
+
+def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch: int = 250,
+              train_batch: int = 128, steps: int = DEFAULT_STEPS, precision: str = "bf16",
+              samplers=tuple(SAMPLERS), anchor: bool = True, compile_: bool = False,
+              log=print) -> dict:
+    """All jobs in one run -> a JSON-able dict with rates, FLOP efficiency and ratios."""
+    torch.manual_seed(0)
+    res = {"date": str(date.today()), "cpu": cpu_name(), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "precision": precision, "sample_n": n,
+           "sample_batch": batch, "train_batch": train_batch, "steps": steps,
+           "spacing": DEFAULT_SPACING, "rows": []}
+    res["peak_gflops"] = {"fp32": round(matmul_peak(torch.float32), 1),
+                          "bf16": round(matmul_peak(torch.bfloat16), 1)}
+    log(f"matmul peak GFLOP/s: {res['peak_gflops']}")
+    peak = res["peak_gflops"]["bf16" if precision == "bf16" else "fp32"]
+    if anchor:
+        try:
+            import diffusers
+            res["diffusers"] = diffusers.__version__
+        except ImportError:
+            log("note: diffusers is not installed, so no anchor rows; `pip install diffusers`")
+            anchor = False
+
+    for preset in presets:
+        cfg = PRESETS[preset]
+        nets = [("minidiff", UNet(cfg))]
+        if anchor:
+            nets.append(("diffusers", DiffusersEps(cfg.channels, cfg.norm_groups)))
+        for impl, net in nets:
+            macs = forward_macs(net)
+            # the anchor is timed in fp32 and in bf16 and keeps its faster (its bf16 autocast
+            # hits slow CPU paths); minidiff runs in the precision asked for
+            precs = (precision,) if impl == "minidiff" else tuple(dict.fromkeys(
+                (precision, "fp32")))
+            base = {"preset": preset, "impl": impl, "params": count_params(net),
+                    "macs_per_image": macs}
+            ips, prec = max((train_rate(net, train_batch, p), p) for p in precs)
+            gflops = 3 * 2 * macs * ips / 1e9  # backward ~ twice the forward
+            res["rows"].append({**base, "job": "train", "precision": prec,
+                                "img_per_s": round(ips, 1), "gflops": round(gflops, 1),
+                                "peak_fraction": round(gflops / peak, 3)})
+            log(res["rows"][-1])
+            for sampler in samplers:
+                if impl == "diffusers" and sampler not in DIFFUSERS_SCHEDULERS:
+                    continue
+                compiled_too = impl == "minidiff" and compile_ and sampler == DEFAULT_SAMPLER
+                for comp in (False, True) if compiled_too else (False,):
+                    (sec, first), prec = min(
+                        ((sample_seconds_ours(net, sampler, steps, n, batch, p, compile=comp)
+                          if impl == "minidiff" else
+                          sample_seconds_diffusers(net, sampler, steps, n, batch, p)), p)
+                        for p in precs)
+                    gflops = 2 * macs * steps * n / sec / 1e9
+                    res["rows"].append({**base, "job": f"sample {sampler}-{steps}"
+                                        + (" compiled" if comp else ""), "precision": prec,
+                                        "img_per_s": round(n / sec, 1),
+                                        "seconds_per_10k": round(sec * 10000 / n, 1),
+                                        "first_run_extra_s": round(first - sec, 1),
+                                        "gflops": round(gflops, 1),
+                                        "peak_fraction": round(gflops / peak, 3)})
+                    log(res["rows"][-1])
+    for r in res["rows"]:
+        if r["impl"] == "minidiff":
+            peer = next((p for p in res["rows"] if p["impl"] == "diffusers"
+                         and p["preset"] == r["preset"] and p["job"] == r["job"]), None)
+            if peer:
+                r["vs_diffusers"] = round(r["img_per_s"] / peer["img_per_s"], 2)
+    return res
+
+
+def report(res: dict, command: str) -> str:
+    """The benchmark as Markdown, with each target of issue 4 met or missed by how much."""
+    p = res["peak_gflops"]
+    lines = [f"# minidiff bench ({res['date']}, {res['cpu']}, {res['threads']} threads, "
+             f"torch {res['torch']}, {res['precision']})", "",
+             f"Measured matmul peak: fp32 {p['fp32']} GFLOP/s, bf16 {p['bf16']} GFLOP/s (2048^2 "
+             f"matmul, median). Training: batch {res['train_batch']}, full AdamW steps on random "
+             f"data, FLOPs = 3 x forward. Sampling: {res['sample_n']} images in batches of "
+             f"{res['sample_batch']}, {res['steps']} network evaluations each, scaled to 10,000 "
+             "(linear in n). diffusers "
+             f"{res.get('diffusers', '(not installed)')}: UNet2DModel at the same widths, one "
+             "layer per block, no attention, its own schedulers' `step` loop.", "",
+             "| preset | impl | params | MFLOP/img | job | img/s | s per 10k | GFLOP/s | "
+             "of peak | vs diffusers |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['preset']} | {r['impl']} | {r['params']:,} | "
+                     f"{2 * r['macs_per_image'] / 1e6:.0f} | {r['job']} | {r['img_per_s']} | "
+                     f"{r.get('seconds_per_10k', '')} | {r['gflops']} | "
+                     f"{r['peak_fraction']:.0%} | "
+                     f"{str(r['vs_diffusers']) + 'x' if 'vs_diffusers' in r else ''} |")
+    lines += ["", "## Targets (issue 4)", ""]
+    default_job = f"sample {DEFAULT_SAMPLER}-{res['steps']}"
+    for r in (r for r in res["rows"] if r["impl"] == "minidiff"):
+        what = f"{r['preset']} {r['job']}"
+        if r["preset"] == "baseline" and r["job"] in ("train", default_job):
+            f = r["peak_fraction"]
+            lines.append(f"- efficiency, {what}: {f:.0%} of the measured peak (target 50%: "
+                         + ("met" if f >= 0.5 else f"missed by {0.5 - f:.0%} of peak") + ").")
+        if "vs_diffusers" in r and r["job"] in ("train", default_job):
+            v = r["vs_diffusers"]
+            lines.append(f"- peers, {what}: {v}x diffusers (target 2x: "
+                         + ("met" if v >= 2 else f"missed, {v / 2:.0%} of it") + ").")
+        if r["job"] == default_job and r["preset"] in ("reduced", "baseline"):
+            limit, sec = (30 if r["preset"] == "reduced" else 120), r["seconds_per_10k"]
+            lines.append(f"- absolute, 10,000 samples from {r['preset']}: {sec} s (target "
+                         f"{limit} s: " + ("met" if sec <= limit else
+                                           f"missed by {sec - limit:.0f} s") + ").")
+    lines += ["", f"Command: `{command}`"]
+    return "\n".join(lines) + "\n"
