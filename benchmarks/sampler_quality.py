@@ -33,6 +33,8 @@ GRID += [(name, steps, {**kw, "spacing": sp}) for sp in ("quadratic", "trailing"
          for name, steps, kw in [("ddpm", 50, {}), ("ddpm", 20, {}), ("ddim", 20, {}),
                                  ("ddim", 50, {"eta": 1.0}), ("dpmpp", 20, {}),
                                  ("dpmpp", 10, {})]]
+GRID += [("dpmpp-sde", s, {}) for s in (50, 20, 10, 5)]
+GRID += [("dpmpp-sde", s, {"spacing": sp}) for sp in ("quadratic", "trailing") for s in (20, 10, 5)]
 
 ap = argparse.ArgumentParser()
 ap.add_argument("checkpoint")
@@ -92,5 +94,39 @@ for r in sorted(res["rows"], key=lambda r: (r["sampler"], r.get("eta") or 0,
                  f"{r['seconds']} |")
 lines += ["", f"Command: `.venv/bin/python benchmarks/sampler_quality.py {res['checkpoint']} "
           f"--n {args.n}`"]
+lines.insert(-2, "![pseudo-FID vs steps](sampler_quality.png)")
+lines.insert(-2, "")
 (out / "sampler_quality.md").write_text("\n".join(lines) + "\n")
+
+# the plot: pseudo-FID vs network evaluations, one line per sampler and spacing
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+series = {}
+for r in res["rows"]:
+    if r["steps"] == 1000:
+        continue
+    label = r["sampler"] + (f" eta={r['eta']}" if r.get("eta") is not None else "")
+    series.setdefault((label, r.get("spacing", "uniform")), []).append(r)
+styles = {"uniform": "-", "quadratic": "--", "trailing": ":"}
+palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+colors = dict(zip(sorted({k[0] for k in series}), palette))
+for (label, spacing), rows in sorted(series.items()):
+    rows = sorted(rows, key=lambda r: r["steps"])
+    ax.plot([r["steps"] for r in rows], [r["pseudo_fid"] for r in rows], styles[spacing],
+            marker="o", ms=3, color=colors[label], label=f"{label} ({spacing})")
+ax.axhline(base["pseudo_fid"], color="k", lw=1, label="DDPM-1000")
+ax.axhline(base["pseudo_fid"] * 1.1, color="k", lw=0.6, ls="--", label="DDPM-1000 + 10%")
+ax.axhline(res["floor_pseudo_fid"], color="grey", lw=0.8, ls="-.", label="real data (floor)")
+ax.set_xscale("log")
+ax.set_xticks([5, 10, 20, 50, 100], labels=["5", "10", "20", "50", "100"])
+ax.set_xlabel("network evaluations per sample")
+ax.set_ylabel(f"pseudo-FID (n = {args.n}, lower is better)")
+ax.set_title(f"Sampler quality vs steps, {res['checkpoint']} (seed 0)")
+ax.legend(fontsize=6.5, ncol=2)
+fig.tight_layout()
+fig.savefig(out / "sampler_quality.png")
 print("\n".join(lines))

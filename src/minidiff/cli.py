@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--channels", type=_channels, metavar="C1,C2,...",
                    help="override the preset's channel widths, e.g. 8,16 (multiples of 8)")
     t.add_argument("--dataset", choices=list(DATASETS), default="mnist")
+    t.add_argument("--conditional", action="store_true",
+                   help="class-conditional (learned class embedding; labels dropped at "
+                        "--label-dropout so one model also samples unconditionally)")
+    t.add_argument("--label-dropout", type=float, default=0.1,
+                   help="with --conditional: share of labels replaced by 'no label' "
+                        "(default 0.1)")
     g = t.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=_positive_float, help="passes over the data (default 10)")
     g.add_argument("--steps", type=_positive_int, help="optimizer steps (instead of --epochs)")
@@ -155,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--out", required=True, help="output .npz (images uint8 [N x 28 x 28])")
     s.add_argument("--grid", help="also write a PNG grid of the samples")
+    s.add_argument("--class", dest="classes", metavar="C",
+                   help="a conditional model's class id, or all for a balanced set "
+                        "(n / 10 each, labels stored in the .npz, one grid row per class)")
+    s.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale with --class (0 unconditional, "
+                        "1 conditional; default 2.0, see benchmarks/results/guidance_sweep.md)")
     s.add_argument("--compile", action="store_true",
                    help="run the network through torch.compile (eager if compiling fails); "
                         "pays off only for long runs, see benchmarks/results/bench.md")
@@ -282,13 +294,19 @@ def cmd_train(args) -> int:
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       precision=args.precision, device=args.device,
                       checkpoint_every=args.checkpoint_every,
-                      keep_checkpoints=args.keep_checkpoints, subset=args.subset)
+                      keep_checkpoints=args.keep_checkpoints, subset=args.subset,
+                      label_dropout=args.label_dropout)
     model_cfg = PRESETS[args.preset]
     if args.channels:
         try:
             model_cfg = UNetConfig(**{**model_cfg.to_dict(), "channels": args.channels})
         except ValueError as e:
             raise MinidiffError(f"--channels: {e}")
+    if args.conditional:
+        from .data import get_spec
+
+        model_cfg = UNetConfig(**{**model_cfg.to_dict(),
+                                  "num_classes": len(get_spec(args.dataset).classes)})
     summary = train(model_cfg, DiffusionConfig(schedule=args.schedule), cfg,
                     args.out, data_dir=args.data_dir, resume=args.resume,
                     progress=not args.no_progress, preset=args.preset)
@@ -304,7 +322,8 @@ def cmd_sample(args) -> int:
                           sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
                           precision=args.precision, device=args.device, grid=args.grid,
                           progress=not args.no_progress, eta=args.eta, spacing=args.spacing,
-                          compile=args.compile)
+                          compile=args.compile, classes=args.classes,
+                          guidance=args.guidance)
     print(json.dumps(meta))
     return 0
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .checkpoint import load_checkpoint
 from .diffusion import DiffusionConfig, Schedule
@@ -78,12 +79,41 @@ def sampling_schedule(config: dict, steps: int | None, spacing: str = "uniform")
         raise MinidiffError(f"--spacing {spacing}: {e}")
 
 
+# classifier-free guidance scale when --class is given without --guidance: the sweep's best
+# trade-off (benchmarks/results/guidance_sweep.md)
+DEFAULT_GUIDANCE = 2.0
+
+
+def class_labels(classes: str | None, n: int, num_classes: int | None, checkpoint):
+    """``--class`` -> labels ``[n]`` (int64) or None; "all" is ``n / num_classes`` per class."""
+    if classes is None:
+        return None
+    if not num_classes:
+        raise MinidiffError(f"{checkpoint} is unconditional; --class needs a model trained with "
+                            "`minidiff train --conditional`")
+    if classes == "all":
+        if n % num_classes:
+            raise MinidiffError(f"--class all needs --n divisible by {num_classes} (a balanced "
+                                f"set), got {n}")
+        return torch.arange(num_classes).repeat_interleave(n // num_classes)
+    if not classes.isdigit() or int(classes) >= num_classes:
+        raise MinidiffError(f"--class must be all or a class id in 0..{num_classes - 1}, got "
+                            f"{classes!r}")
+    return torch.full((n,), int(classes), dtype=torch.long)
+
+
 def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
                    sampler: str = "ddpm", seed: int = 0, batch_size: int = 256,
                    precision: str = "fp32", device: str = "auto", grid: str | None = None,
                    progress: bool = True, eta: float | None = None,
-                   spacing: str = "uniform", compile: bool = False) -> dict:
-    """Generate ``n`` images from ``checkpoint`` into ``out`` (.npz); returns the sidecar dict."""
+                   spacing: str = "uniform", compile: bool = False,
+                   classes: str | None = None, guidance: float | None = None) -> dict:
+    """Generate ``n`` images from ``checkpoint`` into ``out`` (.npz); returns the sidecar dict.
+
+    ``classes`` (a conditional model only): one class id ("7") or "all" for a balanced set of
+    ``n / num_classes`` per class, sorted by class; the labels go into the .npz and the grid
+    shows one class per row. ``guidance`` is the classifier-free guidance scale.
+    """
     out = Path(out)
     if out.suffix != ".npz":
         raise MinidiffError(f"--out {out}: the sample file must end in .npz")
@@ -102,6 +132,13 @@ def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
     model, config, digest = load_checkpoint(checkpoint, dev)
     sched, steps = sampling_schedule(config, steps, spacing)
     prec = resolve_precision(precision, dev)
+    labels = class_labels(classes, n, model.config.num_classes, checkpoint)
+    if labels is not None:
+        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+        if guidance < 0:
+            raise MinidiffError(f"--guidance must be >= 0, got {guidance}")
+    elif guidance is not None:
+        raise MinidiffError("--guidance needs --class (a digit or all)")
 
     bar = None
     if progress:
@@ -111,7 +148,7 @@ def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
     t0 = time.perf_counter()
     images = generate(model, sched, n, sampler=sampler, seed=seed, batch_size=batch_size,
                       precision=prec, device=dev, progress=bar.update if bar else None,
-                      compile=compile, **kwargs)
+                      compile=compile, y=labels, guidance=guidance, **kwargs)
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -122,7 +159,14 @@ def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
             "checkpoint": str(checkpoint),
             "checkpoint_sha256": digest, "seconds": round(seconds, 3),
             "dataset": config.get("train", {}).get("dataset", "mnist")}
-    save_samples(out, images.numpy(), meta)
+    if labels is not None:
+        meta.update({"class": classes, "guidance": guidance})
+    save_samples(out, images.numpy(), meta, None if labels is None else labels.numpy())
     if grid:
-        save_grid(images[: min(n, 100)].numpy(), grid)
+        if labels is not None and classes == "all":  # one row per class, at most 10 each
+            k = min(10, n // model.config.num_classes)
+            rows = images.view(model.config.num_classes, -1, *images.shape[1:])[:, :k]
+            save_grid(rows.reshape(-1, *images.shape[1:]).numpy(), grid, nrow=k)
+        else:
+            save_grid(images[: min(n, 100)].numpy(), grid)
     return {**meta, "out": str(out), **({"grid": grid} if grid else {})}

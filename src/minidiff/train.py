@@ -49,6 +49,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3  # newest training-state checkpoints kept on disk
     subset: int | None = None  # train on the first N images only (tests, quick looks)
+    label_dropout: float = 0.1  # conditional models: share of labels replaced by "no label"
 
     def __post_init__(self):
         checks = [
@@ -70,6 +71,8 @@ class TrainConfig:
              f"{self.checkpoint_every}"),
             (self.subset is None or self.subset > 0, "subset must be > 0"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (0 <= self.label_dropout < 1,
+             f"--label-dropout must be in [0, 1), got {self.label_dropout}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -118,6 +121,13 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * cos)
+
+
+def drop_labels(y: torch.Tensor, p: float, null: int, generator=None) -> torch.Tensor:
+    """Label dropout for classifier-free guidance: each of ``y: [N]`` becomes the ``null`` class
+    with probability ``p``, so one model learns both p(x | y) and p(x)."""
+    drop = torch.rand(y.shape, device=y.device, generator=generator) < p
+    return torch.where(drop, torch.full_like(y, null), y)
 
 
 @torch.no_grad()
@@ -234,6 +244,8 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
             torch.manual_seed(step_seed)  # anything drawing from the global RNG (dropout)
             gen = torch.Generator(device=device).manual_seed(step_seed)
             t_idx, noise = loss_fn.draw(x0.shape, device, gen)  # for the whole global batch
+            if y is not None:
+                y = drop_labels(y, cfg.label_dropout, model_cfg.num_classes, gen)
             sh = world.shard(len(x0))  # this rank's rows (all of them in a single process)
 
             # forward

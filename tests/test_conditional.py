@@ -1,0 +1,135 @@
+"""Class-conditional models: label dropout, classifier-free guidance, per-class sampling."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from minidiff.cli import main
+from minidiff.diffusion import DiffusionConfig, Schedule
+from minidiff.errors import MinidiffError
+from minidiff.samplers import Guided, generate
+from minidiff.sampling import sample_to_file
+from minidiff.train import TrainConfig, drop_labels, train
+from minidiff.unet import UNet, UNetConfig
+
+COND = UNetConfig(channels=(8, 16), norm_groups=4, time_dim=16, num_classes=10)
+
+
+def test_label_dropout_rate_and_null_class():
+    y = torch.arange(100_000) % 10
+    out = drop_labels(y, 0.1, 10, torch.Generator().manual_seed(0))
+    dropped = out == 10
+    assert 0.095 < dropped.float().mean().item() < 0.105
+    assert torch.equal(out[~dropped], y[~dropped])  # the rest keep their labels
+    assert torch.equal(drop_labels(y, 0.0, 10), y)
+
+
+class Counting(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.batches = model, []
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, x, t, y=None):
+        self.batches.append(x.shape[0])
+        return self.model(x, t, y)
+
+
+@pytest.fixture
+def cond_model():
+    torch.manual_seed(0)
+    model = UNet(COND).eval()
+    with torch.no_grad():  # a non-zero class embedding, so conditioning changes eps
+        model.class_emb.weight.normal_()
+    return model
+
+
+def test_guidance_zero_is_unconditional_and_one_is_conditional(cond_model):
+    x, t = torch.randn(4, 1, 28, 28), torch.tensor([10, 200, 500, 999])
+    y = torch.tensor([3, 7, 0, 9])
+    with torch.no_grad():
+        cond, uncond = cond_model(x, t, y), cond_model(x, t, None)
+        assert not torch.allclose(cond, uncond, atol=1e-3)
+        counted = Counting(cond_model)
+        assert torch.allclose(Guided(counted, 0.0)(x, t, y), uncond, atol=1e-5)
+        assert torch.allclose(Guided(counted, 1.0)(x, t, y), cond, atol=1e-5)
+        g3 = Guided(counted, 3.0)(x, t, y)
+        assert torch.allclose(g3, uncond + 3 * (cond - uncond), atol=1e-4)
+    assert counted.batches == [8, 8, 8]  # one forward pass of 2N each
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp", "dpmpp-sde"])
+def test_every_sampler_takes_guidance(cond_model, sampler):
+    sched = Schedule.from_config(DiffusionConfig()).respace(3)
+    y = torch.tensor([1, 2])
+    a = generate(cond_model, sched, 2, sampler=sampler, y=y, guidance=0.0)
+    b = generate(cond_model, sched, 2, sampler=sampler, y=y, guidance=4.0)
+    assert a.shape == b.shape == (2, 28, 28) and not torch.equal(a, b)
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cond") / "run"
+    train(COND, DiffusionConfig(), TrainConfig(steps=3, batch_size=16, subset=64,
+                                               precision="fp32", device="cpu"),
+          out, progress=False)
+    return out
+
+
+def test_class_all_is_balanced_and_sorted(cond_run, tmp_path):
+    meta = sample_to_file(cond_run, tmp_path / "s.npz", n=20, steps=2, classes="all",
+                          grid=str(tmp_path / "g.png"), progress=False)
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["labels"].tolist() == [d for d in range(10) for _ in range(2)]
+        assert z["images"].shape == (20, 28, 28)
+    assert meta["class"] == "all" and meta["guidance"] == 2.0
+    side = json.loads((tmp_path / "s.json").read_text())
+    assert side["guidance"] == 2.0
+    from PIL import Image
+    w, h = Image.open(tmp_path / "g.png").size
+    assert h > 4 * w  # 10 rows (one per class) of 2 images
+
+
+def test_single_class(cond_run, tmp_path):
+    sample_to_file(cond_run, tmp_path / "s.npz", n=5, steps=2, classes="7", guidance=3.0,
+                   progress=False)
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["labels"].tolist() == [7] * 5
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"classes": "all", "n": 15}, "divisible by 10"),
+    ({"classes": "12"}, "class id in 0..9"),
+    ({"classes": "seven"}, "class id in 0..9"),
+    ({"guidance": 2.0}, "--guidance needs --class"),
+    ({"classes": "3", "guidance": -1.0}, "--guidance must be >= 0"),
+])
+def test_bad_class_requests(cond_run, tmp_path, kw, msg):
+    with pytest.raises(MinidiffError, match=msg):
+        sample_to_file(cond_run, tmp_path / "s.npz", **{"n": 10, "steps": 2, **kw},
+                       progress=False)
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_class_on_an_unconditional_model_names_the_fix(tmp_path, tiny_cfg, capsys):
+    train(tiny_cfg, DiffusionConfig(), TrainConfig(steps=1, batch_size=8, subset=16,
+                                                   precision="fp32", device="cpu"),
+          tmp_path / "u", progress=False)
+    rc = main(["sample", str(tmp_path / "u"), "--class", "3", "--n", "2", "--steps", "2",
+               "--out", str(tmp_path / "s.npz")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "--conditional" in err[0]
+
+
+def test_train_cli_conditional_flag(tmp_path):
+    rc = main(["train", "--channels", "8,16", "--conditional", "--steps", "2", "--batch-size",
+               "8", "--subset", "16", "--precision", "fp32", "--device", "cpu", "--no-progress",
+               "--out", str(tmp_path / "c")])
+    assert rc == 0
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert cfg["model"]["num_classes"] == 10 and cfg["train"]["label_dropout"] == 0.1
