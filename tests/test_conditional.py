@@ -133,3 +133,26 @@ def test_train_cli_conditional_flag(tmp_path):
     assert rc == 0
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
     assert cfg["model"]["num_classes"] == 10 and cfg["train"]["label_dropout"] == 0.1
+
+
+def test_conditional_accuracy_tells_right_labels_from_wrong():
+    from minidiff.data import load_split
+    from minidiff.metrics import Reference, evaluate_conditional
+
+    ref = Reference("mnist", "test")
+    images, labels = load_split("mnist", "train")
+    images, labels = images[:300], labels[:300]
+    right = evaluate_conditional(images, labels, ref)
+    wrong = evaluate_conditional(images, (labels + 1) % 10, ref)
+    assert right["conditional_accuracy"] > 0.97
+    assert wrong["conditional_accuracy"] < 0.05
+    assert sum(e["n"] for e in right["per_class"].values()) == 300
+    assert right["per_class_pseudo_fid_mean"] < wrong["per_class_pseudo_fid_mean"]
+
+
+def test_eval_cli_reports_conditional_accuracy(cond_run, tmp_path, capsys):
+    sample_to_file(cond_run, tmp_path / "s.npz", n=20, steps=2, classes="all", progress=False)
+    assert main(["eval", str(tmp_path / "s.npz"), "--json", str(tmp_path / "m.json")]) == 0
+    assert "conditional accuracy" in capsys.readouterr().out
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert 0 <= res["conditional_accuracy"] <= 1 and set(res["per_class"]) == set("0123456789")

@@ -405,9 +405,10 @@ def cmd_eval(args) -> int:
         import torch
 
         from .metrics import evaluate
-        from .sampling import load_samples
+        from .sampling import load_labels, load_samples
 
         images = torch.from_numpy(load_samples(args.samples))
+        labels = load_labels(args.samples, len(images))
         dataset = args.dataset
         side = Path(args.samples).with_suffix(".json")
         if dataset is None and side.is_file():
@@ -415,8 +416,16 @@ def cmd_eval(args) -> int:
                 dataset = json.loads(side.read_text()).get("dataset")
             except ValueError:
                 dataset = None
-        res = evaluate(images, dataset or "mnist", args.reference, args.data_dir)
+        res = evaluate(images, dataset or "mnist", args.reference, args.data_dir,
+                       labels=None if labels is None else torch.from_numpy(labels))
         print(_metrics_table(res, res["floor"]))
+        if labels is not None:
+            print(f"\nconditional accuracy (the classifier agrees with the requested class): "
+                  f"{res['conditional_accuracy']:.4f}")
+            print(f"{'class':>5} {'n':>6} {'accuracy':>9} {'pseudo-FID':>11}")
+            for c, e in res["per_class"].items():
+                fid = f"{e['pseudo_fid']:.3f}" if "pseudo_fid" in e else "(n<10)"
+                print(f"{c:>5} {e['n']:>6} {e['accuracy']:>9.4f} {fid:>11}")
     if args.json:
         atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
     return 0

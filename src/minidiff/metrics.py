@@ -196,6 +196,25 @@ def evaluate_images(images: torch.Tensor, ref: Reference, seed: int = 0) -> dict
     }
 
 
+def evaluate_conditional(images: torch.Tensor, labels: torch.Tensor, ref: Reference) -> dict:
+    """How well samples drawn for requested classes ``labels: [N]`` match them: the share the
+    shipped classifier assigns to the requested class (overall and per class), and pseudo-FID
+    per class against the reference images of that class."""
+    feats, logits = features_and_logits(ref.classifier, images)
+    hit = logits.argmax(1) == labels
+    per_class = {}
+    for c in labels.unique().tolist():
+        m = labels == c
+        entry = {"n": int(m.sum()), "accuracy": hit[m].float().mean().item()}
+        if entry["n"] >= MIN_SAMPLES:
+            entry["pseudo_fid"] = frechet_distance(feats[m], ref.features[ref.labels == c])
+        per_class[str(c)] = entry
+    fids = [e["pseudo_fid"] for e in per_class.values() if "pseudo_fid" in e]
+    return {"conditional_accuracy": hit.float().mean().item(),
+            "per_class_pseudo_fid_mean": sum(fids) / len(fids) if fids else None,
+            "per_class": per_class}
+
+
 def floor(ref: Reference, n: int, seed: int = 0) -> dict:
     """The metrics of ``n`` real images from the other split than the reference (training
     images against ``test``, test images against ``train``), cached on disk. Memorisation is
@@ -224,13 +243,17 @@ def floor(ref: Reference, n: int, seed: int = 0) -> dict:
 
 
 def evaluate(images: torch.Tensor, dataset: str = "mnist", reference: str = "test",
-             data_dir=None, with_floor: bool = True, seed: int = 0) -> dict:
-    """Metrics of ``images`` (uint8 ``[N x 28 x 28]``) with their real-data floor."""
+             data_dir=None, with_floor: bool = True, seed: int = 0,
+             labels: torch.Tensor | None = None) -> dict:
+    """Metrics of ``images`` (uint8 ``[N x 28 x 28]``) with their real-data floor; with the
+    requested ``labels: [N]`` of a conditional sample file, also :func:`evaluate_conditional`."""
     if len(images) < MIN_SAMPLES:
         raise MinidiffError(f"{len(images)} samples are too few to evaluate (k-NN precision/"
                             f"recall and KID need at least {MIN_SAMPLES}); sample more")
     ref = Reference(dataset, reference, data_dir)
     out = evaluate_images(images, ref, seed)
+    if labels is not None:
+        out.update(evaluate_conditional(images, labels, ref))
     if with_floor:
         out["floor"] = floor(ref, len(images), seed)
     return out

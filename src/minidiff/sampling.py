@@ -65,6 +65,21 @@ def load_samples(path: str | Path, image_size: int = 28) -> np.ndarray:
     return images
 
 
+def load_labels(path: str | Path, n: int, num_classes: int = 10) -> np.ndarray | None:
+    """The ``labels`` array of a conditional sample file (validated against its ``n`` images),
+    or None when the file has none."""
+    with np.load(path, allow_pickle=False) as z:
+        if "labels" not in z.files:
+            return None
+        labels = z["labels"]
+    if labels.shape != (n,) or labels.dtype.kind not in "iu" or labels.min() < 0 \
+            or labels.max() >= num_classes:
+        raise MinidiffError(f"{path}: 'labels' must be {n} class ids in 0..{num_classes - 1} "
+                            f"(got shape {list(labels.shape)}, dtype {labels.dtype}); "
+                            "regenerate it with `minidiff sample --class`")
+    return labels
+
+
 def sampling_schedule(config: dict, steps: int | None, spacing: str = "uniform"):
     """The respaced schedule a checkpoint's ``config`` is sampled with -> ``(sched, steps)``;
     ``steps=None`` means all T."""
