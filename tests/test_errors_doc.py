@@ -157,6 +157,12 @@ def case_args(case, tmp, run, monkeypatch):
         cfg["model_sha256"] = None
         (lone / "config.json").write_text(json.dumps(cfg))
         return ["sample", str(lone), "--out", t + "/s.npz"]
+    if case == "class-unconditional":
+        return ["sample", str(run), "--class", "7", "--out", t + "/s.npz"]
+    if case == "class-uneven":
+        c = tmp / "c"
+        assert main(["train", *TINY, "--conditional", "--steps", "1", "--out", str(c)]) == 0
+        return ["sample", str(c), "--class", "all", "--n", "25", "--out", t + "/s.npz"]
     if case == "samples-missing":
         return ["grid", t + "/none.npz", "--out", t + "/g.png"]
     if case == "samples-dtype":
@@ -176,7 +182,7 @@ CASES = ["data-truncated", "data-checksum", "data-magic", "data-gzip", "data-mis
          "unknown-dataset", "bad-channels", "run-exists", "resume-nothing", "diverged",
          "disk-full", "no-cuda", "n-zero", "steps-too-many", "unknown-sampler", "out-not-npz",
          "ckpt-missing", "ckpt-no-weights", "ckpt-pickle", "ckpt-corrupt", "ckpt-mismatch",
-         "samples-missing", "samples-dtype", "samples-shape", "samples-nan", "samples-not-npz"]
+         "class-unconditional", "class-uneven", "samples-missing", "samples-dtype", "samples-shape", "samples-nan", "samples-not-npz"]
 
 
 def test_doc_lists_exactly_the_tested_cases():

@@ -57,9 +57,24 @@ def save_model(folder: Path, model: UNet, config: dict) -> str:
     return digest
 
 
+def shipped_models() -> list[str]:
+    """Names of the models shipped in the repository's ``models/`` folder."""
+    from .data import REPO_ROOT
+
+    root = REPO_ROOT / "models"
+    return sorted(p.name for p in root.iterdir() if (p / MODEL_FILE).is_file()) \
+        if root.is_dir() else []
+
+
 def resolve(path: str | Path) -> tuple[Path, Path | None]:
-    """A run folder or a .safetensors file -> (weights file, config.json or None)."""
+    """A run folder, a .safetensors file or a shipped model's name (``reduced-cond``) ->
+    (weights file, config.json or None)."""
     path = Path(path)
+    if not path.exists() and len(path.parts) == 1 and not path.suffix:
+        from .data import REPO_ROOT
+
+        if path.name in shipped_models():
+            path = REPO_ROOT / "models" / path.name
     if path.is_dir():
         weights = path / MODEL_FILE
         if not weights.is_file():
@@ -67,8 +82,9 @@ def resolve(path: str | Path) -> tuple[Path, Path | None]:
                                   "written by `minidiff train` or a .safetensors file")
         return weights, path / CONFIG_FILE if (path / CONFIG_FILE).is_file() else None
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint; pass a run folder or a "
-                              ".safetensors file")
+        names = ", ".join(shipped_models()) or "none in this checkout"
+        raise CheckpointError(f"{path}: no such checkpoint; pass a run folder, a .safetensors "
+                              f"file or a shipped model ({names})")
     if path.suffix in (".pt", ".pth", ".ckpt", ".pkl", ".bin"):
         raise CheckpointError(f"{path}: pickled checkpoints are not loaded (they can run code); "
                               "use a .safetensors checkpoint written by minidiff")
