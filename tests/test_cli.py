@@ -70,7 +70,8 @@ def test_sample_writes_npz_sidecar_and_grid(run_dir, tmp_path, capsys):
     images = np.load(out)["images"]
     assert images.shape == (5, 28, 28) and images.dtype == np.uint8
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["sampler"] == "ddpm" and meta["steps"] == 4 and meta["seed"] == 0
+    assert meta["sampler"] == "dpmpp-sde" and meta["spacing"] == "trailing"  # the defaults
+    assert meta["steps"] == 4 and meta["seed"] == 0
     assert len(meta["checkpoint_sha256"]) == 64
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()

@@ -18,10 +18,9 @@ from torch import nn
 from .demo import cpu_name
 from .diffusion import DiffusionConfig, EpsilonLoss, Schedule
 from .samplers import SAMPLERS, autocast_context, generate
+from .sampling import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
 from .unet import PRESETS, UNet, count_params
 
-# `minidiff sample`'s defaults (benchmarks/results/default_sampler.md explains the choice)
-DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SPACING = "dpmpp-sde", 10, "trailing"
 # diffusers' schedulers beside ours, at the same number of network evaluations
 DIFFUSERS_SCHEDULERS = {"ddpm": ("DDPMScheduler", {}),
                         "ddim": ("DDIMScheduler", {}),
