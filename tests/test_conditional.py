@@ -10,7 +10,7 @@ from minidiff.cli import main
 from minidiff.diffusion import DiffusionConfig, Schedule
 from minidiff.errors import MinidiffError
 from minidiff.samplers import Guided, generate
-from minidiff.sampling import sample_to_file
+from minidiff.sampling import DEFAULT_GUIDANCE, sample_to_file
 from minidiff.train import TrainConfig, drop_labels, train
 from minidiff.unet import UNet, UNetConfig
 
@@ -87,9 +87,9 @@ def test_class_all_is_balanced_and_sorted(cond_run, tmp_path):
     with np.load(tmp_path / "s.npz") as z:
         assert z["labels"].tolist() == [d for d in range(10) for _ in range(2)]
         assert z["images"].shape == (20, 28, 28)
-    assert meta["class"] == "all" and meta["guidance"] == 2.0
+    assert meta["class"] == "all" and meta["guidance"] == DEFAULT_GUIDANCE
     side = json.loads((tmp_path / "s.json").read_text())
-    assert side["guidance"] == 2.0
+    assert side["guidance"] == DEFAULT_GUIDANCE
     from PIL import Image
     w, h = Image.open(tmp_path / "g.png").size
     assert h > 4 * w  # 10 rows (one per class) of 2 images

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .diffusion import SPACINGS
     from .samplers import SAMPLERS
-    from .sampling import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
+    from .sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
     from .unet import PRESETS
 
     p = _Parser(prog="minidiff", description="Train, sample and inspect small DDPMs on MNIST.")
@@ -168,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a conditional model's class id, or all for a balanced set "
                         "(n / 10 each, labels stored in the .npz, one grid row per class)")
     s.add_argument("--guidance", type=float,
-                   help="classifier-free guidance scale with --class (0 unconditional, "
-                        "1 conditional; default 2.0, see benchmarks/results/guidance_sweep.md)")
+                   help=f"classifier-free guidance scale with --class (0 unconditional, "
+                        f"1 conditional; default {DEFAULT_GUIDANCE}, see "
+                        "benchmarks/results/guidance_sweep.md)")
     s.add_argument("--compile", action="store_true",
                    help="run the network through torch.compile (eager if compiling fails); "
                         "pays off only for long runs, see benchmarks/results/bench.md")

@@ -100,7 +100,7 @@ DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SPACING = "dpmpp-sde", 10, "trailing"
 
 # classifier-free guidance scale when --class is given without --guidance: the sweep's best
 # trade-off (benchmarks/results/guidance_sweep.md)
-DEFAULT_GUIDANCE = 2.0
+DEFAULT_GUIDANCE = 1.5
 
 
 def class_labels(classes: str | None, n: int, num_classes: int | None, checkpoint):
