@@ -34,7 +34,8 @@ GRID += [(name, steps, {**kw, "spacing": sp}) for sp in ("quadratic", "trailing"
                                  ("ddim", 50, {"eta": 1.0}), ("dpmpp", 20, {}),
                                  ("dpmpp", 10, {})]]
 GRID += [("dpmpp-sde", s, {}) for s in (50, 20, 10, 5)]
-GRID += [("dpmpp-sde", s, {"spacing": sp}) for sp in ("quadratic", "trailing") for s in (20, 10, 5)]
+GRID += [("dpmpp-sde", s, {"spacing": sp}) for sp in ("quadratic", "trailing")
+         for s in (20, 10, 8, 5)]
 
 ap = argparse.ArgumentParser()
 ap.add_argument("checkpoint")

@@ -96,7 +96,7 @@ def sampling_schedule(config: dict, steps: int | None, spacing: str = "uniform")
 
 # `minidiff sample`'s default: the fewest network evaluations whose pseudo-FID stays within 10%
 # of DDPM-1000's on the same checkpoint (benchmarks/results/default_sampler.md)
-DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SPACING = "dpmpp-sde", 10, "trailing"
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_SPACING = "dpmpp-sde", 8, "trailing"
 
 # classifier-free guidance scale when --class is given without --guidance: the sweep's best
 # trade-off (benchmarks/results/guidance_sweep.md)
