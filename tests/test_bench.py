@@ -8,7 +8,7 @@ from minidiff import bench
 @pytest.fixture(scope="module")
 def result():
     return bench.run_bench(presets=("reduced",), n=4, batch=2, train_batch=4, steps=2,
-                           samplers=("ddim", "dpmpp-sde"), log=lambda _: None)
+                           samplers=("ddim", "dpmpp-sde"), log=lambda *_: None)
 
 
 def test_rows_cover_both_implementations_and_jobs(result):

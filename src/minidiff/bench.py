@@ -141,7 +141,9 @@ def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch
               train_batch: int = 128, steps: int = DEFAULT_STEPS, precision: str = "bf16",
               samplers=tuple(SAMPLERS), anchor: bool = True, compile_: bool = False,
               log=print) -> dict:
-    """All jobs in one run -> a JSON-able dict with rates, FLOP efficiency and ratios."""
+    """All jobs in one run -> a JSON-able dict with rates, FLOP efficiency and ratios.
+
+    ``log(message_or_row, results_so_far)`` is called after each measurement."""
     torch.manual_seed(0)
     res = {"date": str(date.today()), "cpu": cpu_name(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "precision": precision, "sample_n": n,
@@ -149,14 +151,15 @@ def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch
            "spacing": DEFAULT_SPACING, "rows": []}
     res["peak_gflops"] = {"fp32": round(matmul_peak(torch.float32), 1),
                           "bf16": round(matmul_peak(torch.bfloat16), 1)}
-    log(f"matmul peak GFLOP/s: {res['peak_gflops']}")
+    log(f"matmul peak GFLOP/s: {res['peak_gflops']}", res)
     peak = res["peak_gflops"]["bf16" if precision == "bf16" else "fp32"]
     if anchor:
         try:
             import diffusers
             res["diffusers"] = diffusers.__version__
         except ImportError:
-            log("note: diffusers is not installed, so no anchor rows; `pip install diffusers`")
+            log("note: diffusers is not installed, so no anchor rows; `pip install diffusers`",
+                res)
             anchor = False
 
     for preset in presets:
@@ -177,7 +180,7 @@ def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch
             res["rows"].append({**base, "job": "train", "precision": prec,
                                 "img_per_s": round(ips, 1), "gflops": round(gflops, 1),
                                 "peak_fraction": round(gflops / peak, 3)})
-            log(res["rows"][-1])
+            log(res["rows"][-1], res)
             for sampler in samplers:
                 if impl == "diffusers" and sampler not in DIFFUSERS_SCHEDULERS:
                     continue
@@ -196,7 +199,7 @@ def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch
                                         "first_run_extra_s": round(first - sec, 1),
                                         "gflops": round(gflops, 1),
                                         "peak_fraction": round(gflops / peak, 3)})
-                    log(res["rows"][-1])
+                    log(res["rows"][-1], res)
     for r in res["rows"]:
         if r["impl"] == "minidiff":
             peer = next((p for p in res["rows"] if p["impl"] == "diffusers"

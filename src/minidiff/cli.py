@@ -454,10 +454,14 @@ def cmd_bench(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    def log(row, partial):  # print each row; keep what is measured if the run is stopped
+        print(json.dumps(row) if isinstance(row, dict) else row, flush=True)
+        atomic_write_text(out / "bench.partial.json", json.dumps(partial, indent=2) + "\n")
+
     res = run_bench(presets=tuple(args.presets), n=args.n, steps=args.steps,
                     precision=args.precision, anchor=not args.no_anchor,
-                    compile_=args.compile,
-                    log=lambda r: print(json.dumps(r) if isinstance(r, dict) else r, flush=True))
+                    compile_=args.compile, log=log)
+    (out / "bench.partial.json").unlink(missing_ok=True)
     command = "minidiff bench " + " ".join(sys.argv[2:])
     atomic_write_text(out / "bench.json", json.dumps(res, indent=2) + "\n")
     atomic_write_text(out / "bench.md", report(res, command.strip()))
