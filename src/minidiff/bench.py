@@ -245,6 +245,6 @@ def report(res: dict, command: str) -> str:
             limit, sec = (30 if r["preset"] == "reduced" else 120), r["seconds_per_10k"]
             lines.append(f"- absolute, 10,000 samples from {r['preset']}: {sec} s (target "
                          f"{limit} s: " + ("met" if sec <= limit else
-                                           f"missed by {sec - limit:.0f} s") + ").")
+                                           f"missed by {sec - limit:.1f} s") + ").")
     lines += ["", f"Command: `{command}`"]
     return "\n".join(lines) + "\n"
