@@ -73,8 +73,8 @@ lines = [f"# Classifier-free guidance sweep ({res['date']}, {res['cpu']}, {res['
          f"Checkpoint `{res['checkpoint']}` (sha256 {digest[:12]}...), {args.n} samples per "
          f"scale ({args.n // 10} per class), `{DEFAULT_SAMPLER}` {steps} steps "
          f"({DEFAULT_SPACING}), seed 0; {dataset} test split as reference. Accuracy: the share "
-         "of samples the shipped classifier assigns to the requested class. Seconds are wall "
-         "time with other jobs sharing the 2 cores, not a speed figure (`minidiff bench` is).",
+         "of samples the shipped classifier assigns to the requested class. Seconds: wall time of "
+         "the sampling (guidance doubles the batch).",
          "",
          "| guidance | accuracy | worst class | pseudo-FID | per-class pseudo-FID | precision "
          "| recall | seconds |", "|---|---|---|---|---|---|---|---|"]
