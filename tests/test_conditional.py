@@ -156,3 +156,11 @@ def test_eval_cli_reports_conditional_accuracy(cond_run, tmp_path, capsys):
     assert "conditional accuracy" in capsys.readouterr().out
     res = json.loads((tmp_path / "m.json").read_text())
     assert 0 <= res["conditional_accuracy"] <= 1 and set(res["per_class"]) == set("0123456789")
+
+
+def test_label_dropout_without_conditional_is_refused(tmp_path, capsys):
+    rc = main(["train", "--label-dropout", "0.2", "--steps", "1", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and err == ["minidiff: error: --label-dropout applies to --conditional "
+                               "training only"]
+    assert not (tmp_path / "x").exists()

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--conditional", action="store_true",
                    help="class-conditional (learned class embedding; labels dropped at "
                         "--label-dropout so one model also samples unconditionally)")
-    t.add_argument("--label-dropout", type=float, default=0.1,
+    t.add_argument("--label-dropout", type=float,
                    help="with --conditional: share of labels replaced by 'no label' "
                         "(default 0.1)")
     g = t.add_mutually_exclusive_group()
@@ -298,12 +298,15 @@ def cmd_train(args) -> int:
     from .train import TrainConfig, train
     from .unet import PRESETS, UNetConfig
 
+    if args.label_dropout is not None and not args.conditional:
+        raise MinidiffError("--label-dropout applies to --conditional training only")
     cfg = TrainConfig(dataset=args.dataset, epochs=args.epochs, steps=args.steps,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       precision=args.precision, device=args.device,
                       checkpoint_every=args.checkpoint_every,
                       keep_checkpoints=args.keep_checkpoints, subset=args.subset,
-                      label_dropout=args.label_dropout)
+                      **({} if args.label_dropout is None
+                         else {"label_dropout": args.label_dropout}))
     model_cfg = PRESETS[args.preset]
     if args.channels:
         try:

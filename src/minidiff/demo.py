@@ -61,8 +61,9 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, n: int 
     timings["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    meta = sample_to_file(out, out / "samples.npz", n=n, steps=DEMO_SAMPLE_STEPS, seed=0,
-                          precision="auto", grid=str(out / "grid.png"))
+    meta = sample_to_file(out, out / "samples.npz", n=n, sampler="ddpm", steps=DEMO_SAMPLE_STEPS,
+                          spacing="uniform", seed=0, precision="auto",
+                          grid=str(out / "grid.png"))
     timings["sample"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

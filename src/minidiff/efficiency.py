@@ -10,13 +10,13 @@ import torch
 from .checkpoint import load_checkpoint, resolve
 from .demo import cpu_name
 from .samplers import generate
-from .sampling import sampling_schedule
+from .sampling import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, sampling_schedule
 from .train import resolve_device, resolve_precision
 from .unet import count_macs, count_params
 
 
-def efficiency(checkpoint, *, sampler: str = "ddpm", steps: int | None = None,
-               spacing: str = "uniform",
+def efficiency(checkpoint, *, sampler: str = DEFAULT_SAMPLER, steps: int | None = DEFAULT_STEPS,
+               spacing: str = DEFAULT_SPACING,
                time_n: int = 256, batch_size: int = 256, precision: str = "auto",
                device: str = "auto") -> dict:
     """Measure ``checkpoint``; the 10,000-sample time is measured on ``time_n`` samples and

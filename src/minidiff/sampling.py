@@ -121,11 +121,11 @@ def class_labels(classes: str | None, n: int, num_classes: int | None, checkpoin
     return torch.full((n,), int(classes), dtype=torch.long)
 
 
-def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = None,
-                   sampler: str = "ddpm", seed: int = 0, batch_size: int = 256,
-                   precision: str = "fp32", device: str = "auto", grid: str | None = None,
+def sample_to_file(checkpoint, out, *, n: int = 64, steps: int | None = DEFAULT_STEPS,
+                   sampler: str = DEFAULT_SAMPLER, seed: int = 0, batch_size: int = 256,
+                   precision: str = "auto", device: str = "auto", grid: str | None = None,
                    progress: bool = True, eta: float | None = None,
-                   spacing: str = "uniform", compile: bool = False,
+                   spacing: str = DEFAULT_SPACING, compile: bool = False,
                    classes: str | None = None, guidance: float | None = None) -> dict:
     """Generate ``n`` images from ``checkpoint`` into ``out`` (.npz); returns the sidecar dict.
 
