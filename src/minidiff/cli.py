@@ -21,7 +21,23 @@ EXAMPLES = {
         "examples:\n"
         "  minidiff train --preset reduced --epochs 5 --out runs/reduced\n"
         "  minidiff train --preset baseline --steps 2000 --batch-size 64 --out runs/base\n"
-        "  minidiff train --out runs/reduced --resume      # continue a stopped run"
+        "  minidiff train --out runs/reduced --resume      # continue a stopped run\n"
+        "  minidiff train --init runs/pruned0 --recipe pruned --out runs/pruned   # fine-tune"
+    ),
+    "prune": (
+        "examples:\n"
+        "  minidiff prune runs/base --structured 0.1 --unstructured 0.3 --out runs/pruned0\n"
+        "  minidiff train --init runs/pruned0 --recipe pruned --out runs/pruned"
+    ),
+    "quantize": (
+        "examples:\n"
+        "  minidiff quantize runs/demo --out runs/demo-int8\n"
+        "  minidiff quantize runs/demo --mode fp16 --out runs/demo-fp16"
+    ),
+    "study": (
+        "examples:\n"
+        "  minidiff study --preset smoke --out runs/study-smoke     # about a minute\n"
+        "  minidiff study --preset standard --out runs/study   # ~75 min; re-run to resume"
     ),
     "sample": (
         "examples:\n"
@@ -86,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .diffusion import SPACINGS
     from .samplers import SAMPLERS
     from .sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
+    from .study import PRESETS as STUDY_PRESETS
+    from .train import RECIPES
     from .unet import PRESETS
 
     p = _Parser(prog="minidiff", description="Train, sample and inspect small DDPMs on MNIST.")
@@ -124,7 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=_positive_float, help="passes over the data (default 10)")
     g.add_argument("--steps", type=_positive_int, help="optimizer steps (instead of --epochs)")
     t.add_argument("--batch-size", type=_positive_int, default=128)
-    t.add_argument("--lr", type=_positive_float, default=1e-3)
+    t.add_argument("--lr", type=_positive_float,
+                   help="peak learning rate (default 1e-3, or the --recipe's)")
+    t.add_argument("--init", metavar="CKPT",
+                   help="fine-tune: start from this checkpoint (its layout, e.g. pruned widths, "
+                        "and its zeros after unstructured pruning are kept)")
+    t.add_argument("--recipe", choices=list(RECIPES),
+                   help="with --init: the study's fine-tuning epochs and lr ("
+                        + "; ".join(f"{k}: {v['epochs']} epochs at {v['lr']:g}"
+                                    for k, v in RECIPES.items()) + ")")
     t.add_argument("--seed", type=_nonneg_int, default=0)
     t.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast where the CPU/GPU supports it, else fp32")
@@ -246,7 +272,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time the default sampler through torch.compile")
     b.add_argument("--out", default="benchmarks/results",
                    help="folder for bench.json and bench.md (default benchmarks/results)")
+    pr = sub.add_parser("prune", help="structured / unstructured pruning of a checkpoint",
+                        epilog=EXAMPLES["prune"], formatter_class=fmt)
+    pr.add_argument("checkpoint", help="run folder, .safetensors file or shipped model name")
+    pr.add_argument("--structured", type=_fraction, metavar="RATIO",
+                    help="remove this share of channels (L1, Torch-Pruning), e.g. 0.1")
+    pr.add_argument("--unstructured", type=_fraction, metavar="RATIO",
+                    help="zero this share of conv/linear weights (global magnitude), e.g. 0.3")
+    pr.add_argument("--out", required=True, help="folder to write the pruned model to")
+
+    q = sub.add_parser("quantize", help="store a checkpoint as int8 (or fp16) weights",
+                       epilog=EXAMPLES["quantize"], formatter_class=fmt)
+    q.add_argument("checkpoint", help="run folder, .safetensors file or shipped model name")
+    q.add_argument("--mode", choices=["int8", "fp16"], default="int8")
+    q.add_argument("--out", required=True, help="folder to write the stored model to")
+
+    st = sub.add_parser("study", help="the whole compression study, resumable, with a report",
+                        epilog=EXAMPLES["study"], formatter_class=fmt)
+    st.add_argument("--preset", choices=list(STUDY_PRESETS), default="smoke",
+                    help="smoke ~1 min, quick <= 30 min, standard ~75 min (2-core CPU), "
+                         "paper: the study's epochs, for a GPU")
+    st.add_argument("--dataset", choices=list(DATASETS), default="mnist")
+    st.add_argument("--data-dir", help="folder holding the dataset's IDX files")
+    st.add_argument("--out", required=True,
+                    help="study folder; re-running the same command resumes it")
+    st.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}")
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {s}")
+    return v
 
 
 # --------------------------------------------------------------------------- commands
@@ -295,13 +356,21 @@ def cmd_models(args) -> int:
 
 def cmd_train(args) -> int:
     from .diffusion import DiffusionConfig
-    from .train import TrainConfig, train
+    from .train import RECIPES, TrainConfig, train
     from .unet import PRESETS, UNetConfig
 
     if args.label_dropout is not None and not args.conditional:
         raise MinidiffError("--label-dropout applies to --conditional training only")
-    cfg = TrainConfig(dataset=args.dataset, epochs=args.epochs, steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    if args.recipe and not args.init:
+        raise MinidiffError("--recipe is a fine-tuning recipe: give --init CKPT too")
+    if args.init and (args.conditional or args.channels):
+        raise MinidiffError("--init takes the model's layout from the checkpoint; drop "
+                            "--conditional / --channels")
+    recipe = RECIPES[args.recipe] if args.recipe else {}
+    epochs = args.epochs if args.epochs or args.steps else recipe.get("epochs")
+    cfg = TrainConfig(dataset=args.dataset, epochs=epochs, steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr or recipe.get("lr", 1e-3),
+                      seed=args.seed, init=args.init,
                       precision=args.precision, device=args.device,
                       checkpoint_every=args.checkpoint_every,
                       keep_checkpoints=args.keep_checkpoints, subset=args.subset,
@@ -320,7 +389,8 @@ def cmd_train(args) -> int:
                                   "num_classes": len(get_spec(args.dataset).classes)})
     summary = train(model_cfg, DiffusionConfig(schedule=args.schedule), cfg,
                     args.out, data_dir=args.data_dir, resume=args.resume,
-                    progress=not args.no_progress, preset=args.preset)
+                    progress=not args.no_progress,
+                    preset=None if args.init else args.preset)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         print(json.dumps({"out": args.out, **summary}))
     return 0
@@ -472,7 +542,35 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "data": cmd_data, "models": cmd_models, "train": cmd_train,
+def cmd_prune(args) -> int:
+    from .compress import prune_checkpoint
+
+    print(json.dumps(prune_checkpoint(args.checkpoint, args.out, structured=args.structured,
+                                      unstructured=args.unstructured)))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from .compress import quantize_checkpoint
+
+    print(json.dumps(quantize_checkpoint(args.checkpoint, args.out, mode=args.mode)))
+    return 0
+
+
+def cmd_study(args) -> int:
+    from .study import run_study
+
+    rows = run_study(args.preset, args.out, dataset=args.dataset, data_dir=args.data_dir,
+                     progress=not args.no_progress)
+    for r in rows:
+        print(f"{r['model']:>14}  params {r['params']:>9,}  {r['size_mb']:6.2f} MiB  "
+              f"pseudo-FID {r['pseudo_fid']:7.3f}  10k {r['latency_10k_s']:7.1f} s")
+    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "prune": cmd_prune, "quantize": cmd_quantize,
+            "study": cmd_study, "data": cmd_data, "models": cmd_models, "train": cmd_train,
             "sample": cmd_sample,
             "grid": cmd_grid, "classifier": cmd_classifier, "eval": cmd_eval,
             "demo": cmd_demo}

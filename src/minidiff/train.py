@@ -19,7 +19,9 @@ import torch
 
 from . import __version__
 from . import distributed
-from .checkpoint import CONFIG_FILE, clean_partial, load_state, save_model, save_state
+from .checkpoint import (CONFIG_FILE, clean_partial, load_checkpoint, load_state, save_model,
+                         save_state)
+from .compress import apply_masks, masks_of
 from .data import epoch_order, get_spec, load_split, to_model_range
 from .diffusion import DiffusionConfig, EpsilonLoss, Schedule
 from .errors import MinidiffError
@@ -50,6 +52,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest training-state checkpoints kept on disk
     subset: int | None = None  # train on the first N images only (tests, quick looks)
     label_dropout: float = 0.1  # conditional models: share of labels replaced by "no label"
+    init: str | None = None  # fine-tune: start from this checkpoint's EMA weights (and layout)
 
     def __post_init__(self):
         checks = [
@@ -123,6 +126,17 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * cos)
 
 
+# What a fine-tuned run inherits from its --init checkpoint's config (and keeps on resume).
+CARRIED = ("storage", "pruned", "init_sha256")
+
+# The study's fine-tuning recipes (`minidiff train --init CKPT --recipe NAME`).
+RECIPES: dict[str, dict] = {
+    "pruned": {"epochs": 20, "lr": 1e-4},  # after structured + unstructured pruning
+    "reduced": {"epochs": 10, "lr": 1e-5},
+    "shallow": {"epochs": 20, "lr": 1e-4},
+}
+
+
 def drop_labels(y: torch.Tensor, p: float, null: int, generator=None) -> torch.Tensor:
     """Label dropout for classifier-free guidance: each of ``y: [N]`` becomes the ``null`` class
     with probability ``p``, so one model learns both p(x | y) and p(x)."""
@@ -163,12 +177,24 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
             diff_cfg = DiffusionConfig.from_dict(saved["diffusion"])
             cfg = TrainConfig.from_dict(saved["train"])
             preset = saved.get("preset", preset)
+            carried = {k: saved[k] for k in CARRIED if k in saved}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise MinidiffError(f"{out}: cannot resume ({e}); pass the --out of an earlier "
                                 "`minidiff train` run, or drop --resume")
     elif (out / CONFIG_FILE).exists():
         raise MinidiffError(f"{out} already holds a run; pass --resume to continue it or choose "
                             "another --out")
+    init_model = None
+    if cfg.init and not resume:
+        # fine-tuning: the layout (pruned widths), schedule and storage come from the checkpoint
+        init_model, init_config, init_sha = load_checkpoint(cfg.init)
+        model_cfg = init_model.config
+        diff_cfg = DiffusionConfig.from_dict(init_config["diffusion"])
+        carried = {k: init_config[k] for k in CARRIED if k in init_config}
+        carried["init_sha256"] = init_sha
+    elif not resume:
+        carried = {}
+    storage = carried.get("storage")
     precision = resolve_precision(cfg.precision, device)
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16() and world.main:
         print("note: this CPU has no native bf16; autocast will emulate it (slow)")
@@ -187,13 +213,14 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
 
     torch.manual_seed(cfg.seed)  # weight init
     model = UNet(model_cfg).to(device)
+    if init_model is not None:
+        model.load_state_dict(init_model.state_dict())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     net = distributed.wrap(model, world, device)  # what forward/backward run through
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = Schedule.from_config(diff_cfg)
     loss_fn = EpsilonLoss(sched)
-    extra = {"preset": preset} if preset else {}
-
+    extra = {**({"preset": preset} if preset else {}), **carried}
     step = 0
     distributed.barrier(world)  # every rank has checked `out` before rank 0 writes to it
     metrics_path = out / "metrics.jsonl"
@@ -215,6 +242,8 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
                 kept = [ln for ln in metrics_path.read_text().splitlines()
                         if ln.strip() and json.loads(ln)["step"] <= step]
                 atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+    # unstructured pruning: the zeros stay zero through fine-tuning (masks from the weights)
+    masks = masks_of(model, (storage or {}).get("sparse", []))
     if step >= total:
         distributed.finish(world)
         return {"steps": step, "total": total, "note": "already finished"}
@@ -267,6 +296,7 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
+            apply_masks(model, masks)
 
             # EMA (short warm-up so early checkpoints are not dominated by the random init)
             ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))

@@ -37,9 +37,19 @@ class UNetConfig:
     norm_groups: int = 8
     num_classes: int | None = None  # class conditioning (index num_classes = "no label")
     dropout: float = 0.0
+    # Per-layer output widths that differ from ``channels`` (a structurally pruned model):
+    # module name of a conv -> its output channels, e.g. {"down_blocks.0.conv1": 24}. A width
+    # that feeds a GroupNorm must stay a multiple of norm_groups (the model refuses otherwise).
+    widths: dict[str, int] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if self.widths is not None:
+            object.__setattr__(self, "widths", {str(k): int(v) for k, v in self.widths.items()})
+            bad = {k: v for k, v in self.widths.items() if k not in width_names(self) or v <= 0}
+            if bad:
+                raise ValueError(f"widths {bad}: each must name a conv of this layout "
+                                 f"({', '.join(width_names(self)[:3])}, ...) and be positive")
         if not self.channels or any(c <= 0 for c in self.channels):
             raise ValueError(f"channels must be positive integers, got {self.channels}")
         if any(c % self.norm_groups for c in self.channels):
@@ -60,9 +70,15 @@ class UNetConfig:
     def tdim(self) -> int:
         return self.time_dim or self.channels[-1]
 
+    def width(self, name: str, default: int) -> int:
+        """Output channels of the conv ``name``: its pruned width, else the preset's."""
+        return (self.widths or {}).get(name, default)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["channels"] = list(self.channels)
+        if d["widths"] is None:
+            del d["widths"]  # unpruned configs read exactly as before
         return d
 
     @classmethod
@@ -83,6 +99,22 @@ PRESETS: dict[str, UNetConfig] = {
 STUDY_PARAMS = {"baseline": 2_530_000, "reduced": 634_000, "shallow": 2_150_000}
 
 
+def width_names(cfg: UNetConfig) -> list[str]:
+    """Names of the convs whose output widths a :class:`UNetConfig` may override, in order."""
+    n = len(cfg.channels)
+    names = []
+    for i in range(n):
+        names += [f"down_blocks.{i}.conv1", f"down_blocks.{i}.conv2"]
+        if i < n - 1:
+            names.append(f"downsamples.{i}")
+    names += [f"mid.{j}.conv{k}" for j in range(2) for k in (1, 2)]
+    for i in range(n):
+        names += [f"up_blocks.{i}.conv1", f"up_blocks.{i}.conv2"]
+        if i < n - 1:
+            names.append(f"upsamples.{i}")
+    return names
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of timesteps ``t: [N]`` -> ``[N x dim]`` (Vaswani et al. 2017)."""
     half = dim // 2
@@ -95,20 +127,27 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ResBlock(nn.Module):
-    """Two 3x3 convs with GroupNorm + SiLU, time embedding added in between, 1x1 skip if needed."""
+    """Two 3x3 convs with GroupNorm + SiLU, time embedding added in between, 1x1 skip if needed.
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, dropout: float = 0.0):
+    ``c_mid`` (default ``c_out``) is the first conv's width, which pruning may shrink on its
+    own; ``skip_conv`` (default ``c_in != c_out``) keeps a pruned block's skip type fixed.
+    """
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, dropout: float = 0.0,
+                 c_mid: int | None = None, skip_conv: bool | None = None, pre: bool | None = None):
         super().__init__()
+        c_mid = c_mid or c_out
         # The first block sees raw pixels: no norm/activation in front of its first conv.
-        self.pre = (
-            nn.Sequential(nn.GroupNorm(groups, c_in), nn.SiLU()) if c_in >= groups else nn.Identity()
-        )
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, c_out)
-        self.norm2 = nn.GroupNorm(groups, c_out)
+        self.pre = (nn.Sequential(nn.GroupNorm(groups, c_in), nn.SiLU())
+                    if (c_in >= groups if pre is None else pre) else nn.Identity())
+        self.conv1 = nn.Conv2d(c_in, c_mid, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_mid)
+        self.norm2 = nn.GroupNorm(groups, c_mid)
         self.drop = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.conv2 = nn.Conv2d(c_mid, c_out, 3, padding=1)
+        if skip_conv is None:
+            skip_conv = c_in != c_out
+        self.skip = nn.Conv2d(c_in, c_out, 1) if skip_conv else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(self.pre(x))
@@ -128,28 +167,50 @@ class UNet(nn.Module):
         # One extra row is the "null" class used for label dropout / unconditional sampling.
         self.class_emb = nn.Embedding(cfg.num_classes + 1, e) if cfg.num_classes else None
 
+        w = cfg.width  # a conv's output width: the preset's, or its pruned width
+
+        def block(name: str, c_in: int, nominal_in: int, c: int) -> ResBlock:
+            """The ResBlock ``name`` of nominal width ``c`` reading ``c_in`` channels."""
+            out = w(f"{name}.conv2", c)
+            if nominal_in == c and c_in != out:
+                raise ValueError(f"widths: {name} has an identity skip, so its output width "
+                                 f"({out}) must equal its input width ({c_in})")
+            return ResBlock(c_in, out, e, g, cfg.dropout, c_mid=w(f"{name}.conv1", c),
+                            skip_conv=nominal_in != c, pre=nominal_in >= g)
+
         self.down_blocks = nn.ModuleList()
         self.downsamples = nn.ModuleList()
-        prev = cfg.in_channels
+        skip_widths = []
+        prev = nominal = cfg.in_channels
         for i, c in enumerate(ch):
-            self.down_blocks.append(ResBlock(prev, c, e, g, cfg.dropout))
+            self.down_blocks.append(block(f"down_blocks.{i}", prev, nominal, c))
+            prev = nominal = self.down_blocks[-1].conv2.out_channels
+            skip_widths.append(prev)
+            nominal = c
             if i < len(ch) - 1:
-                self.downsamples.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-            prev = c
+                d = w(f"downsamples.{i}", c)
+                self.downsamples.append(nn.Conv2d(prev, d, 3, stride=2, padding=1))
+                prev = d
 
-        self.mid = nn.ModuleList([ResBlock(ch[-1], ch[-1], e, g, cfg.dropout) for _ in range(2)])
+        self.mid = nn.ModuleList()
+        for j in range(2):
+            self.mid.append(block(f"mid.{j}", prev, ch[-1], ch[-1]))
+            prev = self.mid[-1].conv2.out_channels
 
         self.up_blocks = nn.ModuleList()
         self.upsamples = nn.ModuleList()
-        prev = ch[-1]
-        for i in reversed(range(len(ch))):
-            self.up_blocks.append(ResBlock(prev + ch[i], ch[i], e, g, cfg.dropout))
+        for k, i in enumerate(reversed(range(len(ch)))):
+            nominal_in = (ch[i + 1] if i + 1 < len(ch) else ch[-1]) + ch[i]
+            self.up_blocks.append(block(f"up_blocks.{k}", prev + skip_widths[i], nominal_in,
+                                        ch[i]))
+            prev = self.up_blocks[-1].conv2.out_channels
             if i > 0:
-                self.upsamples.append(nn.ConvTranspose2d(ch[i], ch[i], 2, stride=2))
-            prev = ch[i]
+                u = w(f"upsamples.{k}", ch[i])
+                self.upsamples.append(nn.ConvTranspose2d(prev, u, 2, stride=2))
+                prev = u
 
-        self.out_norm = nn.GroupNorm(g, ch[0])
-        self.out = nn.Conv2d(ch[0], cfg.in_channels, 1)
+        self.out_norm = nn.GroupNorm(g, prev)
+        self.out = nn.Conv2d(prev, cfg.in_channels, 1)  # never pruned: it emits eps
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
         """``x: [N x C x H x W]``, ``t: [N]``, ``y: [N]`` class ids or None -> ``[N x C x H x W]``."""

@@ -1,0 +1,197 @@
+"""Compression of a trained U-Net: structured and unstructured pruning, int8 and fp16 storage.
+
+* :func:`prune_structured` removes whole channels (L1 magnitude of each channel's weights) with
+  Torch-Pruning's dependency graph, so residual adds, skip concatenations, GroupNorm groups and
+  each block's time-embedding projection shrink together. The result is a plain :class:`UNet`
+  whose ``config.widths`` records every changed width: it reloads from JSON + safetensors
+  without pickle and without the original model.
+* :func:`prune_unstructured` zeroes the smallest weights globally (``torch.nn.utils.prune``)
+  and makes the zeros permanent; the checkpoint then stores those tensors as bitmask + values.
+* :func:`int8_storage` names the weights that are stored as per-channel int8 (everything but
+  the time embedding and the first and last convs).
+
+Each ``*_checkpoint`` function reads a checkpoint and writes a new run folder whose config
+records what was done, from which checkpoint (SHA-256), and the sizes before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint, resolve, save_model
+from .diffusion import DiffusionConfig, Schedule
+from .errors import MinidiffError
+from .unet import UNet, UNetConfig, count_macs, count_params, width_names
+
+PRUNABLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+FLOAT_KEPT = ("time_mlp.", "class_emb.", "down_blocks.0.conv1.", "out.")  # never int8
+
+
+def _example(cfg: UNetConfig, n: int = 2):
+    x = torch.zeros(n, cfg.in_channels, cfg.image_size, cfg.image_size)
+    return x, torch.zeros(n, dtype=torch.long)
+
+
+def prune_structured(model: UNet, ratio: float) -> UNet:
+    """A new :class:`UNet` with ``ratio`` of the channels of every prunable group removed by L1
+    magnitude (Torch-Pruning's ``MetaPruner``, local ranking per group).
+
+    GroupNorm's groups must stay equal in size, so channels are removed in whole steps of one
+    per group: a 32-wide layer with 8 groups loses 8 channels at ratio 0.1 (floor(4 x 0.9) = 3
+    kept per group). The time MLP, the class embedding and the output conv are not pruned.
+    """
+    import torch_pruning as tp
+
+    if not 0 < ratio < 1:
+        raise MinidiffError(f"--structured must be in (0, 1), got {ratio}")
+    work = copy.deepcopy(model).cpu().float().eval()
+    ignored = [work.time_mlp, work.out] + ([work.class_emb] if work.class_emb is not None else [])
+    pruner = tp.pruner.MetaPruner(work, example_inputs=_example(work.config),
+                                  importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=ratio, ignored_layers=ignored)
+    pruner.step()
+    nominal = UNet(model.config)
+    widths = dict(model.config.widths or {})
+    for name in width_names(model.config):
+        c = work.get_submodule(name).out_channels
+        if c != nominal.get_submodule(name).out_channels:
+            widths[name] = c
+    cfg = UNetConfig.from_dict({**model.config.to_dict(), "widths": widths})
+    pruned = UNet(cfg)
+    pruned.load_state_dict(work.state_dict())  # also checks that the declared widths fit
+    return pruned.eval()
+
+
+def prunable_weights(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every conv and linear layer: unstructured pruning's scope."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
+
+
+def prune_unstructured(model: nn.Module, ratio: float) -> list[str]:
+    """Zero the ``ratio`` smallest-magnitude conv/linear weights of ``model`` in place, ranked
+    globally (``torch.nn.utils.prune.global_unstructured``), and make it permanent. Returns the
+    names of the pruned weight tensors."""
+    from torch.nn.utils import prune
+
+    if not 0 < ratio < 1:
+        raise MinidiffError(f"--unstructured must be in (0, 1), got {ratio}")
+    layers = prunable_weights(model)
+    prune.global_unstructured([(m, "weight") for _, m in layers],
+                              pruning_method=prune.L1Unstructured, amount=ratio)
+    for _, m in layers:
+        prune.remove(m, "weight")
+    return [f"{n}.weight" for n, _ in layers]
+
+
+def sparsity(model: nn.Module, names: list[str]) -> float:
+    """Fraction of exact zeros over the tensors ``names`` of ``model``."""
+    sd = model.state_dict()
+    zeros = sum(int((sd[k] == 0).sum()) for k in names)
+    return zeros / max(1, sum(sd[k].numel() for k in names))
+
+
+def masks_of(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Non-zero masks of the tensors ``names``: what fine-tuning keeps at zero."""
+    params = dict(model.named_parameters())
+    return {k: params[k].detach() != 0 for k in names}
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for k, m in masks.items():
+        params[k].mul_(m)
+
+
+def int8_storage(model: nn.Module) -> dict[str, int]:
+    """{weight name: output-channel axis} of the weights stored as int8: every conv and linear
+    but the time embedding, the class embedding and the first and last convs."""
+    out = {}
+    for name, m in prunable_weights(model):
+        if not (name + ".").startswith(FLOAT_KEPT):
+            out[f"{name}.weight"] = 1 if isinstance(m, nn.ConvTranspose2d) else 0
+    return out
+
+
+def stored_bytes(folder: Path) -> int:
+    return (Path(folder) / "model.safetensors").stat().st_size
+
+
+def _summary(model: UNet, folder: Path) -> dict:
+    return {"params": count_params(model), "macs": count_macs(model),
+            "bytes": stored_bytes(folder)}
+
+
+def prune_checkpoint(checkpoint, out, *, structured: float | None = None,
+                     unstructured: float | None = None) -> dict:
+    """Prune ``checkpoint`` and write a run folder ``out`` that `minidiff train --init` can
+    fine-tune (the zeros of unstructured pruning are kept during fine-tuning)."""
+    if not structured and not unstructured:
+        raise MinidiffError("nothing to do: give --structured RATIO and/or --unstructured RATIO")
+    model, config, digest = load_checkpoint(checkpoint)
+    out = Path(out)
+    if (out / "config.json").exists():
+        raise MinidiffError(f"{out} already holds a model; choose another --out")
+    before = {"params": count_params(model), "macs": count_macs(model),
+              "bytes": resolve(checkpoint)[0].stat().st_size}
+    if structured:
+        model = prune_structured(model, structured)
+    storage = dict(config.get("storage") or {})
+    record = {"from": str(checkpoint), "from_sha256": digest, "structured": structured,
+              "unstructured": unstructured, "before": before}
+    if unstructured:
+        names = prune_unstructured(model, unstructured)
+        storage["sparse"] = names
+        record["sparsity"] = round(sparsity(model, names), 6)
+    new = {**config, "model": model.config.to_dict(), "storage": storage,
+           "pruned": record, "step": 0}
+    new.pop("model_sha256", None)
+    save_model(out, model, new)
+    record["after"] = _summary(model, out)
+    save_model(out, model, new)  # now with the sizes recorded
+    return record
+
+
+@torch.no_grad()
+def output_error(a: nn.Module, b: nn.Module, config: dict, n: int = 256, seed: int = 0) -> float:
+    """Relative RMS difference of two noise predictors on ``n`` calibration inputs: real-sized
+    noisy images across all timesteps (x_t of Gaussian x_0 at t spread over the schedule)."""
+    sched = Schedule.from_config(DiffusionConfig.from_dict(config["diffusion"]))
+    cfg = a.config
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).clamp(-1, 1)
+    t = torch.linspace(0, len(sched) - 1, n).long()
+    ab = sched.alpha_bar.float()[t].view(-1, 1, 1, 1)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn(x0.shape, generator=g)
+    ea, eb = a(xt, t), b(xt, t)
+    return float((ea - eb).pow(2).mean().sqrt() / ea.pow(2).mean().sqrt())
+
+
+def quantize_checkpoint(checkpoint, out, *, mode: str = "int8") -> dict:
+    """Store ``checkpoint`` compactly: ``int8`` (per-channel int8 weights, float elsewhere) or
+    ``fp16`` (every float tensor in half precision). Execution stays in float (bf16/fp32): the
+    weights are dequantized at load. Records the relative output error on calibration inputs."""
+    if mode not in ("int8", "fp16"):
+        raise MinidiffError(f"--mode must be int8 or fp16, got {mode!r}")
+    model, config, digest = load_checkpoint(checkpoint)
+    out = Path(out)
+    if (out / "config.json").exists():
+        raise MinidiffError(f"{out} already holds a model; choose another --out")
+    storage = dict(config.get("storage") or {})
+    if mode == "int8":
+        storage["int8"] = int8_storage(model)
+    storage["half"] = True  # the float tensors that remain (int8 keeps its scales in fp32)
+    record = {"from": str(checkpoint), "from_sha256": digest, "mode": mode,
+              "before_bytes": resolve(checkpoint)[0].stat().st_size}
+    new = {**config, "storage": storage, "quantized": record}
+    new.pop("model_sha256", None)
+    save_model(out, model, new)
+    reloaded, _, _ = load_checkpoint(out)
+    record["output_rel_rms_error"] = round(output_error(model, reloaded, config), 6)
+    record["after_bytes"] = stored_bytes(out)
+    save_model(out, model, new)
+    return record

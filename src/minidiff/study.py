@@ -1,0 +1,285 @@
+"""The compression study in one resumable command (``minidiff study``).
+
+Stages, each written to ``DIR/stages/<name>-<hash>/`` where the hash covers the stage's own
+settings and the hashes of the stages it reads, so a re-run skips every finished stage and
+redoes only what a changed setting invalidates:
+
+    baseline   train the baseline (32/64/128)
+    pruned     structured + unstructured pruning of the baseline, then fine-tuning
+    reduced    train reduced (16/32/64), then fine-tune
+    shallow    train shallow (64/128), then fine-tune
+    eval:*     the same number of samples from each model with one sampler, steps and seed;
+               every metric of the evaluation suite; the time for those samples
+    best-int8, best-fp16   the best model (lowest pseudo-FID) stored as int8 / fp16, evaluated
+
+then ``DIR/results.json`` (one row per model), ``DIR/report.md`` and its figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .errors import MinidiffError
+from .io import atomic_write_text
+
+# The study's own numbers (../shared/seed: README's results table), for the report's side column.
+STUDY_TABLE = {
+    "baseline": {"params": 2_530_000, "size_mb": 9.72, "pseudo_fid": 10.75, "ssim": 0.3475,
+                 "latency_10k_s": 57.6},
+    "pruned": {"params": 2_530_000, "size_mb": 9.72, "pseudo_fid": 2.77, "ssim": 0.3674,
+               "latency_10k_s": 57.6},
+    "reduced": {"params": 634_000, "size_mb": 2.5, "pseudo_fid": 1.76, "ssim": 0.3688,
+                "latency_10k_s": 31.3},
+    "shallow": {"params": 2_150_000, "size_mb": 8.2, "pseudo_fid": 2.39, "ssim": 0.3659,
+                "latency_10k_s": 81.6},
+}
+PAPER_EPOCHS = 50  # the study's baseline epochs; fine-tuning budgets scale with base_epochs
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """One preset of the study. Fine-tuning epochs are the study's recipes (pruned 20, reduced
+    10, shallow 20 at lr 1e-4 / 1e-5 / 1e-4) scaled by ``base_epochs / 50``."""
+
+    preset: str
+    base_epochs: float  # baseline, reduced and shallow each train this long from scratch
+    dataset: str = "mnist"
+    batch_size: int = 128
+    lr: float = 1e-3
+    subset: int | None = None
+    structured: float = 0.1
+    unstructured: float = 0.3
+    n: int = 1000  # samples per model for the metrics (and the timing)
+    sampler: str = "dpmpp-sde"
+    steps: int = 8
+    spacing: str = "trailing"
+    seed: int = 0
+    checkpoint_every: int = 500
+
+    def finetune_epochs(self, recipe_epochs: float) -> float:
+        return recipe_epochs * self.base_epochs / PAPER_EPOCHS
+
+
+PRESETS: dict[str, StudyConfig] = {
+    # about a minute: a few steps on 256 images (tests, CI)
+    "smoke": StudyConfig("smoke", base_epochs=1.25, batch_size=32, subset=256, n=64, steps=4,
+                         checkpoint_every=50),
+    # at most ~30 min on a 2-core CPU
+    "quick": StudyConfig("quick", base_epochs=1.0, n=1000),
+    # ~75 min on a 2-core CPU (resumable); 10,000 samples per model
+    "standard": StudyConfig("standard", base_epochs=3.0, n=10_000),
+    # the study's epochs (50 / 20 / 10 / 20): meant for a GPU
+    "paper": StudyConfig("paper", base_epochs=50.0, n=10_000, checkpoint_every=2000),
+}
+ARCH = ("baseline", "pruned", "reduced", "shallow")
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+class Study:
+    """Runs the stages of one :class:`StudyConfig` under ``out``; see the module docstring."""
+
+    def __init__(self, cfg: StudyConfig, out: str | Path, *, data_dir=None, progress=True,
+                 log=print):
+        self.cfg, self.out = cfg, Path(out)
+        self.data_dir, self.progress, self.log = data_dir, progress, log
+        self.stages = self.out / "stages"
+
+    # ------------------------------------------------------------------ stage bookkeeping
+    def _folder(self, name: str, settings: dict) -> Path:
+        return self.stages / f"{name}-{_hash(settings)}"
+
+    def _done(self, folder: Path) -> dict | None:
+        f = folder / "stage.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def _finish(self, folder: Path, record: dict) -> dict:
+        atomic_write_text(folder / "stage.json", json.dumps(record, indent=2) + "\n")
+        return record
+
+    # ------------------------------------------------------------------ stages
+    def train(self, name: str, preset: str, *, init: Path | None = None, epochs: float,
+              lr: float, depends: str = "") -> Path:
+        """Train (or fine-tune from ``init``) into a stage folder; resumes a stopped stage."""
+        from .diffusion import DiffusionConfig
+        from .train import TrainConfig, train
+        from .unet import PRESETS as UNET
+
+        c = self.cfg
+        tcfg = TrainConfig(dataset=c.dataset, epochs=epochs, batch_size=c.batch_size, lr=lr,
+                           seed=c.seed, subset=c.subset, checkpoint_every=c.checkpoint_every,
+                           init=str(init) if init else None)
+        settings = {"stage": name, "preset": preset, "train": tcfg.to_dict(), "after": depends}
+        settings["train"]["init"] = None  # the path is covered by `depends`
+        folder = self._folder(name, settings)
+        if self._done(folder):
+            self.log(f"study: {name}: done ({folder.name})")
+            return folder
+        resume = (folder / "config.json").is_file()
+        self.log(f"study: {name}: {'resuming' if resume else 'training'} {epochs:g} epochs "
+                 f"at lr {lr:g} -> {folder}")
+        t0 = time.perf_counter()
+        summary = train(UNET[preset], DiffusionConfig(), tcfg, folder, data_dir=self.data_dir,
+                        resume=resume, progress=self.progress, preset=preset)
+        self._finish(folder, {"stage": name, "settings": settings,
+                              "seconds": round(time.perf_counter() - t0, 1), **summary})
+        return folder
+
+    def prune(self, source: Path) -> Path:
+        from .compress import prune_checkpoint
+
+        c = self.cfg
+        settings = {"stage": "prune", "structured": c.structured,
+                    "unstructured": c.unstructured, "after": source.name}
+        folder = self._folder("prune", settings)
+        if self._done(folder):
+            return folder
+        if (folder / "config.json").is_file():  # a killed earlier attempt: redo it
+            import shutil
+
+            shutil.rmtree(folder)
+        record = prune_checkpoint(source, folder, structured=c.structured,
+                                  unstructured=c.unstructured)
+        self.log(f"study: pruned {record['before']['params']:,} -> "
+                 f"{record['after']['params']:,} params, sparsity {record.get('sparsity')}")
+        self._finish(folder, {"stage": "prune", "settings": settings, **record})
+        return folder
+
+    def quantize(self, source: Path, mode: str) -> Path:
+        from .compress import quantize_checkpoint
+
+        settings = {"stage": f"quantize-{mode}", "after": source.name}
+        folder = self._folder(f"quantize-{mode}", settings)
+        if self._done(folder):
+            return folder
+        if (folder / "config.json").is_file():
+            import shutil
+
+            shutil.rmtree(folder)
+        record = quantize_checkpoint(source, folder, mode=mode)
+        self._finish(folder, {"stage": f"quantize-{mode}", "settings": settings, **record})
+        return folder
+
+    def evaluate(self, model_name: str, checkpoint: Path) -> dict:
+        """Sample ``n`` images (timed, after a warm-up batch) and evaluate them -> one row."""
+        import torch
+
+        from .checkpoint import load_checkpoint, resolve
+        from .io import save_grid
+        from .metrics import evaluate
+        from .samplers import generate
+        from .sampling import sampling_schedule, save_samples
+        from .train import resolve_device, resolve_precision
+        from .unet import count_macs, count_params
+
+        c = self.cfg
+        settings = {"stage": "eval", "model": model_name, "n": c.n, "sampler": c.sampler,
+                    "steps": c.steps, "spacing": c.spacing, "seed": c.seed,
+                    "after": checkpoint.name}
+        folder = self._folder(f"eval-{model_name}", settings)
+        done = self._done(folder)
+        if done:
+            return done["row"]
+        dev = resolve_device("auto")
+        model, config, digest = load_checkpoint(checkpoint, dev)
+        sched, steps = sampling_schedule(config, c.steps, c.spacing)
+        prec = resolve_precision("auto", dev)
+        bs = 256
+        kw = dict(sampler=c.sampler, batch_size=bs, precision=prec, device=dev)
+        generate(model, sched, min(bs, c.n), seed=c.seed + 1, **kw)  # warm-up: kernel choice
+        self.log(f"study: sampling {c.n} from {model_name} ({c.sampler}, {steps} steps)")
+        t0 = time.perf_counter()
+        images = generate(model, sched, c.n, seed=c.seed, **kw)
+        seconds = time.perf_counter() - t0
+        folder.mkdir(parents=True, exist_ok=True)
+        save_samples(folder / "samples.npz", images.numpy(),
+                     {"n": c.n, "sampler": c.sampler, "steps": steps, "spacing": c.spacing,
+                      "seed": c.seed, "checkpoint": str(checkpoint), "checkpoint_sha256": digest,
+                      "precision": prec, "seconds": round(seconds, 3), "dataset": c.dataset})
+        save_grid(images[:64].numpy(), folder / "grid.png", nrow=8)
+        metrics = evaluate(images, c.dataset, data_dir=self.data_dir, seed=c.seed)
+        weights, _ = resolve(checkpoint)
+        storage = config.get("storage") or {}
+        row = {
+            "model": model_name,
+            "params": count_params(model),
+            "nonzero_params": sum(int((p != 0).sum()) for p in model.parameters()),
+            "bytes": weights.stat().st_size,
+            "size_mb": round(weights.stat().st_size / 2**20, 3),
+            "storage": ("int8" if storage.get("int8") else "fp16" if storage.get("half")
+                        else "fp32") + ("+sparse" if storage.get("sparse") else ""),
+            "macs": count_macs(model.cpu()),
+            **{k: metrics[k] for k in ("pseudo_fid", "kid", "precision", "recall", "ssim",
+                                       "ssim_nearest", "memorization", "confidence",
+                                       "class_histogram", "class_max_dev")},
+            "latency_10k_s": round(seconds * 10_000 / c.n, 1),
+            "latency_is": "measured" if c.n == 10_000 else f"extrapolated from {c.n}",
+            "sampler": c.sampler, "steps": steps, "spacing": c.spacing, "n": c.n,
+            "compute_dtype": prec, "checkpoint_sha256": digest,
+            "floor": {k: metrics["floor"][k] for k in ("pseudo_fid", "kid", "precision",
+                                                        "recall", "ssim", "memorization")},
+        }
+        row["eval_stage"] = folder.name
+        self._finish(folder, {"stage": "eval", "settings": settings, "row": row})
+        self.log(f"study: {model_name}: pseudo-FID {row['pseudo_fid']:.3f}, "
+                 f"{row['latency_10k_s']} s per 10k")
+        return row
+
+    # ------------------------------------------------------------------ the whole study
+    def run(self) -> list[dict]:
+        c = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "study.json", json.dumps(asdict(c), indent=2) + "\n")
+        base = c.base_epochs
+        models: dict[str, Path] = {}
+        models["baseline"] = self.train("baseline", "baseline", epochs=base, lr=c.lr)
+        pruned0 = self.prune(models["baseline"])
+        models["pruned"] = self.train("pruned-ft", "baseline", init=pruned0, depends=pruned0.name,
+                                      epochs=c.finetune_epochs(20), lr=1e-4)
+        for arch, (ft_epochs, ft_lr) in {"reduced": (10, 1e-5), "shallow": (20, 1e-4)}.items():
+            scratch = self.train(arch, arch, epochs=base, lr=c.lr)
+            models[arch] = self.train(f"{arch}-ft", arch, init=scratch / "model.safetensors",
+                                      depends=scratch.name, epochs=c.finetune_epochs(ft_epochs),
+                                      lr=ft_lr)
+        rows = [self.evaluate(name, models[name]) for name in ARCH]
+        best = min(rows, key=lambda r: r["pseudo_fid"])["model"]
+        for mode in ("int8", "fp16"):
+            folder = self.quantize(models[best], mode)
+            models[f"{best}-{mode}"] = folder
+            rows.append(self.evaluate(f"{best}-{mode}", folder))
+        env = {"preset": c.preset, "dataset": c.dataset, "seed": c.seed, "best": best,
+               **environment()}
+        rows = [{**r, "checkpoint": str(models[r["model"]].relative_to(self.out)), **env}
+                for r in rows]
+        from .report import write_report
+
+        write_report(self.out, rows)  # results.json (one row per model) and report.md
+        return rows
+
+
+def environment() -> dict:
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .demo import cpu_name
+
+    return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "minidiff": __version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def run_study(preset: str, out, *, dataset: str = "mnist", data_dir=None, progress=True,
+              log=print, **overrides) -> list[dict]:
+    if preset not in PRESETS:
+        raise MinidiffError(f"unknown study preset {preset!r}; choose one of: "
+                            f"{', '.join(PRESETS)}")
+    cfg = replace(PRESETS[preset], dataset=dataset, **overrides)
+    return Study(cfg, out, data_dir=data_dir, progress=progress, log=log).run()
