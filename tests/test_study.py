@@ -1,0 +1,78 @@
+"""`minidiff study --preset smoke` end to end, and its resume."""
+
+import json
+
+import pytest
+
+import minidiff.train as train_mod
+from minidiff.cli import main
+
+REQUIRED = ("model", "params", "size_mb", "macs", "pseudo_fid", "kid", "precision", "recall",
+            "ssim", "memorization", "latency_10k_s", "sampler", "steps")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "smoke"
+    assert main(["study", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_smoke_study_writes_results_report_and_figures(smoke):
+    rows = json.loads((smoke / "results.json").read_text())
+    assert isinstance(rows, list)
+    models = [r["model"] for r in rows]
+    best = rows[0]["best"]
+    assert models == ["baseline", "pruned", "reduced", "shallow", f"{best}-int8", f"{best}-fp16"]
+    for r in rows:
+        assert all(k in r for k in REQUIRED), [k for k in REQUIRED if k not in r]
+        assert r["n"] == 64 and r["sampler"] == "dpmpp-sde" and r["steps"] == 4
+    by = {r["model"]: r for r in rows}
+    # pruning really shrank the model: fewer parameters, MACs and bytes, 30% zeros kept
+    assert by["pruned"]["params"] < 0.85 * by["baseline"]["params"]
+    assert by["pruned"]["macs"] < by["baseline"]["macs"]
+    assert by["pruned"]["bytes"] < 0.7 * by["baseline"]["bytes"]
+    assert by["pruned"]["nonzero_params"] < 0.75 * by["pruned"]["params"]
+    assert by[f"{best}-int8"]["bytes"] < 0.4 * by[best]["bytes"]
+    report = (smoke / "report.md").read_text()
+    for r in rows:
+        assert f"| {r['model']} |" in report
+        assert (smoke / "figures" / f"grid-{r['model']}.png").is_file()
+    assert "10.75" in report  # the study's own numbers sit beside ours
+    for fig in ("quality_vs_size.png", "quality_vs_latency.png", "class_balance.png"):
+        assert (smoke / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rerun_skips_finished_stages(smoke, monkeypatch, capsys):
+    def no_training(*a, **k):
+        raise AssertionError("a finished stage was trained again")
+
+    monkeypatch.setattr(train_mod, "train", no_training)
+    before = (smoke / "results.json").read_text()
+    assert main(["study", "--preset", "smoke", "--out", str(smoke), "--no-progress"]) == 0
+    after = json.loads((smoke / "results.json").read_text())
+    assert [r["pseudo_fid"] for r in after] == [r["pseudo_fid"] for r in json.loads(before)]
+    assert "done" in capsys.readouterr().out
+
+
+def test_unfinished_training_stage_resumes(smoke, tmp_path, monkeypatch):
+    """A stage folder without stage.json (a killed run) is resumed, not restarted."""
+    import shutil
+
+    from minidiff.study import PRESETS, Study
+
+    out = tmp_path / "s"
+    shutil.copytree(smoke, out)
+    stage = next((out / "stages").glob("reduced-ft-*"))
+    (stage / "stage.json").unlink()
+    calls = []
+    real = train_mod.train
+
+    def spy(*a, **k):
+        calls.append(k.get("resume"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train", spy)
+    Study(PRESETS["smoke"], out, progress=False, log=lambda *_: None).run()
+    assert calls == [True]
+    assert (stage / "stage.json").is_file()
