@@ -174,6 +174,14 @@ def case_args(case, tmp, run, monkeypatch):
     if case == "samples-not-npz":
         (tmp / "s.npz").write_bytes(b"not a zip")
         return ["grid", t + "/s.npz", "--out", t + "/g.png"]
+    if case == "prune-nothing":
+        return ["prune", str(run), "--out", t + "/p"]
+    if case == "prune-ratio":
+        return ["prune", str(run), "--structured", "1.5", "--out", t + "/p"]
+    if case == "recipe-no-init":
+        return ["train", *TINY, "--recipe", "pruned", "--out", t + "/r"]
+    if case == "quantize-exists":
+        return ["quantize", str(run), "--out", str(run)]
     raise KeyError(case)
 
 
@@ -182,7 +190,8 @@ CASES = ["data-truncated", "data-checksum", "data-magic", "data-gzip", "data-mis
          "unknown-dataset", "bad-channels", "run-exists", "resume-nothing", "diverged",
          "disk-full", "no-cuda", "n-zero", "steps-too-many", "unknown-sampler", "out-not-npz",
          "ckpt-missing", "ckpt-no-weights", "ckpt-pickle", "ckpt-corrupt", "ckpt-mismatch",
-         "class-unconditional", "class-uneven", "samples-missing", "samples-dtype", "samples-shape", "samples-nan", "samples-not-npz"]
+         "class-unconditional", "class-uneven", "samples-missing", "samples-dtype", "samples-shape", "samples-nan", "samples-not-npz",
+         "prune-nothing", "prune-ratio", "recipe-no-init", "quantize-exists"]
 
 
 def test_doc_lists_exactly_the_tested_cases():

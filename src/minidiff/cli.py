@@ -297,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", required=True,
                     help="study folder; re-running the same command resumes it")
     st.add_argument("--no-progress", action="store_true", help="no progress bars")
+    st.add_argument("--export", metavar="DIR",
+                    help="after the study, copy its models to DIR (e.g. models/) by name")
     return p
 
 
@@ -566,6 +568,11 @@ def cmd_study(args) -> int:
         print(f"{r['model']:>14}  params {r['params']:>9,}  {r['size_mb']:6.2f} MiB  "
               f"pseudo-FID {r['pseudo_fid']:7.3f}  10k {r['latency_10k_s']:7.1f} s")
     print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
+    if args.export:
+        from .study import export
+
+        names = export(args.out, args.export)
+        print(f"exported {', '.join(names)} to {args.export}")
     return 0
 
 

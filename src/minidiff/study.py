@@ -263,6 +263,42 @@ class Study:
         return rows
 
 
+def export(study_dir: str | Path, dest: str | Path, *, fp16_tolerance: float = 0.02) -> list[str]:
+    """Copy a finished study's models into ``dest`` (the repository's ``models/``) under their
+    row names: ``baseline``, ``pruned``, ``reduced``, ``shallow`` in fp16 storage when the
+    study's own fp16 row stayed within ``fp16_tolerance`` (relative pseudo-FID) of its float
+    row, else as trained; and the int8 model as evaluated. Returns the names written."""
+    import shutil
+
+    from .compress import quantize_checkpoint
+
+    study_dir, dest = Path(study_dir), Path(dest)
+    try:
+        rows = {r["model"]: r for r in json.loads((study_dir / "results.json").read_text())}
+    except (OSError, ValueError) as e:
+        raise MinidiffError(f"{study_dir}: no readable results.json ({e}); finish the study "
+                            "first (re-run the same `minidiff study` command)")
+    best = next(iter(rows.values()))["best"]
+    fp16_ok = abs(rows[f"{best}-fp16"]["pseudo_fid"] / rows[best]["pseudo_fid"] - 1) \
+        <= fp16_tolerance
+    written = []
+    for name in (*ARCH, f"{best}-int8"):
+        src = study_dir / rows[name]["checkpoint"]
+        target = dest / name
+        tmp = dest / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if fp16_ok and name in ARCH:
+            quantize_checkpoint(src, tmp, mode="fp16")
+        else:
+            tmp.mkdir(parents=True)
+            for f in ("model.safetensors", "config.json"):
+                shutil.copyfile(src / f, tmp / f)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        written.append(name)
+    return written
+
+
 def environment() -> dict:
     import platform
 
