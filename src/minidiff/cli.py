@@ -297,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", required=True,
                     help="study folder; re-running the same command resumes it")
     st.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sv = sub.add_parser("serve", help="a local web page to sample the shipped models",
+                        epilog="example:\n  minidiff serve            # then open "
+                        "http://127.0.0.1:7860", formatter_class=fmt)
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=_positive_int, default=7860)
+    sv.add_argument("--max-seconds", type=_positive_float, default=60.0,
+                    help="stop one request's sampling after this long (default 60)")
     st.add_argument("--export", metavar="DIR",
                     help="after the study, copy its models to DIR (e.g. models/) by name")
     return p
@@ -576,7 +584,15 @@ def cmd_study(args) -> int:
     return 0
 
 
-COMMANDS = {"bench": cmd_bench, "prune": cmd_prune, "quantize": cmd_quantize,
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    print(f"minidiff serve: http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    serve(args.host, args.port, args.max_seconds)
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "serve": cmd_serve, "prune": cmd_prune, "quantize": cmd_quantize,
             "study": cmd_study, "data": cmd_data, "models": cmd_models, "train": cmd_train,
             "sample": cmd_sample,
             "grid": cmd_grid, "classifier": cmd_classifier, "eval": cmd_eval,

@@ -49,9 +49,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def save_grid(images, path: str | os.PathLike, nrow: int | None = None, pad: int = 2,
-              scale: int = 2) -> None:
-    """Save uint8 images ``[N x H x W]`` as one PNG grid (``nrow`` per row, default ~sqrt N)."""
+def grid_png(images, nrow: int | None = None, pad: int = 2, scale: int = 2) -> bytes:
+    """uint8 images ``[N x H x W]`` -> the bytes of one PNG grid (``nrow`` per row, default
+    ~sqrt N), upscaled ``scale`` times (nearest)."""
     import io as _io
     import math
 
@@ -73,4 +73,10 @@ def save_grid(images, path: str | os.PathLike, nrow: int | None = None, pad: int
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     buf = _io.BytesIO()
     img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_grid(images, path: str | os.PathLike, nrow: int | None = None, pad: int = 2,
+              scale: int = 2) -> None:
+    """Save uint8 images ``[N x H x W]`` as one PNG grid (see :func:`grid_png`)."""
+    atomic_write_bytes(path, grid_png(images, nrow, pad, scale))

@@ -1,0 +1,218 @@
+"""``minidiff serve``: a small local web page over the shipped models (Starlette + uvicorn).
+
+Pick a model, sampler, step count, class and guidance (conditional models), seed and number of
+images; see the grid, the denoising trajectory of the first image, the latency, and the model's
+parameters and size. Why not Gradio: measured here, it installs 54 packages (367 MB) and takes
+~4 s to import, against 9 packages and ~0.3 s for Starlette + uvicorn
+(``benchmarks/results/serve_choice.md``).
+
+Safety: binds to 127.0.0.1 unless told otherwise; the client names a shipped model, never a
+path; every field is validated on the server (type and range) and a bad one is answered with
+HTTP 422 and one line saying which field and what is allowed; one request at a time, and each
+is stopped after ``max_seconds`` of network evaluations (HTTP 408).
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+MAX_IMAGES = 64
+MAX_STEPS = 1000
+MAX_GUIDANCE = 10.0
+TRAJECTORY_FRAMES = 8
+
+
+class RequestError(ValueError):
+    """A request field out of type or range: one line for the page."""
+
+
+class Deadline(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Request:
+    model: str
+    sampler: str
+    steps: int
+    n: int
+    seed: int
+    cls: int | None
+    guidance: float | None
+
+    @classmethod
+    def parse(cls, body: dict, models: dict[str, dict]) -> "Request":
+        """Validate a JSON body; raises :class:`RequestError` naming the field and the fix."""
+        from .samplers import SAMPLERS
+
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+
+        def integer(name, lo, hi, default=None):
+            v = body.get(name, default)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise RequestError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+            return v
+
+        model = body.get("model")
+        if model not in models:
+            raise RequestError(f"model must be one of {', '.join(models)}, got {model!r}")
+        sampler = body.get("sampler", "dpmpp-sde")
+        if sampler not in SAMPLERS:
+            raise RequestError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        steps = integer("steps", 1, MAX_STEPS, 8)
+        n = integer("n", 1, MAX_IMAGES, 16)
+        seed = integer("seed", 0, 2**31 - 1, 0)
+        info = models[model]
+        c, g = body.get("class"), body.get("guidance")
+        if info["conditional"]:
+            c = integer("class", 0, info["num_classes"] - 1) if c is not None else None
+            if g is not None:
+                if isinstance(g, bool) or not isinstance(g, (int, float)) or \
+                        not 0 <= g <= MAX_GUIDANCE:
+                    raise RequestError(f"guidance must be a number in 0..{MAX_GUIDANCE:g}, "
+                                       f"got {g!r}")
+                g = float(g)
+            if c is None:
+                g = None
+            elif g is None:
+                from .sampling import DEFAULT_GUIDANCE
+
+                g = DEFAULT_GUIDANCE
+        elif c is not None or g is not None:
+            raise RequestError(f"{model} is unconditional: class and guidance need a "
+                               "conditional model (e.g. reduced-cond)")
+        return cls(model, sampler, steps, n, seed, c, g)
+
+
+def _png(images: np.ndarray, nrow: int) -> str:
+    """uint8 ``[N x H x W]`` -> a base64 PNG grid, as `minidiff grid` draws it."""
+    from .io import grid_png
+
+    return base64.b64encode(grid_png(images, nrow=nrow)).decode()
+
+
+class Generator:
+    """Loads shipped models once and runs one request at a time."""
+
+    def __init__(self, max_seconds: float = 60.0):
+        from .checkpoint import shipped_models
+
+        self.max_seconds = max_seconds
+        self.lock = threading.Lock()
+        self._models: dict[str, tuple] = {}
+        self.info: dict[str, dict] = {}
+        for name in shipped_models():
+            self.info[name] = self._describe(name)
+
+    def _describe(self, name: str) -> dict:
+        from .checkpoint import resolve
+
+        model, config = self._load(name)
+        weights, _ = resolve(name)
+        from .unet import count_params
+
+        return {"params": count_params(model), "size_mb": round(weights.stat().st_size / 2**20, 2),
+                "conditional": bool(model.config.num_classes),
+                "num_classes": model.config.num_classes or 0,
+                "dataset": config.get("train", {}).get("dataset", "mnist")}
+
+    def _load(self, name: str):
+        if name not in self._models:
+            from .checkpoint import load_checkpoint
+
+            model, config, _ = load_checkpoint(name)
+            self._models[name] = (model, config)
+        return self._models[name]
+
+    def run(self, req: Request) -> dict:
+        import torch
+
+        from .samplers import generate, to_uint8
+        from .sampling import sampling_schedule
+        from .train import resolve_precision
+
+        model, config = self._load(req.model)
+        sched, steps = sampling_schedule(config, req.steps, "trailing")
+        frames: list[np.ndarray] = []
+        stop_at = time.perf_counter() + self.max_seconds
+
+        def watch(state):
+            frames.append(to_uint8(state["x"][:1]).cpu().numpy()[0, 0])
+            if time.perf_counter() > stop_at:
+                raise Deadline
+
+        y = None if req.cls is None else torch.full((req.n,), req.cls, dtype=torch.long)
+        with self.lock:
+            t0 = time.perf_counter()
+            try:
+                images = generate(model, sched, req.n, sampler=req.sampler, seed=req.seed,
+                                  batch_size=MAX_IMAGES, y=y, guidance=req.guidance,
+                                  precision=resolve_precision("auto", torch.device("cpu")),
+                                  callback=watch)
+            except Deadline:
+                raise RequestError(f"stopped after {self.max_seconds:g} s: ask for fewer "
+                                   "steps or images") from None
+            seconds = time.perf_counter() - t0
+        pick = np.linspace(0, len(frames) - 1, min(TRAJECTORY_FRAMES, len(frames))).round()
+        strip = np.stack([frames[int(k)] for k in pick])
+        return {"grid": _png(images.numpy(), nrow=min(8, req.n)),
+                "trajectory": _png(strip, nrow=len(strip)),
+                "latency_s": round(seconds, 3), "n": req.n, "steps": steps,
+                "sampler": req.sampler, "model": req.model, **self.info[req.model],
+                "class": req.cls, "guidance": req.guidance, "seed": req.seed}
+
+
+def create_app(max_seconds: float = 60.0):
+    from starlette.applications import Starlette
+    from starlette.requests import Request as HTTPRequest
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+    from starlette.concurrency import run_in_threadpool
+
+    gen = Generator(max_seconds)
+    page = resources.files("minidiff").joinpath("assets/serve.html").read_text()
+
+    async def index(_):
+        return HTMLResponse(page)
+
+    async def models(_):
+        from .samplers import SAMPLERS
+
+        return JSONResponse({"models": gen.info, "samplers": list(SAMPLERS),
+                             "limits": {"n": MAX_IMAGES, "steps": MAX_STEPS,
+                                        "guidance": MAX_GUIDANCE}})
+
+    async def generate(request: HTTPRequest):
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "the request body must be JSON"}, status_code=422)
+        try:
+            req = Request.parse(body, gen.info)
+        except RequestError as e:
+            return JSONResponse({"error": str(e)}, status_code=422)
+        try:
+            return JSONResponse(await run_in_threadpool(gen.run, req))
+        except RequestError as e:
+            return JSONResponse({"error": str(e)}, status_code=408)
+
+    return Starlette(routes=[Route("/", index), Route("/api/models", models),
+                             Route("/api/generate", generate, methods=["POST"])])
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, max_seconds: float = 60.0) -> None:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        from .errors import MinidiffError
+
+        raise MinidiffError("minidiff serve needs its extra: pip install 'minidiff[serve]'")
+    uvicorn.run(create_app(max_seconds), host=host, port=port, log_level="warning")
