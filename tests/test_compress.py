@@ -125,7 +125,6 @@ def test_fine_tuning_keeps_the_zeros_and_resumes(tmp_path, trained):
     assert not torch.equal(ft.state_dict()[names[3]], p0.state_dict()[names[3]])
     # the raw (non-EMA) weights in the training state are masked too
     from minidiff.checkpoint import load_state
-    from minidiff.train import ema_update  # noqa: F401
 
     raw = UNet(ft.config)
     opt = torch.optim.AdamW(raw.parameters())

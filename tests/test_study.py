@@ -76,3 +76,17 @@ def test_unfinished_training_stage_resumes(smoke, tmp_path, monkeypatch):
     Study(PRESETS["smoke"], out, progress=False, log=lambda *_: None).run()
     assert calls == [True]
     assert (stage / "stage.json").is_file()
+
+
+def test_readme_table_is_the_committed_results_json():
+    """The README's study table is generated from results/study/results.json, not typed."""
+    from pathlib import Path
+
+    from minidiff.report import readme_table
+
+    root = Path(__file__).resolve().parents[1]
+    rows = json.loads((root / "results" / "study" / "results.json").read_text())
+    assert readme_table(rows) in (root / "README.md").read_text()
+    # and the shipped models are the study's, by name
+    for name in ("baseline", "pruned", "reduced", "shallow", f"{rows[0]['best']}-int8"):
+        assert (root / "models" / name / "model.safetensors").is_file(), name

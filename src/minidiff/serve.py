@@ -208,11 +208,12 @@ def create_app(max_seconds: float = 60.0):
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, max_seconds: float = 60.0) -> None:
-    try:
-        import starlette  # noqa: F401
-        import uvicorn
-    except ImportError:
+    from importlib.util import find_spec
+
+    if find_spec("starlette") is None or find_spec("uvicorn") is None:
         from .errors import MinidiffError
 
         raise MinidiffError("minidiff serve needs its extra: pip install 'minidiff[serve]'")
+    import uvicorn
+
     uvicorn.run(create_app(max_seconds), host=host, port=port, log_level="warning")

@@ -168,8 +168,6 @@ class Study:
 
     def evaluate(self, model_name: str, checkpoint: Path) -> dict:
         """Sample ``n`` images (timed, after a warm-up batch) and evaluate them -> one row."""
-        import torch
-
         from .checkpoint import load_checkpoint, resolve
         from .io import save_grid
         from .metrics import evaluate
