@@ -87,6 +87,11 @@ def test_readme_table_is_the_committed_results_json():
     root = Path(__file__).resolve().parents[1]
     rows = json.loads((root / "results" / "study" / "results.json").read_text())
     assert readme_table(rows) in (root / "README.md").read_text()
-    # and the shipped models are the study's, by name
+    # and the shipped models are the study's, by name: an fp16 copy of the evaluated weights
+    # (which records their SHA-256), or the evaluated file itself
+    by = {r["model"]: r for r in rows}
     for name in ("baseline", "pruned", "reduced", "shallow", f"{rows[0]['best']}-int8"):
-        assert (root / "models" / name / "model.safetensors").is_file(), name
+        cfg = json.loads((root / "models" / name / "config.json").read_text())
+        source = cfg["quantized"]["from_sha256"] if cfg["storage"].get("half") and \
+            not cfg["storage"].get("int8") else cfg["model_sha256"]
+        assert source == by[name]["checkpoint_sha256"], name

@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="the whole compression study, resumable, with a report",
                         epilog=EXAMPLES["study"], formatter_class=fmt)
     st.add_argument("--preset", choices=list(STUDY_PRESETS), default="smoke",
-                    help="smoke ~1 min, quick <= 30 min, standard ~75 min (2-core CPU), "
+                    help="smoke ~1 min, quick <= 30 min, standard ~90 min (2-core CPU), "
                          "paper: the study's epochs, for a GPU")
     st.add_argument("--dataset", choices=list(DATASETS), default="mnist")
     st.add_argument("--data-dir", help="folder holding the dataset's IDX files")

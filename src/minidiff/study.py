@@ -70,7 +70,7 @@ PRESETS: dict[str, StudyConfig] = {
                          checkpoint_every=50),
     # at most ~30 min on a 2-core CPU
     "quick": StudyConfig("quick", base_epochs=1.0, n=1000),
-    # ~75 min on a 2-core CPU (resumable); 10,000 samples per model
+    # ~90 min on a 2-core CPU (resumable); 10,000 samples per model
     "standard": StudyConfig("standard", base_epochs=3.0, n=10_000),
     # the study's epochs (50 / 20 / 10 / 20): meant for a GPU
     "paper": StudyConfig("paper", base_epochs=50.0, n=10_000, checkpoint_every=2000),
