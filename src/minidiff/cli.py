@@ -37,7 +37,7 @@ EXAMPLES = {
     "study": (
         "examples:\n"
         "  minidiff study --preset smoke --out runs/study-smoke     # about a minute\n"
-        "  minidiff study --preset standard --out runs/study   # ~75 min; re-run to resume"
+        "  minidiff study --preset standard --out runs/study   # ~90 min; re-run to resume"
     ),
     "sample": (
         "examples:\n"

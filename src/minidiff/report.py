@@ -132,15 +132,16 @@ def _discussion(rows: dict[str, dict], best: str) -> list[str]:
 
 def readme_table(rows: list[dict]) -> str:
     """The README's results table, generated from ``results.json`` (a test checks that the
-    README holds exactly this text)."""
+    README holds exactly this text). The study's column appears for MNIST only."""
     from .study import STUDY_TABLE
 
     m = rows[0]
+    mnist = m["dataset"] == "mnist"
     lines = [
         f"<!-- study-table: {m['preset']} preset, {m['dataset']}, {m['cpu']}, {m['date']} -->",
         "| model | params | size (MiB) | stored as | pseudo-FID | SSIM | precision / recall | "
-        "10k samples | study: params / MB / FID / s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "10k samples |" + (" study: params / MB / FID / s |" if mnist else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if mnist else ""),
     ]
     for r in rows:
         st = STUDY_TABLE.get(r["model"])
@@ -148,10 +149,11 @@ def readme_table(rows: list[dict]) -> str:
                  f"{st['latency_10k_s']}" if st else "—")
         lines.append(f"| {r['model']} | {r['params']:,} | {r['size_mb']:.2f} | {r['storage']} | "
                      f"{r['pseudo_fid']:.3f} | {r['ssim']:.3f} | {r['precision']:.2f} / "
-                     f"{r['recall']:.2f} | {r['latency_10k_s']} s | {study} |")
+                     f"{r['recall']:.2f} | {r['latency_10k_s']} s |"
+                     + (f" {study} |" if mnist else ""))
     f = m["floor"]
     lines.append(f"| *real data (floor)* | | | | {f['pseudo_fid']:.3f} | {f['ssim']:.3f} | "
-                 f"{f['precision']:.2f} / {f['recall']:.2f} | | |")
+                 f"{f['precision']:.2f} / {f['recall']:.2f} | |" + (" |" if mnist else ""))
     return "\n".join(lines)
 
 
