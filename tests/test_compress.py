@@ -172,3 +172,11 @@ def test_prune_cli_writes_a_smaller_model(tmp_path, trained, capsys):
     assert rec["after"]["macs"] < rec["before"]["macs"]
     with pytest.raises(MinidiffError):
         prune_checkpoint(trained, tmp_path / "q")
+
+
+def test_fine_tuning_a_quantized_checkpoint_stores_float_again(tmp_path, trained):
+    quantize_checkpoint(trained, tmp_path / "q", mode="int8")
+    train(None, None, TrainConfig(steps=2, init=str(tmp_path / "q"), **FAST), tmp_path / "ft",
+          progress=False)
+    _, cfg, _ = load_checkpoint(tmp_path / "ft")
+    assert "storage" not in cfg and cfg["init_sha256"]

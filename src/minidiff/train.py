@@ -192,6 +192,11 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
         diff_cfg = DiffusionConfig.from_dict(init_config["diffusion"])
         carried = {k: init_config[k] for k in CARRIED if k in init_config}
         carried["init_sha256"] = init_sha
+        # keep the sparse layout (its zeros are kept in training); a fine-tuned model is stored
+        # in float again, not in the int8/fp16 layout its initial weights came in
+        sparse = (carried.pop("storage", None) or {}).get("sparse")
+        if sparse:
+            carried["storage"] = {"sparse": sparse}
     elif not resume:
         carried = {}
     storage = carried.get("storage")
