@@ -104,7 +104,8 @@ def _discussion(rows: dict[str, dict], best: str) -> list[str]:
         lines.append(
             f"- **Why shallow is slower.** The study saw shallow slower (81.6 s vs 57.6 s) "
             f"despite fewer parameters. {'Here too' if slower else 'Not here'}: "
-            f"{s['latency_10k_s']} s vs {b['latency_10k_s']} s. Parameters do not set the cost, MACs do: shallow runs "
+            f"{s['latency_10k_s']} s vs {b['latency_10k_s']} s. Parameters do not set the "
+            "cost, MACs do: shallow runs "
             f"64 channels at full 28x28 resolution and 128 at 14x14, {s['macs'] / 1e6:.0f}M "
             f"MACs per image vs baseline's {b['macs'] / 1e6:.0f}M "
             f"({s['macs'] / b['macs']:.1f}x).")

@@ -113,12 +113,11 @@ class Generator:
 
     def _describe(self, name: str) -> dict:
         from .checkpoint import resolve
-
-        model, config = self._load(name)
-        weights, _ = resolve(name)
         from .unet import count_params
 
-        return {"params": count_params(model), "size_mb": round(weights.stat().st_size / 2**20, 2),
+        model, config = self._load(name)
+        size = resolve(name)[0].stat().st_size
+        return {"params": count_params(model), "size_mb": round(size / 2**20, 2),
                 "conditional": bool(model.config.num_classes),
                 "num_classes": model.config.num_classes or 0,
                 "dataset": config.get("train", {}).get("dataset", "mnist")}
