@@ -1,19 +1,34 @@
-"""`minidiff serve`: server-side validation, and the page driven in a real headless Chromium."""
+"""`minidiff serve`: server-side validation, the body limit, one request at a time, and the page
+driven in a real headless Chromium.
+
+The HTTP tests talk to a real uvicorn server with `http.client` (Starlette's TestClient needs
+httpx, which the test extra does not install)."""
 
 import base64
+import http.client
 import io
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
-from minidiff.serve import Generator, Request, RequestError
+from minidiff.serve import (
+    BUSY,
+    MAX_BODY_BYTES,
+    GenerateRequest,
+    ModelPool,
+    RequestError,
+    create_app,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"reduced-cond": {"conditional": True, "num_classes": 10},
@@ -35,21 +50,21 @@ MODELS = {"reduced-cond": {"conditional": True, "num_classes": 10},
 ])
 def test_every_field_is_validated(body, field):
     with pytest.raises(RequestError, match=field):
-        Request.parse(body, MODELS)
+        GenerateRequest.parse(body, MODELS)
 
 
 def test_defaults_and_conditional_guidance():
-    r = Request.parse({"model": "reduced-cond", "class": 7}, MODELS)
+    r = GenerateRequest.parse({"model": "reduced-cond", "class": 7}, MODELS)
     assert (r.steps, r.n, r.seed, r.cls, r.guidance) == (8, 16, 0, 7, 1.5)
-    assert Request.parse({"model": "reduced-cond"}, MODELS).guidance is None
+    assert GenerateRequest.parse({"model": "reduced-cond"}, MODELS).guidance is None
 
 
 def test_one_request_is_bounded_in_time():
-    gen = Generator(max_seconds=0.01)
-    req = Request.parse({"model": "reduced-cond", "steps": 1000, "n": 64}, gen.info)
+    pool = ModelPool(max_seconds=0.01)
+    req = GenerateRequest.parse({"model": "reduced-cond", "steps": 1000, "n": 64}, pool.info)
     t0 = time.perf_counter()
     with pytest.raises(RequestError, match="stopped after"):
-        gen.run(req)
+        pool.run(req)
     assert time.perf_counter() - t0 < 5
 
 
@@ -86,11 +101,108 @@ def server():
     proc.wait(timeout=10)
 
 
+def _connect(url: str) -> http.client.HTTPConnection:
+    # a server that waited for bytes that never come would fail the test here, not hang it
+    return http.client.HTTPConnection(urlsplit(url).netloc, timeout=10)
+
+
+def _reply(conn: http.client.HTTPConnection) -> tuple[int, dict, str | None]:
+    r = conn.getresponse()
+    return r.status, json.loads(r.read()), r.getheader("connection")
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    conn = _connect(url)
+    conn.request("POST", "/api/generate", json.dumps(body),
+                 {"Content-Type": "application/json"})
+    return _reply(conn)[:2]
+
+
+def test_a_body_over_the_limit_is_refused_from_its_content_length(server):
+    conn = _connect(server)
+    conn.putrequest("POST", "/api/generate")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(10 * 2**20))
+    conn.endheaders()  # and no body: only the header can have refused it
+    status, data, connection = _reply(conn)
+    assert status == 413 and connection == "close"
+    assert data == {"error": "the request body is over the 64 KB limit: send only the form's "
+                             "JSON fields (model, sampler, steps, n, seed, class, guidance)"}
+
+
+def test_a_chunked_body_is_read_no_further_than_the_limit(server):
+    conn = _connect(server)
+    conn.putrequest("POST", "/api/generate")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    chunk = b" " * 16384
+    for _ in range(MAX_BODY_BYTES // len(chunk) + 1):
+        conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    # no closing chunk: a server that read on to the end of the body would never answer
+    status, data, connection = _reply(conn)
+    assert status == 413 and connection == "close"
+    assert "64 KB limit" in data["error"]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_at_the_limit_is_read(server, chunked):
+    body = json.dumps({"model": "nope"}).encode().ljust(MAX_BODY_BYTES)
+    conn = _connect(server)
+    conn.request("POST", "/api/generate", iter([body]) if chunked else body,
+                 {"Content-Type": "application/json"}, encode_chunked=chunked)
+    status, data, _ = _reply(conn)
+    assert status == 422 and data["error"].startswith("model must be one of")
+
+
+def test_a_second_request_while_one_runs_is_answered_busy_at_once(monkeypatch):
+    """The first request is held inside sampling on an Event, so the second one's answer cannot
+    come from waiting for it; then the first is released and completes."""
+    import uvicorn
+
+    from minidiff import samplers
+
+    started, release = threading.Event(), threading.Event()
+    sample = samplers.generate
+
+    def held(*args, **kwargs):
+        started.set()
+        release.wait(10)
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(samplers, "generate", held)
+    port = _free_port()
+    app = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    serving = threading.Thread(target=app.run, daemon=True)
+    serving.start()
+    url, body, first = f"http://127.0.0.1:{port}", {"model": "reduced", "n": 1, "steps": 1}, []
+    try:
+        for _ in range(100):
+            if app.started:
+                break
+            time.sleep(0.05)
+        running = threading.Thread(target=lambda: first.append(_post(url, body)))
+        running.start()
+        assert started.wait(10), "the first request never reached sampling"
+        assert _post(url, body) == (503, {"error": BUSY})
+        assert running.is_alive() and not first  # answered while the first still runs
+        release.set()
+        running.join(10)
+        status, data = first[0]
+        assert status == 200 and data["n"] == 1 and data["latency_s"] > 0
+        assert _post(url, body)[0] == 200  # and the server takes the next one
+    finally:
+        release.set()
+        app.should_exit = True
+        serving.join(10)
+
+
 @pytest.fixture(scope="module")
 def page(server):
     chromium = _chromium()
     if chromium is None:
-        if os.environ.get("CI"):
+        if os.environ.get("CI") or os.environ.get("MINIDIFF_SCREENSHOT"):
             pytest.fail("no Chromium: .ci/run installs the Debian package `chromium`")
         pytest.skip("no system Chromium (apt-get install chromium); CI installs it")
     from playwright.sync_api import sync_playwright
@@ -105,7 +217,10 @@ def page(server):
         browser.close()
 
 
-def test_browser_generates_the_requested_grid(page):
+def test_browser_generates_the_requested_grid(page, tmp_path):
+    """Also takes a screenshot into tmp_path. To refresh the README's docs/serve.png:
+    `make screenshot`, i.e. `MINIDIFF_SCREENSHOT=docs/serve.png pytest tests/test_serve.py -k
+    browser_generates` (copied there only once the checks below pass)."""
     from PIL import Image
 
     page.select_option("#model", "reduced-cond")
@@ -123,8 +238,13 @@ def test_browser_generates_the_requested_grid(page):
     latency = page.inner_text("#latency")
     assert latency.endswith(" s") and float(latency[:-2]) > 0
     assert "600,737 parameters" in page.inner_text("#stats")
-    assert page.inner_text("#error") == ""
-    page.screenshot(path=str(ROOT / "docs" / "serve.png"))
+    assert page.inner_text("#error") == "" and page.is_enabled("#generate")
+    shot = tmp_path / "serve.png"
+    page.screenshot(path=str(shot))
+    assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert Image.open(shot).size == (1000, 760) and shot.stat().st_size > 20_000
+    if os.environ.get("MINIDIFF_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["MINIDIFF_SCREENSHOT"])
 
 
 def test_browser_shows_a_clear_error_for_out_of_range_values(page):

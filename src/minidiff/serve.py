@@ -7,14 +7,25 @@ parameters and size. Why not Gradio: measured here, it installs 54 packages (367
 (``benchmarks/results/serve_choice.md``).
 
 Safety: binds to 127.0.0.1 unless told otherwise; the client names a shipped model, never a
-path; every field is validated on the server (type and range) and a bad one is answered with
-HTTP 422 and one line saying which field and what is allowed; one request at a time, and each
-is stopped after ``max_seconds`` of network evaluations (HTTP 408).
+path; a request body over ``MAX_BODY_BYTES`` (64 KB; the form sends a few hundred bytes) is
+refused with HTTP 413, from its Content-Length before reading anything, and a body without one
+is read no further than the limit; every field is validated on the server (type and range) and
+a bad one is answered with HTTP 422 and one line saying which field and what is allowed; each
+request is stopped after ``max_seconds`` of network evaluations (HTTP 408).
+
+One request at a time: sampling already spreads over the CPU's cores (torch's threads), so
+a second one at once would only slow both. A second ``/api/generate`` while one runs is
+answered at once with HTTP 503 and one line (``busy: ...``) instead of waiting for the lock: a
+queued request would wait up to ``max_seconds`` per request ahead of it, past its client's
+patience, with nothing on the page to say why. 503 rather than 429 because the limit is the
+server's capacity, not this client's rate (429 means "you sent too many"; the busy request may
+be another tab's first).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -25,11 +36,26 @@ import numpy as np
 MAX_IMAGES = 64
 MAX_STEPS = 1000
 MAX_GUIDANCE = 10.0
+MAX_BODY_BYTES = 64 * 1024
 TRAJECTORY_FRAMES = 8
+BUSY = "busy: one request runs at a time; retry when it finishes"
 
 
 class RequestError(ValueError):
     """A request field out of type or range: one line for the page."""
+
+
+class BodyTooLarge(RequestError):
+    """A request body over :data:`MAX_BODY_BYTES` (HTTP 413)."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"the request body is over the {limit // 1024} KB limit: send only "
+                         "the form's JSON fields (model, sampler, steps, n, seed, class, "
+                         "guidance)")
+
+
+class Busy(RuntimeError):
+    """Another request is sampling (HTTP 503)."""
 
 
 class Deadline(Exception):
@@ -37,7 +63,9 @@ class Deadline(Exception):
 
 
 @dataclass(frozen=True)
-class Request:
+class GenerateRequest:
+    """One validated ``/api/generate`` body."""
+
     model: str
     sampler: str
     steps: int
@@ -47,7 +75,7 @@ class Request:
     guidance: float | None
 
     @classmethod
-    def parse(cls, body: dict, models: dict[str, dict]) -> "Request":
+    def parse(cls, body: dict, models: dict[str, dict]) -> "GenerateRequest":
         """Validate a JSON body; raises :class:`RequestError` naming the field and the fix."""
         from .samplers import SAMPLERS
 
@@ -98,8 +126,8 @@ def _png(images: np.ndarray, nrow: int) -> str:
     return base64.b64encode(grid_png(images, nrow=nrow)).decode()
 
 
-class Generator:
-    """Loads shipped models once and runs one request at a time."""
+class ModelPool:
+    """Loads the shipped models once and samples one request at a time."""
 
     def __init__(self, max_seconds: float = 60.0):
         from .checkpoint import shipped_models
@@ -130,17 +158,27 @@ class Generator:
             self._models[name] = (model, config)
         return self._models[name]
 
-    def run(self, req: Request) -> dict:
+    def run(self, req: GenerateRequest) -> dict:
+        """Sample ``req``; raises :class:`Busy` at once if another request is sampling."""
+        if not self.lock.acquire(blocking=False):
+            raise Busy(BUSY)
+        try:
+            return self._sample(req)
+        finally:
+            self.lock.release()
+
+    def _sample(self, req: GenerateRequest) -> dict:
         import torch
 
+        from .runtime import resolve_precision
         from .samplers import generate, to_uint8
         from .sampling import sampling_schedule
-        from .train import resolve_precision
 
         model, config = self._load(req.model)
         sched, steps = sampling_schedule(config, req.steps, "trailing")
         frames: list[np.ndarray] = []
-        stop_at = time.perf_counter() + self.max_seconds
+        t0 = time.perf_counter()
+        stop_at = t0 + self.max_seconds
 
         def watch(state):
             frames.append(to_uint8(state["x"][:1]).cpu().numpy()[0, 0])
@@ -148,17 +186,15 @@ class Generator:
                 raise Deadline
 
         y = None if req.cls is None else torch.full((req.n,), req.cls, dtype=torch.long)
-        with self.lock:
-            t0 = time.perf_counter()
-            try:
-                images = generate(model, sched, req.n, sampler=req.sampler, seed=req.seed,
-                                  batch_size=MAX_IMAGES, y=y, guidance=req.guidance,
-                                  precision=resolve_precision("auto", torch.device("cpu")),
-                                  callback=watch)
-            except Deadline:
-                raise RequestError(f"stopped after {self.max_seconds:g} s: ask for fewer "
-                                   "steps or images") from None
-            seconds = time.perf_counter() - t0
+        try:
+            images = generate(model, sched, req.n, sampler=req.sampler, seed=req.seed,
+                              batch_size=MAX_IMAGES, y=y, guidance=req.guidance,
+                              precision=resolve_precision("auto", torch.device("cpu")),
+                              callback=watch)
+        except Deadline:
+            raise RequestError(f"stopped after {self.max_seconds:g} s: ask for fewer "
+                               "steps or images") from None
+        seconds = time.perf_counter() - t0
         pick = np.linspace(0, len(frames) - 1, min(TRAJECTORY_FRAMES, len(frames))).round()
         strip = np.stack([frames[int(k)] for k in pick])
         return {"grid": _png(images.numpy(), nrow=min(8, req.n)),
@@ -168,15 +204,32 @@ class Generator:
                 "class": req.cls, "guidance": req.guidance, "seed": req.seed}
 
 
+async def read_body(request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """A Starlette request's body; raises :class:`BodyTooLarge` past ``limit`` bytes, from the
+    Content-Length before reading anything, else after reading at most one chunk past it."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(limit)
+    return bytes(body)
+
+
 def create_app(max_seconds: float = 60.0):
     from starlette.applications import Starlette
-    from starlette.requests import Request as HTTPRequest
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
-    from starlette.concurrency import run_in_threadpool
 
-    gen = Generator(max_seconds)
+    pool = ModelPool(max_seconds)
     page = resources.files("minidiff").joinpath("assets/serve.html").read_text()
+
+    def error(message: str, status: int, **headers) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
 
     async def index(_):
         return HTMLResponse(page)
@@ -184,23 +237,28 @@ def create_app(max_seconds: float = 60.0):
     async def models(_):
         from .samplers import SAMPLERS
 
-        return JSONResponse({"models": gen.info, "samplers": list(SAMPLERS),
+        return JSONResponse({"models": pool.info, "samplers": list(SAMPLERS),
                              "limits": {"n": MAX_IMAGES, "steps": MAX_STEPS,
                                         "guidance": MAX_GUIDANCE}})
 
-    async def generate(request: HTTPRequest):
+    async def generate(request: Request):
         try:
-            body = await request.json()
+            body = json.loads(await read_body(request))
+        except BodyTooLarge as e:
+            # the rest of the body is never read, so the connection cannot be reused
+            return error(str(e), 413, connection="close")
         except ValueError:
-            return JSONResponse({"error": "the request body must be JSON"}, status_code=422)
+            return error("the request body must be JSON", 422)
         try:
-            req = Request.parse(body, gen.info)
+            req = GenerateRequest.parse(body, pool.info)
         except RequestError as e:
-            return JSONResponse({"error": str(e)}, status_code=422)
+            return error(str(e), 422)
         try:
-            return JSONResponse(await run_in_threadpool(gen.run, req))
+            return JSONResponse(await run_in_threadpool(pool.run, req))
+        except Busy as e:
+            return error(str(e), 503)
         except RequestError as e:
-            return JSONResponse({"error": str(e)}, status_code=408)
+            return error(str(e), 408)
 
     return Starlette(routes=[Route("/", index), Route("/api/models", models),
                              Route("/api/generate", generate, methods=["POST"])])
