@@ -1,35 +1,44 @@
 """Which CPU execution choices pay for the sampler's network: one factor at a time.
 
-Run: .venv/bin/python benchmarks/cpu_choices.py [--presets reduced baseline]
-  -> benchmarks/results/cpu_choices.{json,md}
+Run: .venv/bin/python benchmarks/cpu_choices.py [--presets reduced baseline] [--precision P]
+  -> benchmarks/results/cpu_choices[-fp32].{json,md}
 
-From a base setting (bf16 autocast, NCHW, batch 256, all threads, torch.inference_mode, eager)
-each row changes one factor and measures forward passes per second of an untrained U-Net at
-t = 500 (the network's speed does not depend on its weights): the median of 10 timed passes
-after 2 warm-ups. torch.compile's one-off compile time is reported beside its speed.
+From a base setting (the precision `--precision auto` picks here, or the one given; NCHW, batch
+256, all threads, torch.inference_mode, eager, oneDNN on) each row changes one factor and
+measures forward passes per second of an untrained U-Net at t = 500 (the network's speed does
+not depend on its weights): the median of 10 timed passes after 2 warm-ups. torch.compile's
+one-off compile time is reported beside its speed.
 """
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from minidiff.demo import cpu_name  # noqa: E402
+from minidiff.runtime import autocast_context, environment, environment_line, resolve_precision  # noqa: E402
 from minidiff.unet import PRESETS, UNet  # noqa: E402
 
-BASE = {"precision": "bf16", "layout": "nchw", "batch": 256, "threads": torch.get_num_threads(),
-        "grad": "inference_mode", "compile": False}
-VARIANTS = [{}, {"precision": "fp32"}, {"layout": "channels_last"},
-            {"precision": "fp32", "layout": "channels_last"}, {"batch": 64}, {"batch": 1024},
-            {"threads": 1}, {"grad": "no_grad"}, {"compile": True}]
+ap = argparse.ArgumentParser()
+ap.add_argument("--presets", nargs="+", default=["reduced", "baseline"])
+ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+ap.add_argument("--tag", default="", help="suffix of the result files, e.g. the CPU class")
+args = ap.parse_args()
+PRECISION = resolve_precision(args.precision, torch.device("cpu"))
+BASE = {"precision": PRECISION, "layout": "nchw", "batch": 256,
+        "threads": torch.get_num_threads(), "grad": "inference_mode", "compile": False,
+        "onednn": True}
+OTHER = "fp32" if PRECISION == "bf16" else "bf16"
+VARIANTS = [{}, {"layout": "channels_last"}, {"batch": 64}, {"batch": 128}, {"batch": 512},
+            {"batch": 1024}, {"threads": 1}, {"grad": "no_grad"}, {"onednn": False},
+            {"compile": True}]
+if OTHER == "fp32" or environment()["bf16_native"]:  # emulated bf16 is never timed
+    VARIANTS.insert(1, {"precision": OTHER})
 
 
 def measure(preset: str, s: dict) -> dict:
@@ -45,9 +54,8 @@ def measure(preset: str, s: dict) -> dict:
     if s["compile"]:
         model = torch.compile(model, dynamic=False)
     grad = torch.inference_mode() if s["grad"] == "inference_mode" else torch.no_grad()
-    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if s["precision"] == "bf16"
-           else contextlib.nullcontext())
-    with grad, amp:
+    amp = autocast_context("cpu", s["precision"])
+    with grad, amp, torch.backends.mkldnn.flags(enabled=s["onednn"]):
         t0 = time.perf_counter()
         model(x, t)
         if s["compile"]:
@@ -63,11 +71,7 @@ def measure(preset: str, s: dict) -> dict:
             "compile_s": compile_s}
 
 
-ap = argparse.ArgumentParser()
-ap.add_argument("--presets", nargs="+", default=["reduced", "baseline"])
-args = ap.parse_args()
-res = {"date": str(date.today()), "cpu": cpu_name(), "torch": torch.__version__, "base": BASE,
-       "rows": []}
+res = {**environment(), "base": BASE, "rows": []}
 for preset in args.presets:
     for v in VARIANTS:
         s = {**BASE, **v}
@@ -80,9 +84,9 @@ for r in res["rows"]:
     r["vs_base"] = round(r["img_per_s"] / base["img_per_s"], 2)
 
 out = Path(__file__).resolve().parent / "results"
-(out / "cpu_choices.json").write_text(json.dumps(res, indent=2) + "\n")
-lines = [f"# CPU execution choices for the sampler's network ({res['date']}, {res['cpu']}, "
-         f"torch {res['torch']})", "",
+name = "cpu_choices" + (f"-{args.tag}" if args.tag else "")
+(out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+lines = [f"# CPU execution choices for the sampler's network ({environment_line(res)})", "",
          "Base: " + ", ".join(f"{k}={v}" for k, v in BASE.items()) + ". Each row changes one "
          "factor; forward passes per second (images/s at one network evaluation), median of 10.",
          "", "| preset | change | img/s | vs base | compile time (s) |", "|---|---|---|---|---|"]
@@ -90,6 +94,7 @@ for r in res["rows"]:
     lines.append(f"| {r['preset']} | {r['change']} | {r['img_per_s']} | {r['vs_base']}x | "
                  f"{r['compile_s'] if r['compile_s'] is not None else ''} |")
 lines += ["", f"Command: `.venv/bin/python benchmarks/cpu_choices.py --presets "
-          f"{' '.join(args.presets)}`"]
-(out / "cpu_choices.md").write_text("\n".join(lines) + "\n")
+          f"{' '.join(args.presets)} --precision {args.precision}"
+          + (f" --tag {args.tag}" if args.tag else "") + "`"]
+(out / f"{name}.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))

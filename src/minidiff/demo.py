@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import time
 from datetime import datetime, timezone
@@ -16,8 +15,9 @@ from .diffusion import DiffusionConfig
 from .errors import MinidiffError
 from .io import atomic_write_text
 from .metrics import MIN_SAMPLES, evaluate
+from .runtime import cpu_name, resolve_device, resolve_precision
 from .sampling import load_samples, sample_to_file
-from .train import TrainConfig, resolve_device, resolve_precision, train
+from .train import TrainConfig, train
 from .unet import PRESETS, UNet, count_params
 
 # The demo's budget: ~7 minutes of training at ~600 images/s (bf16, 2 EPYC cores), then
@@ -26,16 +26,6 @@ DEMO_PRESET = "reduced"
 DEMO_TRAIN = TrainConfig(steps=2500, batch_size=128, lr=2e-3, warmup_steps=200,
                          checkpoint_every=250)
 DEMO_SAMPLE_STEPS = 1000
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, n: int = 100,

@@ -8,10 +8,9 @@ import time
 import torch
 
 from .checkpoint import load_checkpoint, resolve
-from .demo import cpu_name
+from .runtime import cpu_name, resolve_device, resolve_precision
 from .samplers import generate
 from .sampling import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, sampling_schedule
-from .train import resolve_device, resolve_precision
 from .unet import count_macs, count_params
 
 

@@ -8,13 +8,13 @@ writing one function here and adding it to :data:`SAMPLERS`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Callable
 
 import torch
 
 from .diffusion import Schedule, gather
+from .runtime import autocast_context
 
 
 @torch.no_grad()
@@ -196,13 +196,6 @@ class CompiledOrEager(torch.nn.Module):
                 (self.warn or print)(f"note: torch.compile failed ({msg}); running eagerly")
                 x, t, y = x[:n], t[:n], None if y is None else y[:n]
         return self.model(x, t, y)
-
-
-def autocast_context(device: torch.device, precision: str):
-    """bf16 autocast when asked for, else a no-op context."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def generate(model, sched: Schedule, n: int, *, sampler: str = "ddpm", seed: int = 0,

@@ -14,8 +14,8 @@ from .checkpoint import load_checkpoint
 from .diffusion import DiffusionConfig, Schedule
 from .errors import MinidiffError
 from .io import atomic_write_bytes, atomic_write_text, save_grid
+from .runtime import resolve_device, resolve_precision
 from .samplers import SAMPLERS, generate
-from .train import resolve_device, resolve_precision
 
 
 def save_samples(path: str | Path, images: np.ndarray, meta: dict,
@@ -51,7 +51,8 @@ def load_samples(path: str | Path, image_size: int = 28) -> np.ndarray:
     except MinidiffError:
         raise
     except (OSError, ValueError, EOFError) as e:
-        raise MinidiffError(f"{path}: not a readable .npz ({str(e).splitlines()[0]}); {fix}")
+        first = str(e).splitlines()[0]
+        raise MinidiffError(f"{path}: not a readable .npz ({first}); {fix}") from None
     if images.ndim == 4 and images.shape[1] == 1:
         images = images[:, 0]
     if images.ndim != 3 or images.shape[1:] != (image_size, image_size) or len(images) == 0:
@@ -91,7 +92,7 @@ def sampling_schedule(config: dict, steps: int | None, spacing: str = "uniform")
     try:
         return Schedule.from_config(diff_cfg).respace(steps, spacing), steps
     except ValueError as e:
-        raise MinidiffError(f"--spacing {spacing}: {e}")
+        raise MinidiffError(f"--spacing {spacing}: {e}") from None
 
 
 # `minidiff sample`'s default: the fewest network evaluations whose pseudo-FID stays within 10%

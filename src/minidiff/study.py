@@ -25,6 +25,7 @@ from pathlib import Path
 
 from .errors import MinidiffError
 from .io import atomic_write_text
+from .runtime import environment, resolve_device, resolve_precision
 
 # The study's own numbers (../shared/seed: README's results table), for the report's side column.
 STUDY_TABLE = {
@@ -173,7 +174,6 @@ class Study:
         from .metrics import evaluate
         from .samplers import generate
         from .sampling import sampling_schedule, save_samples
-        from .train import resolve_device, resolve_precision
         from .unet import count_macs, count_params
 
         c = self.cfg
@@ -262,10 +262,10 @@ class Study:
 
 
 def export(study_dir: str | Path, dest: str | Path, *, fp16_tolerance: float = 0.02) -> list[str]:
-    """Copy a finished study's models into ``dest`` (the repository's ``models/``) under their
-    row names: ``baseline``, ``pruned``, ``reduced``, ``shallow`` in fp16 storage when the
-    study's own fp16 row stayed within ``fp16_tolerance`` (relative pseudo-FID) of its float
-    row, else as trained; and the int8 model as evaluated. Returns the names written."""
+    """Copy a finished study's models into ``dest`` (``src/minidiff/assets/models/`` ships them)
+    under their row names: ``baseline``, ``pruned``, ``reduced``, ``shallow`` in fp16 storage
+    when the study's own fp16 row stayed within ``fp16_tolerance`` (relative pseudo-FID) of its
+    float row, else as trained; and the int8 model as evaluated. Returns the names written."""
     import shutil
 
     from .compress import quantize_checkpoint
@@ -275,7 +275,7 @@ def export(study_dir: str | Path, dest: str | Path, *, fp16_tolerance: float = 0
         rows = {r["model"]: r for r in json.loads((study_dir / "results.json").read_text())}
     except (OSError, ValueError) as e:
         raise MinidiffError(f"{study_dir}: no readable results.json ({e}); finish the study "
-                            "first (re-run the same `minidiff study` command)")
+                            "first (re-run the same `minidiff study` command)") from None
     best = next(iter(rows.values()))["best"]
     fp16_ok = abs(rows[f"{best}-fp16"]["pseudo_fid"] / rows[best]["pseudo_fid"] - 1) \
         <= fp16_tolerance
@@ -295,19 +295,6 @@ def export(study_dir: str | Path, dest: str | Path, *, fp16_tolerance: float = 0
         tmp.rename(target)
         written.append(name)
     return written
-
-
-def environment() -> dict:
-    import platform
-
-    import torch
-
-    from . import __version__
-    from .demo import cpu_name
-
-    return {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "minidiff": __version__,
-            "date": time.strftime("%Y-%m-%d")}
 
 
 def run_study(preset: str, out, *, dataset: str = "mnist", data_dir=None, progress=True,

@@ -17,15 +17,21 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from . import distributed
-from .checkpoint import (CONFIG_FILE, clean_partial, load_checkpoint, load_state, save_model,
-                         save_state)
+from . import __version__, distributed
+from .checkpoint import (
+    CONFIG_FILE,
+    clean_partial,
+    load_checkpoint,
+    load_state,
+    save_model,
+    save_state,
+)
 from .compress import apply_masks, masks_of
 from .data import epoch_order, get_spec, load_split, to_model_range
 from .diffusion import DiffusionConfig, EpsilonLoss, Schedule
 from .errors import MinidiffError
 from .io import atomic_write_text
+from .runtime import autocast_context, bf16_native, resolve_device, resolve_precision
 from .unet import UNet, UNetConfig
 
 
@@ -90,31 +96,6 @@ class TrainConfig:
         return cls(**d)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise MinidiffError("--device cuda: no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where autocast pays."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     """Linear warm-up to ``lr``, then constant or cosine decay to ``lr_min_ratio * lr``."""
     if step < cfg.warmup_steps:
@@ -147,9 +128,9 @@ def drop_labels(y: torch.Tensor, p: float, null: int, generator=None) -> torch.T
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """``ema <- decay * ema + (1 - decay) * model`` over parameters; buffers are copied."""
-    for (_, e), (_, p) in zip(ema.named_parameters(), model.named_parameters()):
+    for (_, e), (_, p) in zip(ema.named_parameters(), model.named_parameters(), strict=True):
         e.lerp_(p, 1.0 - decay)
-    for (_, e), (_, b) in zip(ema.named_buffers(), model.named_buffers()):
+    for (_, e), (_, b) in zip(ema.named_buffers(), model.named_buffers(), strict=True):
         e.copy_(b)
 
 
@@ -180,7 +161,7 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
             carried = {k: saved[k] for k in CARRIED if k in saved}
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise MinidiffError(f"{out}: cannot resume ({e}); pass the --out of an earlier "
-                                "`minidiff train` run, or drop --resume")
+                                "`minidiff train` run, or drop --resume") from None
     elif (out / CONFIG_FILE).exists():
         raise MinidiffError(f"{out} already holds a run; pass --resume to continue it or choose "
                             "another --out")
@@ -201,8 +182,9 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
         carried = {}
     storage = carried.get("storage")
     precision = resolve_precision(cfg.precision, device)
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16() and world.main:
-        print("note: this CPU has no native bf16; autocast will emulate it (slow)")
+    if precision == "bf16" and not bf16_native(device) and world.main:
+        print("note: bf16 is not native here; autocast will emulate it (~100x slower), "
+              "use --precision auto or fp32")
 
     images, labels = load_split(cfg.dataset, "train", data_dir)
     if cfg.subset:
@@ -285,7 +267,7 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
             # forward
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step, total)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with autocast_context(device, precision):
                 loss = loss_fn(net, x0[sh], None if y is None else y[sh], i=t_idx[sh],
                                noise=noise[sh])
             loss_val = distributed.mean(loss, world).item()

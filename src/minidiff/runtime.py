@@ -1,0 +1,141 @@
+"""Where code runs and in which precision: device, CPU capabilities, autocast, and the
+environment record written beside every measurement.
+
+This module sits below everything that computes (training, sampling, evaluation, benchmarks,
+the study, the web page) and imports nothing else of the package but its errors.
+
+bf16 pays on a CPU only where it is native (AVX512-BF16 or AMX); elsewhere oneDNN emulates it at
+about 1% of the fp32 speed. ``--precision auto`` therefore asks what torch will actually run, not
+only what the silicon offers: the CPU's flags, ATen's dispatch level
+(``ATEN_CPU_CAPABILITY``) and oneDNN's ISA limit (``ONEDNN_MAX_CPU_ISA``), so that
+``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` makes a bf16 CPU behave, and choose, like
+an AVX2-only one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .errors import MinidiffError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+# oneDNN ISA names (ONEDNN_MAX_CPU_ISA) at or above which bf16 runs natively
+_ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
+                     "AVX512_CORE_AMX_FP16", "AVX10_1_512", "AVX10_1_512_AMX",
+                     "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2", "ALL", "DEFAULT")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` -> a device; ``cuda`` without a GPU is an error."""
+    if name not in DEVICES:
+        raise MinidiffError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MinidiffError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_capability() -> str:
+    """ATen's vector dispatch level (``AVX512``, ``AVX2``, ``DEFAULT``, ...); it follows
+    ``ATEN_CPU_CAPABILITY``."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_bf16_native() -> bool:
+    """True when bf16 matmuls and convolutions run natively on this CPU as torch is set up:
+    the CPU has AVX512-BF16 or AMX-BF16, ATen dispatches AVX-512 and oneDNN may use them."""
+    flags = _cpu_flags()
+    if not ({"avx512_bf16", "amx_bf16"} & flags):
+        return False
+    if not cpu_capability().startswith("AVX512"):
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if isa and isa not in _ONEDNN_BF16_ISAS:
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 path
+        return False
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether bf16 is native on ``device`` (a CUDA GPU that supports it, or see
+    :func:`cpu_bf16_native`)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_bf16_native()
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where bf16 is native on ``device``, else ``fp32``; an explicit
+    ``fp32``/``bf16`` is kept (bf16 on a CPU without it is correct but ~100x slower)."""
+    if name not in PRECISIONS:
+        raise MinidiffError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    if name != "auto":
+        return name
+    return "bf16" if bf16_native(device) else "fp32"
+
+
+def autocast_context(device: torch.device | str, precision: str):
+    """bf16 autocast when ``precision`` is ``bf16``, else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def cpu_class() -> str:
+    """One line naming what decides speed here, e.g. ``AVX512, bf16 native``."""
+    return f"{cpu_capability()}, bf16 {'native' if cpu_bf16_native() else 'emulated'}"
+
+
+def environment(device: torch.device | None = None) -> dict:
+    """What every result records about where it was measured."""
+    from . import __version__
+
+    device = device or torch.device("cpu")
+    env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+           "cpu": cpu_name(), "cpu_capability": cpu_capability(),
+           "bf16_native": cpu_bf16_native(), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "python": platform.python_version(),
+           "minidiff": __version__}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def environment_line(env: dict | None = None) -> str:
+    """:func:`environment` as the one line a report prints under its title."""
+    env = env or environment()
+    return (f"{env['date']}, {env['cpu']} ({env['cpu_capability']}, bf16 "
+            f"{'native' if env['bf16_native'] else 'emulated'}), {env['threads']} threads, "
+            f"torch {env['torch']}")
