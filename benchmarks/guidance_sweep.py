@@ -1,6 +1,6 @@
 """Classifier-free guidance sweep: conditional accuracy and pseudo-FID vs guidance scale.
 
-Run: .venv/bin/python benchmarks/guidance_sweep.py models/reduced-cond [--n 1000]
+Run: .venv/bin/python benchmarks/guidance_sweep.py reduced-cond [--n 1000]
   -> benchmarks/results/guidance_sweep.{json,md,png}
 
 Each scale samples a balanced set (n / 10 per class) with `minidiff sample`'s default sampler
@@ -25,8 +25,13 @@ from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.demo import cpu_name  # noqa: E402
 from minidiff.metrics import Reference, evaluate_conditional, evaluate_images  # noqa: E402
 from minidiff.samplers import generate  # noqa: E402
-from minidiff.sampling import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS  # noqa: E402
-from minidiff.sampling import class_labels, sampling_schedule  # noqa: E402
+from minidiff.sampling import (  # noqa: E402  # noqa: E402
+    DEFAULT_SAMPLER,
+    DEFAULT_SPACING,
+    DEFAULT_STEPS,
+    class_labels,
+    sampling_schedule,
+)
 
 SCALES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 TARGET = 0.98

@@ -1,4 +1,5 @@
 import gzip
+import re
 import struct
 import urllib.error
 
@@ -104,8 +105,20 @@ def test_search_order_data_dir_then_env(tmp_path, monkeypatch):
     assert data.find_dataset("mnist", data_dir=a) == a  # --data-dir wins
 
 
+def test_search_order_user_folder_then_package_then_system(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIDIFF_CACHE", str(tmp_path / "cache"))
+    packaged = data.PACKAGED_DIR / "mnist"
+    assert data.find_dataset("mnist") == packaged  # MNIST ships inside the package
+    user = data.user_dir("mnist")
+    assert user == tmp_path / "cache" / "data" / "mnist"
+    user.parent.mkdir(parents=True)
+    assert _copy_mnist(user.parent) == user
+    assert data.find_dataset("mnist") == user  # a fetched copy wins over the packaged one
+    assert data.candidate_dirs("mnist")[-3:] == [user, packaged, data.SYSTEM_DIR / "mnist"]
+
+
 def test_missing_dataset_names_places_and_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(data, "PACKAGED_DIR", tmp_path / "pkg")
     monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "sys")
     with pytest.raises(DataError, match="dataset 'mnist' not found .*minidiff data fetch mnist"):
         data.find_dataset("mnist")
@@ -124,6 +137,10 @@ def test_fetch_offline_says_so(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="may have no internet"):
         data.fetch("mnist", tmp_path / "m")
     assert not any((tmp_path / "m").glob("*.gz"))
+    # by default into the user's folder, never into the installed package
+    monkeypatch.setenv("MINIDIFF_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=re.escape(f"into {tmp_path / 'cache/data/mnist'} ")):
+        data.fetch("mnist")
 
 
 def test_batches_are_scaled_and_order_is_a_seeded_permutation():

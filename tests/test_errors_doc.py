@@ -90,7 +90,7 @@ def case_args(case, tmp, run, monkeypatch):
         return ["train", *TINY, "--steps", "1", "--data-dir", str(d), "--out", t + "/o"]
     if case == "data-missing":
         (tmp / "empty").mkdir()
-        monkeypatch.setattr(mdata, "REPO_ROOT", tmp)
+        monkeypatch.setattr(mdata, "PACKAGED_DIR", tmp / "none")
         monkeypatch.setattr(mdata, "SYSTEM_DIR", tmp / "none")
         return ["train", *TINY, "--steps", "1", "--data-dir", t + "/empty", "--out", t + "/o"]
     if case == "data-dir-missing":
@@ -190,7 +190,8 @@ CASES = ["data-truncated", "data-checksum", "data-magic", "data-gzip", "data-mis
          "unknown-dataset", "bad-channels", "run-exists", "resume-nothing", "diverged",
          "disk-full", "no-cuda", "n-zero", "steps-too-many", "unknown-sampler", "out-not-npz",
          "ckpt-missing", "ckpt-no-weights", "ckpt-pickle", "ckpt-corrupt", "ckpt-mismatch",
-         "class-unconditional", "class-uneven", "samples-missing", "samples-dtype", "samples-shape", "samples-nan", "samples-not-npz",
+         "class-unconditional", "class-uneven", "samples-missing", "samples-dtype",
+         "samples-shape", "samples-nan", "samples-not-npz",
          "prune-nothing", "prune-ratio", "recipe-no-init", "quantize-exists"]
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 import minidiff.train as train_mod
+from minidiff.checkpoint import SHIPPED_DIR
 from minidiff.cli import main
 
 REQUIRED = ("model", "params", "size_mb", "macs", "pseudo_fid", "kid", "precision", "recall",
@@ -91,7 +92,7 @@ def test_readme_table_is_the_committed_results_json():
     # (which records their SHA-256), or the evaluated file itself
     by = {r["model"]: r for r in rows}
     for name in ("baseline", "pruned", "reduced", "shallow", f"{rows[0]['best']}-int8"):
-        cfg = json.loads((root / "models" / name / "config.json").read_text())
+        cfg = json.loads((SHIPPED_DIR / name / "config.json").read_text())
         source = cfg["quantized"]["from_sha256"] if cfg["storage"].get("half") and \
             not cfg["storage"].get("int8") else cfg["model_sha256"]
         assert source == by[name]["checkpoint_sha256"], name

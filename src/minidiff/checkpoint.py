@@ -28,9 +28,10 @@ from safetensors.torch import save as st_save
 from . import __version__
 from .diffusion import DiffusionConfig
 from .errors import CheckpointError
-from .io import atomic_write_bytes, atomic_write_text
+from .io import ASSETS, atomic_write_bytes, atomic_write_text
 from .unet import UNet, UNetConfig
 
+SHIPPED_DIR = ASSETS / "models"
 MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 STATE_FILE, STATE_JSON = "state.safetensors", "state.json"
 
@@ -136,23 +137,18 @@ def save_model(folder: Path, model: UNet, config: dict) -> str:
 
 
 def shipped_models() -> list[str]:
-    """Names of the models shipped in the repository's ``models/`` folder."""
-    from .data import REPO_ROOT
-
-    root = REPO_ROOT / "models"
-    return sorted(p.name for p in root.iterdir() if (p / MODEL_FILE).is_file()) \
-        if root.is_dir() else []
+    """Names of the models shipped with the package (``minidiff/assets/models/<name>/``)."""
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / MODEL_FILE).is_file()) \
+        if SHIPPED_DIR.is_dir() else []
 
 
 def resolve(path: str | Path) -> tuple[Path, Path | None]:
     """A run folder, a .safetensors file or a shipped model's name (``reduced-cond``) ->
     (weights file, config.json or None)."""
     path = Path(path)
-    if not path.exists() and len(path.parts) == 1 and not path.suffix:
-        from .data import REPO_ROOT
-
-        if path.name in shipped_models():
-            path = REPO_ROOT / "models" / path.name
+    if not path.exists() and len(path.parts) == 1 and not path.suffix \
+            and path.name in shipped_models():
+        path = SHIPPED_DIR / path.name
     if path.is_dir():
         weights = path / MODEL_FILE
         if not weights.is_file():
@@ -160,7 +156,8 @@ def resolve(path: str | Path) -> tuple[Path, Path | None]:
                                   "written by `minidiff train` or a .safetensors file")
         return weights, path / CONFIG_FILE if (path / CONFIG_FILE).is_file() else None
     if not path.exists():
-        names = ", ".join(shipped_models()) or "none in this checkout"
+        names = ", ".join(shipped_models()) or \
+            f"none found in {SHIPPED_DIR}: reinstall minidiff"
         raise CheckpointError(f"{path}: no such checkpoint; pass a run folder, a .safetensors "
                               f"file or a shipped model ({names})")
     if path.suffix in (".pt", ".pth", ".ckpt", ".pkl", ".bin"):
@@ -180,7 +177,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
     try:
         data = weights.read_bytes()
     except OSError as e:
-        raise CheckpointError(f"{weights}: cannot read ({e.strerror})")
+        raise CheckpointError(f"{weights}: cannot read ({e.strerror})") from None
     digest = sha256(data)
     config = None
     if config_path is not None:
@@ -188,7 +185,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
             config = json.loads(config_path.read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{config_path}: unreadable JSON ({e}); restore it from the "
-                                  "run folder or pass the .safetensors file alone")
+                                  "run folder or pass the .safetensors file alone") from None
         recorded = config.get("model_sha256")
         if recorded and recorded != digest and weights.parent == config_path.parent:
             raise CheckpointError(f"{weights}: SHA-256 {digest[:12]}... does not match the "
@@ -200,7 +197,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
         tensors = st_load(data)
     except (SafetensorError, ValueError) as e:
         raise CheckpointError(f"{weights}: not a valid safetensors file ({e}); the file is "
-                              "corrupt or truncated, use another checkpoint")
+                              "corrupt or truncated, use another checkpoint") from None
     if config is None:
         config = _metadata_config(data, weights)
     try:
@@ -208,13 +205,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
         DiffusionConfig.from_dict(config["diffusion"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{config_path or weights}: invalid config ({e}); it was not "
-                              "written by this version of minidiff")
+                              "written by this version of minidiff") from None
     try:
         model = UNet(model_cfg)
         tensors = decode_state(tensors, {k: v.shape for k, v in model.state_dict().items()})
     except ValueError as e:
         raise CheckpointError(f"{weights}: {e}; the file is damaged or was not written by "
-                              "this version of minidiff")
+                              "this version of minidiff") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -309,7 +306,7 @@ def _read_state(ckpt: Path) -> tuple[dict, bytes]:
         meta = json.loads((ckpt / STATE_JSON).read_text())
         data = (ckpt / STATE_FILE).read_bytes()
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{ckpt}: unreadable ({e})")
+        raise CheckpointError(f"{ckpt}: unreadable ({e})") from None
     if sha256(data) != meta.get("sha256"):
         raise CheckpointError(f"{ckpt / STATE_FILE}: SHA-256 does not match {STATE_JSON}")
     return meta, data

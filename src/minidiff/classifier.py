@@ -26,9 +26,8 @@ from torch.nn import functional as F
 
 from .data import epoch_order, load_split
 from .errors import MinidiffError
-from .io import atomic_write_bytes, atomic_write_text
+from .io import ASSETS, atomic_write_bytes, atomic_write_text
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 FEATURE_DIM = 128
 
 

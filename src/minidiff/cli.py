@@ -15,7 +15,8 @@ from pathlib import Path
 from .errors import MinidiffError
 
 EXAMPLES = {
-    "data": "examples:\n  minidiff data list\n  minidiff data fetch mnist --dest data/mnist",
+    "data": "examples:\n  minidiff data list\n"
+            "  minidiff data fetch mnist    # into ~/.cache/minidiff/data/mnist",
     "models": "example:\n  minidiff models",
     "train": (
         "examples:\n"
@@ -60,7 +61,7 @@ def _positive_int(s: str) -> int:
     try:
         v = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
     return v
@@ -70,7 +71,7 @@ def _nonneg_int(s: str) -> int:
     try:
         v = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
@@ -80,7 +81,7 @@ def _positive_float(s: str) -> float:
     try:
         v = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
     return v
@@ -91,7 +92,7 @@ def _channels(s: str) -> tuple[int, ...]:
         ch = tuple(int(c) for c in s.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 16,32,64, "
-                                         f"got {s!r}")
+                                         f"got {s!r}") from None
     if not ch or any(c <= 0 for c in ch):
         raise argparse.ArgumentTypeError(f"channels must be positive, got {s!r}")
     return ch
@@ -119,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--json", action="store_true", help="print JSON")
     df = dsub.add_parser("fetch", help="download a dataset from its official mirror")
     df.add_argument("name", choices=list(DATASETS))
-    df.add_argument("--dest", help="target folder (default: the repository's data/NAME)")
+    df.add_argument("--dest", help="target folder (default: ~/.cache/minidiff/data/NAME, "
+                    "or $MINIDIFF_CACHE/data/NAME)")
 
     m = sub.add_parser("models", help="model presets with parameters and MACs",
                        epilog=EXAMPLES["models"], formatter_class=fmt)
@@ -266,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=_positive_int, default=DEFAULT_STEPS,
                    help=f"network evaluations per sample (default {DEFAULT_STEPS}, the default "
                         "sampler's)")
-    b.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    b.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto (default): bf16 where the CPU runs it natively, else fp32; bf16 "
+                        "is refused where it is emulated")
     b.add_argument("--no-anchor", action="store_true", help="skip the diffusers rows")
     b.add_argument("--compile", action="store_true",
                    help="also time the default sampler through torch.compile")
@@ -306,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-seconds", type=_positive_float, default=60.0,
                     help="stop one request's sampling after this long (default 60)")
     st.add_argument("--export", metavar="DIR",
-                    help="after the study, copy its models to DIR (e.g. models/) by name")
+                    help="after the study, copy its models to DIR (e.g. "
+                         "src/minidiff/assets/models/, where the shipped ones live) by name")
     return p
 
 
@@ -314,7 +319,7 @@ def _fraction(s: str) -> float:
     try:
         v = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {s!r}") from None
     if not 0 < v < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {s}")
     return v
@@ -391,7 +396,7 @@ def cmd_train(args) -> int:
         try:
             model_cfg = UNetConfig(**{**model_cfg.to_dict(), "channels": args.channels})
         except ValueError as e:
-            raise MinidiffError(f"--channels: {e}")
+            raise MinidiffError(f"--channels: {e}") from None
     if args.conditional:
         from .data import get_spec
 
@@ -631,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
 
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         fix = ("free some disk space and run the command again (a training run continues "
-               "with --resume)" if e.errno == errno.ENOSPC else "check the path and its permissions")
+               "with --resume)" if e.errno == errno.ENOSPC
+               else "check the path and its permissions")
         print(f"minidiff: error: {where}{e.strerror or e}; {fix}", file=sys.stderr)
         return 1
 

@@ -1,8 +1,10 @@
 """MNIST-family datasets from IDX files: find, verify, read, and draw batches.
 
 A dataset lives in one folder holding the four IDX files (``.gz`` or raw). Folders are
-searched in this order: ``--data-dir``, ``$MINIDIFF_DATA``, the repository's ``data/<name>/``,
-then ``/usr/share/datasets/<name>/`` (where Debian's ``dataset-fashion-mnist`` puts its files).
+searched in this order: ``--data-dir``, ``$MINIDIFF_DATA``, the user's ``<cache>/data/<name>/``
+(where ``minidiff data fetch`` writes), the package's ``assets/data/<name>/`` (MNIST ships
+there), then ``/usr/share/datasets/<name>/`` (where Debian's ``dataset-fashion-mnist`` puts its
+files).
 
 Every file's decompressed bytes are checked against a SHA-256 the first time it is used; the
 verdict is remembered in a stamp keyed by path, size and mtime, so later loads skip the hash.
@@ -23,9 +25,9 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
-from .io import atomic_write_bytes, atomic_write_text, cache_dir
+from .io import ASSETS, atomic_write_bytes, atomic_write_text, cache_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGED_DIR = ASSETS / "data"
 SYSTEM_DIR = Path("/usr/share/datasets")
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 
@@ -52,7 +54,7 @@ def _split(prefix: str, img_sha: str, lbl_sha: str, count: int) -> tuple[FileSpe
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    # Digests of the original LeCun/Cortes/Burges files (data/mnist/README.md).
+    # Digests of the original LeCun/Cortes/Burges files (assets/data/mnist/README.md).
     "mnist": DatasetSpec(
         "mnist",
         {
@@ -96,6 +98,12 @@ def get_spec(name: str) -> DatasetSpec:
 # --------------------------------------------------------------------------- locating files
 
 
+def user_dir(name: str) -> Path:
+    """The user's folder for dataset ``name``: where ``minidiff data fetch`` writes by default
+    (never into the installed package)."""
+    return cache_dir() / "data" / name
+
+
 def candidate_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Path]:
     """Folders searched for dataset ``name``, in order. ``data_dir`` may be the dataset folder
     itself or a parent holding ``<name>/``."""
@@ -103,7 +111,7 @@ def candidate_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list
     for root in (data_dir, os.environ.get("MINIDIFF_DATA") or None):
         if root:
             dirs += [Path(root), Path(root) / name]
-    dirs += [REPO_ROOT / "data" / name, SYSTEM_DIR / name]
+    dirs += [user_dir(name), PACKAGED_DIR / name, SYSTEM_DIR / name]
     return dirs
 
 
@@ -141,13 +149,14 @@ def read_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
     except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror}); check that it is a readable file")
+        raise DataError(f"{path}: cannot read ({e.strerror}); check that it is a readable "
+                        "file") from None
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
             raise DataError(f"{path}: corrupt or truncated gzip ({e}); "
-                            "replace the file with a fresh copy")
+                            "replace the file with a fresh copy") from None
     return raw
 
 
@@ -227,7 +236,7 @@ def load_split(name: str = "mnist", split: str = "train", data_dir=None):
         raise DataError(f"unknown split {split!r}; choose one of: {', '.join(spec.files)}")
     folder = find_dataset(name, data_dir)
     out = []
-    for fspec, magic in zip(spec.files[split], (IMAGES_MAGIC, LABELS_MAGIC)):
+    for fspec, magic in zip(spec.files[split], (IMAGES_MAGIC, LABELS_MAGIC), strict=True):
         path = _file_in(folder, fspec.name)
         data = read_bytes(path)
         parsed = parse_idx(data, magic, str(path))  # header errors are the most specific
@@ -276,12 +285,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def fetch(name: str, dest: str | os.PathLike | None = None, timeout: float = 20.0) -> Path:
-    """Download ``name``'s files from its mirrors into ``dest`` and verify them."""
+    """Download ``name``'s files from its mirrors into ``dest`` (default :func:`user_dir`) and
+    verify them."""
     import urllib.error
     import urllib.request
 
     spec = get_spec(name)
-    dest = Path(dest) if dest else REPO_ROOT / "data" / name
+    dest = Path(dest) if dest else user_dir(name)
     dest.mkdir(parents=True, exist_ok=True)
     for fspec in (f for pair in spec.files.values() for f in pair):
         target = dest / f"{fspec.name}.gz"

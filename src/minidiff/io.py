@@ -1,10 +1,13 @@
-"""Small file helpers: atomic writes, the cache folder, and image grids."""
+"""Small file helpers: the package's assets, the cache folder, atomic writes and image grids."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+# Shipped with the package (wheel or checkout alike): classifiers, models, MNIST, the web page.
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def cache_dir() -> Path:
