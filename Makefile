@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 # The CPU build of torch is pinned first so no resolver step can pick a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test screenshot clean
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,13 @@ demo: setup
 	$(VENV)/bin/minidiff demo
 
 test: setup
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
+
+# Retake docs/serve.png (the README's picture of `minidiff serve`) with the browser test; `make
+# test` writes its screenshot to a temporary folder only. Needs Chromium (apt-get install chromium).
+screenshot: setup
+	MINIDIFF_SCREENSHOT=docs/serve.png $(PY) -m pytest -q tests/test_serve.py -k browser_generates
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,7 +1,8 @@
 """Does int8 *execution* pay on this CPU? Static post-training quantization of the U-Net with
 PyTorch's FX graph mode (x86 backend, per-channel int8 weights, calibrated on noisy inputs
-across timesteps; time embedding, the first and last convs and the 2x2 upsamplers kept in float) against the same
-network in fp32 and in bf16 autocast, one forward pass of a sampling batch, in one process.
+across timesteps; time embedding, the first and last convs and the 2x2 upsamplers kept in
+float) against the same network in fp32 and in bf16 autocast, one forward pass of a sampling
+batch, in one process.
 
     .venv/bin/python -O benchmarks/int8_execution.py runs/demo --threads 2 --out benchmarks/results
 

@@ -114,7 +114,7 @@ for r in res["rows"]:
     series.setdefault((label, r.get("spacing", "uniform")), []).append(r)
 styles = {"uniform": "-", "quadratic": "--", "trailing": ":"}
 palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-colors = dict(zip(sorted({k[0] for k in series}), palette))
+colors = dict(zip(sorted({k[0] for k in series}), palette, strict=False))
 for (label, spacing), rows in sorted(series.items()):
     rows = sorted(rows, key=lambda r: r["steps"])
     ax.plot([r["steps"] for r in rows], [r["pseudo_fid"] for r in rows], styles[spacing],

@@ -7,9 +7,15 @@ import torch
 
 from minidiff.checkpoint import decode_state, encode_state, load_checkpoint, save_model
 from minidiff.cli import main
-from minidiff.compress import (output_error, prunable_weights, prune_checkpoint,
-                               prune_structured, prune_unstructured, quantize_checkpoint,
-                               sparsity)
+from minidiff.compress import (
+    output_error,
+    prunable_weights,
+    prune_checkpoint,
+    prune_structured,
+    prune_unstructured,
+    quantize_checkpoint,
+    sparsity,
+)
 from minidiff.diffusion import DiffusionConfig
 from minidiff.errors import MinidiffError
 from minidiff.train import TrainConfig, train

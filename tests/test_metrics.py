@@ -10,8 +10,14 @@ import torch.nn.functional as F
 from minidiff import classifier as clf
 from minidiff.data import load_split
 from minidiff.errors import MinidiffError
-from minidiff.metrics import (Reference, evaluate_images, frechet_distance, nearest,
-                              precision_recall, ssim_mean)
+from minidiff.metrics import (
+    Reference,
+    evaluate_images,
+    frechet_distance,
+    nearest,
+    precision_recall,
+    ssim_mean,
+)
 
 
 @pytest.fixture(scope="module")

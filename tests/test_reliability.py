@@ -48,7 +48,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     rng = random.Random(0)
     killed = 0
     proc = cli(*args, "--out", str(out))
-    for attempt in range(4):
+    for _ in range(4):
         wait_for_checkpoint(out, proc)
         time.sleep(rng.uniform(0.0, 0.4))
         if proc.poll() is None:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from minidiff.diffusion import DiffusionConfig, Schedule
-from minidiff.samplers import generate, sample_ddpm
+from minidiff.samplers import SAMPLERS, generate, sample_ddpm
 from minidiff.unet import UNet
 
 
@@ -20,13 +20,18 @@ def test_generate_shape_dtype_and_determinism(tiny_model):
     assert not torch.equal(a, generate(tiny_model, sched, 5, seed=2, batch_size=2))
 
 
-def test_sampler_visits_every_respaced_step_in_order(tiny_model):
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_visits_each_respaced_step_once_and_is_reproducible(tiny_model, name):
+    """One signature for all: the callback sees every respaced step in order, the output keeps
+    the input's shape inside [-1, 1], and the same generator seed gives the same images."""
     sched = Schedule.from_config(DiffusionConfig()).respace(7)
     seen = []
-    x = torch.randn(2, 1, 28, 28)
-    out = sample_ddpm(tiny_model, x, sched, callback=lambda d: seen.append(d["t"]))
-    assert seen == sorted(sched.timesteps.tolist(), reverse=True)
-    assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    run = [SAMPLERS[name](tiny_model, x, sched, generator=torch.Generator().manual_seed(1),
+                          callback=lambda d: seen.append(d["t"])) for _ in range(2)]
+    assert seen == 2 * sorted(sched.timesteps.tolist(), reverse=True)
+    assert run[0].shape == x.shape and run[0].min() >= -1 and run[0].max() <= 1
+    assert torch.equal(run[0], run[1])
 
 
 def test_ddpm_with_oracle_recovers_a_point_mass():
@@ -69,10 +74,9 @@ def test_compile_falls_back_to_eager_with_a_note(tiny_model, monkeypatch):
                      "running eagerly"]
 
 
-@pytest.mark.slow
 def test_compiled_sampling_matches_eager(tiny_model):
-    """The real compiler (tens of seconds on 2 cores, hence slow): same images up to rounding;
-    the padded last batch keeps one graph."""
+    """The real compiler (tens of seconds on 2 cores): same images up to rounding; the padded
+    last batch keeps one graph."""
     sched = Schedule.from_config(DiffusionConfig()).respace(4)
     eager = generate(tiny_model, sched, 5, seed=3, batch_size=4, sampler="ddim")
     compiled = generate(tiny_model, sched, 5, seed=3, batch_size=4, sampler="ddim",

@@ -87,3 +87,11 @@ def test_quadratic_spacing_cuts_the_few_step_error():
         return abs(out.std().item() - EXACT_STD)
 
     assert err("quadratic") < 0.5 * err("uniform")
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_recovers_the_gaussian(name):
+    """Any registered sampler, at 250 steps, lands on the data distribution's mean and std."""
+    out = run(name, 250)
+    assert out.mean().item() == pytest.approx(MU, abs=0.01)
+    assert out.std().item() == pytest.approx(S, abs=0.02)

@@ -122,7 +122,9 @@ def gather(coef: torch.Tensor, i: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def q_sample(sched: Schedule, x0: torch.Tensor, i: torch.Tensor, noise: torch.Tensor):
-    """Sample ``x_t ~ q(x_t | x_0)`` (Ho et al. eq. 4); ``x0, noise: [N x C x H x W]``, ``i: [N]``."""
+    """Sample ``x_t ~ q(x_t | x_0)`` (Ho et al. eq. 4).
+
+    ``x0, noise: [N x C x H x W]``, ``i: [N]`` -> ``[N x C x H x W]``."""
     return (
         gather(sched.sqrt_alpha_bar, i, x0.ndim) * x0
         + gather(sched.sqrt_one_minus_alpha_bar, i, x0.ndim) * noise

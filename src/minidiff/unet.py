@@ -213,7 +213,8 @@ class UNet(nn.Module):
         self.out = nn.Conv2d(prev, cfg.in_channels, 1)  # never pruned: it emits eps
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
-        """``x: [N x C x H x W]``, ``t: [N]``, ``y: [N]`` class ids or None -> ``[N x C x H x W]``."""
+        """``x: [N x C x H x W]``, ``t: [N]``, ``y: [N]`` class ids or None
+        -> ``[N x C x H x W]``."""
         cfg = self.config
         assert x.shape[1:] == (cfg.in_channels, cfg.image_size, cfg.image_size), (
             f"expected [N x {cfg.in_channels} x {cfg.image_size} x {cfg.image_size}], "
