@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from minidiff.unet import PRESETS, STUDY_PARAMS, UNet, UNetConfig, count_macs, count_params
+from minidiff.original import STUDY
+from minidiff.unet import PRESETS, UNet, UNetConfig, count_macs, count_params
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -10,7 +11,7 @@ def test_preset_shapes_and_params_near_the_study(name):
     x = torch.randn(3, 1, 28, 28)
     assert model(x, torch.tensor([0, 500, 999])).shape == (3, 1, 28, 28)
     params = count_params(model)
-    assert abs(params / STUDY_PARAMS[name] - 1) < 0.10, params
+    assert abs(params / STUDY[name]["params"] - 1) < 0.10, params
 
 
 def test_macs_scale_with_width():

@@ -101,10 +101,10 @@ def _channels(s: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .diffusion import SPACINGS
+    from .original import RECIPES
     from .samplers import SAMPLERS
     from .sampling import DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
     from .study import PRESETS as STUDY_PRESETS
-    from .train import RECIPES
     from .unet import PRESETS
 
     p = _Parser(prog="minidiff", description="Train, sample and inspect small DDPMs on MNIST.")
@@ -351,13 +351,14 @@ def cmd_data(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .unet import PRESETS, STUDY_PARAMS, UNet, count_macs, count_params
+    from .original import STUDY
+    from .unet import PRESETS, UNet, count_macs, count_params
 
     rows = []
     for name, cfg in PRESETS.items():
         model = UNet(cfg)
         rows.append({"preset": name, "channels": list(cfg.channels),
-                     "params": count_params(model), "study_params": STUDY_PARAMS[name],
+                     "params": count_params(model), "study_params": STUDY[name]["params"],
                      "macs_per_image": count_macs(model)})
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -371,7 +372,8 @@ def cmd_models(args) -> int:
 
 def cmd_train(args) -> int:
     from .diffusion import DiffusionConfig
-    from .train import RECIPES, TrainConfig, train
+    from .original import RECIPES
+    from .train import TrainConfig, train
     from .unet import PRESETS, UNetConfig
 
     if args.label_dropout is not None and not args.conditional:

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from .io import atomic_write_text
+from .original import EPOCHS, RECIPES, STUDY
 
 FIGURES = "figures"
 
@@ -70,25 +71,30 @@ def _fmt_params(n: int) -> str:
 def _discussion(rows: dict[str, dict], best: str) -> list[str]:
     """Statements computed from the numbers, set against the study's findings."""
     b = rows["baseline"]
+    sb, sp, sr, ss = (STUDY[k] for k in ("baseline", "pruned", "reduced", "shallow"))
     lines = []
     if "reduced" in rows:
         r = rows["reduced"]
         better = r["pseudo_fid"] < b["pseudo_fid"]
         lines.append(
             f"- **Reduced vs baseline.** The study found reduced far better on MNIST (pseudo-FID "
-            f"1.76 vs 10.75). Here reduced scores {r['pseudo_fid']:.3f} against baseline's "
+            f"{sr['pseudo_fid']} vs {sb['pseudo_fid']}). Here reduced scores "
+            f"{r['pseudo_fid']:.3f} against baseline's "
             f"{b['pseudo_fid']:.3f}: {'it agrees' if better else 'it disagrees'} at this "
             f"budget, with {r['params'] / b['params']:.0%} of the parameters. Both trained "
-            "for the same epochs from scratch (reduced then fine-tuned briefly at lr 1e-5, as "
-            "in the study). The study's 10.75 for a 50-epoch baseline is "
+            "for the same epochs from scratch (reduced then fine-tuned briefly at lr "
+            f"{RECIPES['reduced']['lr']:g}, as in the study). The study's {sb['pseudo_fid']} "
+            f"for a {EPOCHS}-epoch baseline is "
             "hard to read as a property of width, since its own pruned copy (the same weights "
-            "pruned, plus 20 epochs) scored 2.77: its baseline was likely far from converged "
+            f"pruned, plus {RECIPES['pruned']['epochs']} epochs) scored {sp['pseudo_fid']}: its "
+            "baseline was likely far from converged "
             "or evaluated differently.")
     if "pruned" in rows:
         p = rows["pruned"]
         lines.append(
-            f"- **Pruning that shrinks.** The study's pruned model kept 2.53M parameters and "
-            f"9.72 MB (masks). Here the pruned file is {p['bytes'] / b['bytes']:.0%} of the "
+            f"- **Pruning that shrinks.** The study's pruned model kept "
+            f"{_fmt_params(sp['params'])} parameters and {sp['size_mb']} MB (masks). Here the "
+            f"pruned file is {p['bytes'] / b['bytes']:.0%} of the "
             f"baseline's ({p['size_mb']:.2f} vs {b['size_mb']:.2f} MiB), with "
             f"{p['params'] / b['params']:.0%} of the parameters, {p['macs'] / b['macs']:.0%} of "
             f"the MACs and {p['nonzero_params'] / b['params']:.0%} non-zero weights; its "
@@ -97,12 +103,14 @@ def _discussion(rows: dict[str, dict], best: str) -> list[str]:
             f"Pseudo-FID {p['pseudo_fid']:.3f} vs baseline {b['pseudo_fid']:.3f} "
             f"({p['pseudo_fid'] / b['pseudo_fid'] - 1:+.0%}), although the pruned model trained "
             "longer in total (the baseline's epochs plus its fine-tuning); the study saw "
-            "pruning + fine-tuning improve on its baseline (10.75 -> 2.77).")
+            f"pruning + fine-tuning improve on its baseline ({sb['pseudo_fid']} -> "
+            f"{sp['pseudo_fid']}).")
     if "shallow" in rows:
         s = rows["shallow"]
         slower = s["latency_10k_s"] > b["latency_10k_s"]
         lines.append(
-            f"- **Why shallow is slower.** The study saw shallow slower (81.6 s vs 57.6 s) "
+            f"- **Why shallow is slower.** The study saw shallow slower "
+            f"({ss['latency_10k_s']} s vs {sb['latency_10k_s']} s) "
             f"despite fewer parameters. {'Here too' if slower else 'Not here'}: "
             f"{s['latency_10k_s']} s vs {b['latency_10k_s']} s. Parameters do not set the "
             "cost, MACs do: shallow runs "
@@ -134,8 +142,6 @@ def _discussion(rows: dict[str, dict], best: str) -> list[str]:
 def readme_table(rows: list[dict]) -> str:
     """The README's results table, generated from ``results.json`` (a test checks that the
     README holds exactly this text). The study's column appears for MNIST only."""
-    from .study import STUDY_TABLE
-
     m = rows[0]
     mnist = m["dataset"] == "mnist"
     lines = [
@@ -145,7 +151,7 @@ def readme_table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|" + ("---|" if mnist else ""),
     ]
     for r in rows:
-        st = STUDY_TABLE.get(r["model"])
+        st = STUDY.get(r["model"])
         study = (f"{_fmt_params(st['params'])} / {st['size_mb']} / {st['pseudo_fid']} / "
                  f"{st['latency_10k_s']}" if st else "—")
         lines.append(f"| {r['model']} | {r['params']:,} | {r['size_mb']:.2f} | {r['storage']} | "
@@ -166,8 +172,6 @@ def write_report(out: str | Path, rows: list[dict]) -> Path:
         src = out / "stages" / r["eval_stage"] / "grid.png"
         if src.is_file():
             shutil.copyfile(src, out / FIGURES / f"grid-{r['model']}.png")
-    from .study import STUDY_TABLE
-
     floor = meta["floor"]
     mnist = meta["dataset"] == "mnist"  # the study's numbers are MNIST's: compared there only
     study_head = " Study: Params / MB / FID / SSIM / s |" if mnist else ""
@@ -185,7 +189,7 @@ def write_report(out: str | Path, rows: list[dict]) -> Path:
         "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if mnist else ""),
     ]
     for r in rows:
-        st = STUDY_TABLE.get(r["model"])
+        st = STUDY.get(r["model"])
         study = (f"{_fmt_params(st['params'])} / {st['size_mb']} / {st['pseudo_fid']} / "
                  f"{st['ssim']} / {st['latency_10k_s']}" if st else "—")
         lines.append(

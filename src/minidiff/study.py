@@ -25,26 +25,15 @@ from pathlib import Path
 
 from .errors import MinidiffError
 from .io import atomic_write_text
+from .original import EPOCHS, RECIPES
+from .report import write_report
 from .runtime import environment, resolve_device, resolve_precision
-
-# The study's own numbers (../shared/seed: README's results table), for the report's side column.
-STUDY_TABLE = {
-    "baseline": {"params": 2_530_000, "size_mb": 9.72, "pseudo_fid": 10.75, "ssim": 0.3475,
-                 "latency_10k_s": 57.6},
-    "pruned": {"params": 2_530_000, "size_mb": 9.72, "pseudo_fid": 2.77, "ssim": 0.3674,
-               "latency_10k_s": 57.6},
-    "reduced": {"params": 634_000, "size_mb": 2.5, "pseudo_fid": 1.76, "ssim": 0.3688,
-                "latency_10k_s": 31.3},
-    "shallow": {"params": 2_150_000, "size_mb": 8.2, "pseudo_fid": 2.39, "ssim": 0.3659,
-                "latency_10k_s": 81.6},
-}
-PAPER_EPOCHS = 50  # the study's baseline epochs; fine-tuning budgets scale with base_epochs
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """One preset of the study. Fine-tuning epochs are the study's recipes (pruned 20, reduced
-    10, shallow 20 at lr 1e-4 / 1e-5 / 1e-4) scaled by ``base_epochs / 50``."""
+    """One preset of the study. Fine-tuning follows the study's recipes
+    (:data:`minidiff.original.RECIPES`), their epochs scaled by ``base_epochs / EPOCHS``."""
 
     preset: str
     base_epochs: float  # baseline, reduced and shallow each train this long from scratch
@@ -62,7 +51,7 @@ class StudyConfig:
     checkpoint_every: int = 500
 
     def finetune_epochs(self, recipe_epochs: float) -> float:
-        return recipe_epochs * self.base_epochs / PAPER_EPOCHS
+        return recipe_epochs * self.base_epochs / EPOCHS
 
 
 PRESETS: dict[str, StudyConfig] = {
@@ -238,13 +227,15 @@ class Study:
         models: dict[str, Path] = {}
         models["baseline"] = self.train("baseline", "baseline", epochs=base, lr=c.lr)
         pruned0 = self.prune(models["baseline"])
+        ft = RECIPES["pruned"]
         models["pruned"] = self.train("pruned-ft", "baseline", init=pruned0, depends=pruned0.name,
-                                      epochs=c.finetune_epochs(20), lr=1e-4)
-        for arch, (ft_epochs, ft_lr) in {"reduced": (10, 1e-5), "shallow": (20, 1e-4)}.items():
+                                      epochs=c.finetune_epochs(ft["epochs"]), lr=ft["lr"])
+        for arch in ("reduced", "shallow"):
+            ft = RECIPES[arch]
             scratch = self.train(arch, arch, epochs=base, lr=c.lr)
             models[arch] = self.train(f"{arch}-ft", arch, init=scratch / "model.safetensors",
-                                      depends=scratch.name, epochs=c.finetune_epochs(ft_epochs),
-                                      lr=ft_lr)
+                                      depends=scratch.name, epochs=c.finetune_epochs(ft["epochs"]),
+                                      lr=ft["lr"])
         rows = [self.evaluate(name, models[name]) for name in ARCH]
         best = min(rows, key=lambda r: r["pseudo_fid"])["model"]
         for mode in ("int8", "fp16"):
@@ -255,8 +246,6 @@ class Study:
                **environment()}
         rows = [{**r, "checkpoint": str(models[r["model"]].relative_to(self.out)), **env}
                 for r in rows]
-        from .report import write_report
-
         write_report(self.out, rows)  # results.json (one row per model) and report.md
         return rows
 

@@ -110,14 +110,6 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
 # What a fine-tuned run inherits from its --init checkpoint's config (and keeps on resume).
 CARRIED = ("storage", "pruned", "init_sha256")
 
-# The study's fine-tuning recipes (`minidiff train --init CKPT --recipe NAME`).
-RECIPES: dict[str, dict] = {
-    "pruned": {"epochs": 20, "lr": 1e-4},  # after structured + unstructured pruning
-    "reduced": {"epochs": 10, "lr": 1e-5},
-    "shallow": {"epochs": 20, "lr": 1e-4},
-}
-
-
 def drop_labels(y: torch.Tensor, p: float, null: int, generator=None) -> torch.Tensor:
     """Label dropout for classifier-free guidance: each of ``y: [N]`` becomes the ``null`` class
     with probability ``p``, so one model learns both p(x | y) and p(x)."""

@@ -96,7 +96,6 @@ PRESETS: dict[str, UNetConfig] = {
     "reduced": UNetConfig(channels=(16, 32, 64)),
     "shallow": UNetConfig(channels=(64, 128)),
 }
-STUDY_PARAMS = {"baseline": 2_530_000, "reduced": 634_000, "shallow": 2_150_000}
 
 
 def width_names(cfg: UNetConfig) -> list[str]:
