@@ -12,16 +12,20 @@ one-off compile time is reported beside its speed.
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from minidiff.runtime import autocast_context, environment, environment_line, resolve_precision  # noqa: E402
+from minidiff.runtime import (  # noqa: E402
+    autocast_context,
+    environment,
+    environment_line,
+    resolve_precision,
+    timed,
+)
 from minidiff.unet import PRESETS, UNet  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -56,19 +60,12 @@ def measure(preset: str, s: dict) -> dict:
     grad = torch.inference_mode() if s["grad"] == "inference_mode" else torch.no_grad()
     amp = autocast_context("cpu", s["precision"])
     with grad, amp, torch.backends.mkldnn.flags(enabled=s["onednn"]):
-        t0 = time.perf_counter()
-        model(x, t)
+        first = timed(lambda: model(x, t)).seconds  # compiles, when compiled
         if s["compile"]:
-            compile_s = round(time.perf_counter() - t0, 1)
-        model(x, t)
-        times = []
-        for _ in range(10):
-            t0 = time.perf_counter()
-            model(x, t)
-            times.append(time.perf_counter() - t0)
+            compile_s = round(first, 1)
+        seconds = timed(lambda: model(x, t), 10, warmup=lambda: model(x, t)).seconds
     torch.set_num_threads(BASE["threads"])
-    return {"img_per_s": round(s["batch"] / statistics.median(times), 1),
-            "compile_s": compile_s}
+    return {"img_per_s": round(s["batch"] / seconds, 1), "compile_s": compile_s}
 
 
 res = {**environment(), "base": BASE, "rows": []}

@@ -14,7 +14,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -23,10 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
-from minidiff.demo import cpu_name  # noqa: E402
+from minidiff.generation import resolve_sampling, time_generation  # noqa: E402
 from minidiff.metrics import Reference, evaluate_images  # noqa: E402
-from minidiff.samplers import generate  # noqa: E402
-from minidiff.sampling import sampling_schedule  # noqa: E402
+from minidiff.runtime import environment  # noqa: E402
+from minidiff.settings import SamplingConfig  # noqa: E402
 
 # (sampler, steps, spacing): DDPM-1000 is the reference; the rest are the stochastic few-step
 # candidates that the single-seed table (sampler_quality.md) left in contention.
@@ -51,8 +50,7 @@ model, config, digest = load_checkpoint(args.checkpoint)
 res = json.loads(path.read_text()) if path.is_file() else {}
 if res.get("checkpoint_sha256") != digest or res.get("n") != args.n:
     res = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest, "n": args.n,
-           "batch_size": 250, "precision": "bf16", "cpu": cpu_name(),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": []}
+           "batch_size": 250, "precision": "bf16", **environment(), "rows": []}
     old = out / "sampler_quality.json"
     if old.is_file():
         q = json.loads(old.read_text())
@@ -73,11 +71,10 @@ for seed in args.seeds:
     for name, steps, spacing in CANDIDATES:
         if (name, steps, spacing, seed) in done:
             continue
-        sched, _ = sampling_schedule(config, steps, spacing)
-        t0 = time.perf_counter()
-        images = generate(model, sched, args.n, sampler=name, seed=seed, batch_size=250,
-                          precision="bf16")
-        seconds = time.perf_counter() - t0
+        cfg = SamplingConfig(name, steps, spacing, seed=seed, batch_size=250, precision="bf16")
+        cfg, sched = resolve_sampling(cfg, config, torch.device("cpu"))
+        run = time_generation(model, sched, cfg, args.n)
+        images, seconds = run.result, run.seconds
         m = evaluate_images(images, ref)
         row = {"sampler": name, "steps": steps, "spacing": spacing, "seed": seed,
                "seconds": round(seconds, 1),

@@ -9,22 +9,18 @@ nearest-neighbour threshold); later ones reuse it. The floor is excluded (it is 
 
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 os.environ["MINIDIFF_CACHE"] = tempfile.mkdtemp()  # start cold
 
 from minidiff.data import load_split  # noqa: E402
-from minidiff.demo import cpu_name  # noqa: E402
 from minidiff.metrics import Reference, evaluate_images  # noqa: E402
+from minidiff.runtime import environment  # noqa: E402
 
 images = load_split("mnist", "train")[0][:10000]
 t0 = time.perf_counter()
@@ -37,8 +33,7 @@ for _ in range(3):
     evaluate_images(images, ref)
     warm.append(time.perf_counter() - t0)
 result = {
-    "date": str(date.today()), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-    "torch": torch.__version__, "python": platform.python_version(), "n": len(images),
+    **environment(), "n": len(images),
     "reference_cache_build_s": round(cold_ref, 2),
     "eval_10k_s_runs": [round(w, 2) for w in warm],
     "eval_10k_s_median": round(statistics.median(warm), 2),

@@ -13,8 +13,7 @@ among those whose accuracy reaches the target (98%).
 import argparse
 import json
 import sys
-import time
-from datetime import date
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,16 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
-from minidiff.demo import cpu_name  # noqa: E402
+from minidiff.generation import class_labels, resolve_sampling, time_generation  # noqa: E402
 from minidiff.metrics import Reference, evaluate_conditional, evaluate_images  # noqa: E402
-from minidiff.samplers import generate  # noqa: E402
-from minidiff.sampling import (  # noqa: E402  # noqa: E402
-    DEFAULT_SAMPLER,
-    DEFAULT_SPACING,
-    DEFAULT_STEPS,
-    class_labels,
-    sampling_schedule,
-)
+from minidiff.runtime import environment  # noqa: E402
+from minidiff.settings import SamplingConfig  # noqa: E402
 
 SCALES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 TARGET = 0.98
@@ -46,17 +39,16 @@ out.mkdir(exist_ok=True)
 model, config, digest = load_checkpoint(args.checkpoint)
 dataset = config.get("train", {}).get("dataset", "mnist")
 ref = Reference(dataset, "test")
-sched, steps = sampling_schedule(config, DEFAULT_STEPS, DEFAULT_SPACING)
+# `minidiff sample`'s sampling, in bf16 and batches of 250 as the sweep was run
+cfg, sched = resolve_sampling(SamplingConfig(precision="bf16", batch_size=250), config,
+                              torch.device("cpu"))
 labels = class_labels("all", args.n, model.config.num_classes, args.checkpoint)
 res = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest, "n": args.n,
-       "sampler": DEFAULT_SAMPLER, "steps": steps, "spacing": DEFAULT_SPACING, "seed": 0,
-       "precision": "bf16", "dataset": dataset, "cpu": cpu_name(),
-       "threads": torch.get_num_threads(), "date": str(date.today()), "rows": []}
+       "sampler": cfg.sampler, "steps": cfg.steps, "spacing": cfg.spacing, "seed": cfg.seed,
+       "precision": "bf16", "dataset": dataset, **environment(), "rows": []}
 for scale in SCALES:
-    t0 = time.perf_counter()
-    images = generate(model, sched, args.n, sampler=DEFAULT_SAMPLER, seed=0, batch_size=250,
-                      precision="bf16", y=labels, guidance=scale)
-    seconds = time.perf_counter() - t0
+    run = time_generation(model, sched, replace(cfg, guidance=scale), args.n, y=labels)
+    images, seconds = run.result, run.seconds
     m, c = evaluate_images(images, ref), evaluate_conditional(images, labels, ref)
     row = {"guidance": scale, "seconds": round(seconds, 1),
            "accuracy": round(c["conditional_accuracy"], 4),
@@ -76,8 +68,8 @@ res["choice"] = best["guidance"]
 lines = [f"# Classifier-free guidance sweep ({res['date']}, {res['cpu']}, {res['threads']} "
          "threads, bf16)", "",
          f"Checkpoint `{res['checkpoint']}` (sha256 {digest[:12]}...), {args.n} samples per "
-         f"scale ({args.n // 10} per class), `{DEFAULT_SAMPLER}` {steps} steps "
-         f"({DEFAULT_SPACING}), seed 0; {dataset} test split as reference. Accuracy: the share "
+         f"scale ({args.n // 10} per class), `{cfg.sampler}` {cfg.steps} steps "
+         f"({cfg.spacing}), seed 0; {dataset} test split as reference. Accuracy: the share "
          "of samples the shipped classifier assigns to the requested class. Seconds: wall time of "
          "the sampling (guidance doubles the batch).",
          "",

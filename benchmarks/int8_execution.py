@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -26,28 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
-from minidiff.demo import cpu_name  # noqa: E402
+from minidiff.compress import calibration_inputs  # noqa: E402
 from minidiff.diffusion import DiffusionConfig, Schedule  # noqa: E402
 from minidiff.io import atomic_write_text  # noqa: E402
+from minidiff.runtime import environment, timed  # noqa: E402
 
 
-def noisy_batch(model, sched, n, seed=0):
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(n, 1, cfg.image_size, cfg.image_size, generator=g).clamp(-1, 1)
-    t = torch.linspace(0, len(sched) - 1, n).long()
-    ab = sched.alpha_bar.float()[t].view(-1, 1, 1, 1)
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn(x0.shape, generator=g), t
-
-
-def timed(fn, repeats):
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+def median_seconds(fn, repeats):
+    return timed(fn, repeats, warmup=fn).seconds
 
 
 def main():
@@ -62,7 +46,7 @@ def main():
     torch.set_num_threads(a.threads)
     model, config, _ = load_checkpoint(a.checkpoint)
     sched = Schedule.from_config(DiffusionConfig.from_dict(config["diffusion"]))
-    x, t = noisy_batch(model, sched, a.batch, seed=1)
+    x, t = calibration_inputs(model.config, sched, a.batch, seed=1)
 
     from torch.ao.quantization import QConfigMapping, get_default_qconfig
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -77,21 +61,20 @@ def main():
         prepared = prepare_fx(copy.deepcopy(model).eval(), qmap, example_inputs=(x[:2], t[:2]))
         with torch.no_grad():
             for k in range(0, a.calib, 128):  # calibration: noisy inputs across timesteps
-                prepared(*noisy_batch(model, sched, 128, seed=100 + k))
+                prepared(*calibration_inputs(model.config, sched, 128, seed=100 + k))
         qmodel = convert_fx(prepared)
 
     with torch.inference_mode():
         ref = model(x, t)
         err = float((qmodel(x, t) - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt())
-        fp32 = timed(lambda: model(x, t), a.repeats)
+        fp32 = median_seconds(lambda: model(x, t), a.repeats)
 
         def bf16():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 model(x, t)
-        tb = timed(bf16, a.repeats)
-        ti = timed(lambda: qmodel(x, t), a.repeats)
-    res = {"checkpoint": a.checkpoint, "cpu": cpu_name(), "threads": a.threads,
-           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "batch": a.batch,
+        tb = median_seconds(bf16, a.repeats)
+        ti = median_seconds(lambda: qmodel(x, t), a.repeats)
+    res = {"checkpoint": a.checkpoint, **environment(), "batch": a.batch,
            "calibration_inputs": a.calib,
            "fp32_s": round(fp32, 4), "bf16_autocast_s": round(tb, 4), "int8_fx_s": round(ti, 4),
            "int8_vs_fp32": round(fp32 / ti, 2), "int8_vs_bf16": round(tb / ti, 2),

@@ -9,28 +9,19 @@ variant tried) against torch eager in fp32 and in bf16 autocast, in the same pro
 """
 
 import json
-import statistics
 import sys
-import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from minidiff.demo import cpu_name  # noqa: E402
+from minidiff.runtime import environment, timed  # noqa: E402
 from minidiff.unet import PRESETS, UNet  # noqa: E402
 
 
 def rate(fn, batch):
-    fn()
-    times = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return round(batch / statistics.median(times), 1)
+    return round(batch / timed(fn, 10, warmup=fn).seconds, 1)
 
 
 import onnxruntime as ort  # noqa: E402
@@ -45,9 +36,7 @@ opts = ort.SessionOptions()
 opts.intra_op_num_threads = torch.get_num_threads()
 sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 feed = {"x": x.numpy(), "t": t.numpy()}
-res = {"date": str(date.today()), "cpu": cpu_name(), "torch": torch.__version__,
-       "onnxruntime": ort.__version__, "threads": torch.get_num_threads(), "batch": 256,
-       "img_per_s": {}}
+res = {**environment(), "onnxruntime": ort.__version__, "batch": 256, "img_per_s": {}}
 res["img_per_s"]["onnxruntime fp32"] = rate(lambda: sess.run(None, feed), 256)
 with torch.inference_mode():
     res["img_per_s"]["torch eager fp32"] = rate(lambda: model(x, t), 256)

@@ -11,7 +11,6 @@ kept, so an interrupted run continues where it stopped.
 import argparse
 import json
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -20,10 +19,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
-from minidiff.demo import cpu_name  # noqa: E402
-from minidiff.diffusion import DiffusionConfig, Schedule  # noqa: E402
+from minidiff.generation import resolve_sampling, time_generation  # noqa: E402
 from minidiff.metrics import Reference, evaluate_images, floor  # noqa: E402
-from minidiff.samplers import generate  # noqa: E402
+from minidiff.runtime import environment  # noqa: E402
+from minidiff.settings import SamplingConfig  # noqa: E402
 
 GRID = [("ddpm", 1000, {}), ("ddpm", 100, {}), ("ddpm", 50, {}), ("ddpm", 20, {}),
         ("ddim", 100, {}), ("ddim", 50, {}), ("ddim", 20, {}), ("ddim", 10, {}),
@@ -49,11 +48,9 @@ model, config, digest = load_checkpoint(args.checkpoint)
 res = json.loads(path.read_text()) if path.is_file() else {}
 if res.get("checkpoint_sha256") != digest or res.get("n") != args.n:
     res = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest, "n": args.n,
-           "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "precision": "bf16", "rows": []}
+           **environment(), "precision": "bf16", "rows": []}
 ref = Reference("mnist", "test")
 res["floor_pseudo_fid"] = floor(ref, args.n)["pseudo_fid"]
-sched = Schedule.from_config(DiffusionConfig.from_dict(config["diffusion"]))
 done = {(r["sampler"], r["steps"], r.get("eta"), r.get("spacing", "uniform"))
         for r in res["rows"]}
 for name, steps, kw in GRID:
@@ -61,10 +58,10 @@ for name, steps, kw in GRID:
     spacing = kw.pop("spacing", "uniform")
     if (name, steps, kw.get("eta"), spacing) in done:
         continue
-    t0 = time.perf_counter()
-    images = generate(model, sched.respace(steps, spacing), args.n, sampler=name, seed=0,
-                      batch_size=250, precision="bf16", **kw)
-    seconds = time.perf_counter() - t0
+    cfg = SamplingConfig(name, steps, spacing, batch_size=250, precision="bf16", **kw)
+    cfg, sched = resolve_sampling(cfg, config, torch.device("cpu"))
+    run = time_generation(model, sched, cfg, args.n)
+    images, seconds = run.result, run.seconds
     m = evaluate_images(images, ref)
     row = {"sampler": name, "steps": steps, "eta": kw.get("eta"), "spacing": spacing,
            "seconds": round(seconds, 1),

@@ -7,6 +7,7 @@ import pytest
 
 from minidiff.cli import main
 from minidiff.diffusion import DiffusionConfig
+from minidiff.settings import SamplingConfig
 from minidiff.train import TrainConfig, train
 
 
@@ -72,6 +73,10 @@ def test_sample_writes_npz_sidecar_and_grid(run_dir, tmp_path, capsys):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["sampler"] == "dpmpp-sde" and meta["spacing"] == "trailing"  # the defaults
     assert meta["steps"] == 4 and meta["seed"] == 0
+    # the whole SamplingConfig, resolved (precision auto -> what ran; no class, no guidance)
+    assert SamplingConfig.from_dict(meta) == SamplingConfig(
+        steps=4, batch_size=2, precision=meta["precision"], guidance=None)
+    assert set(SamplingConfig().to_dict()) <= set(meta)
     assert len(meta["checkpoint_sha256"]) == 64
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
@@ -119,3 +124,15 @@ def test_sample_with_spacing_and_fast_samplers_records_them(run_dir, tmp_path, c
     capsys.readouterr()
     assert main(["sample", str(run_dir), "--eta", "1", "--out", str(tmp_path / "e.npz")]) == 1
     assert "--eta applies to --sampler ddim only" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_start_without_torch(flag):
+    """The parsers read only torch-free modules; the handlers import the library."""
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "minidiff", flag],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip()
+    imported = {line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert {"minidiff.cli", "minidiff.settings"} <= imported
+    assert not [m for m in imported if m.split(".")[0] == "torch"]

@@ -9,12 +9,14 @@ import torch
 from minidiff.cli import main
 from minidiff.diffusion import DiffusionConfig, Schedule
 from minidiff.errors import MinidiffError
-from minidiff.samplers import Guided, generate
-from minidiff.sampling import DEFAULT_GUIDANCE, sample_to_file
+from minidiff.generation import Guided, generate, sample_to_file
+from minidiff.settings import SamplingConfig
 from minidiff.train import TrainConfig, drop_labels, train
 from minidiff.unet import UNet, UNetConfig
 
 COND = UNetConfig(channels=(8, 16), norm_groups=4, time_dim=16, num_classes=10)
+STEPS2 = SamplingConfig(steps=2)
+DEFAULT_GUIDANCE = SamplingConfig().guidance
 
 
 def test_label_dropout_rate_and_null_class():
@@ -82,7 +84,7 @@ def cond_run(tmp_path_factory):
 
 
 def test_class_all_is_balanced_and_sorted(cond_run, tmp_path):
-    meta = sample_to_file(cond_run, tmp_path / "s.npz", n=20, steps=2, classes="all",
+    meta = sample_to_file(cond_run, tmp_path / "s.npz", STEPS2, n=20, classes="all",
                           grid=str(tmp_path / "g.png"), progress=False)
     with np.load(tmp_path / "s.npz") as z:
         assert z["labels"].tolist() == [d for d in range(10) for _ in range(2)]
@@ -96,8 +98,8 @@ def test_class_all_is_balanced_and_sorted(cond_run, tmp_path):
 
 
 def test_single_class(cond_run, tmp_path):
-    sample_to_file(cond_run, tmp_path / "s.npz", n=5, steps=2, classes="7", guidance=3.0,
-                   progress=False)
+    sample_to_file(cond_run, tmp_path / "s.npz", SamplingConfig(steps=2, guidance=3.0), n=5,
+                   classes="7", progress=False)
     with np.load(tmp_path / "s.npz") as z:
         assert z["labels"].tolist() == [7] * 5
 
@@ -106,13 +108,21 @@ def test_single_class(cond_run, tmp_path):
     ({"classes": "all", "n": 15}, "divisible by 10"),
     ({"classes": "12"}, "class id in 0..9"),
     ({"classes": "seven"}, "class id in 0..9"),
-    ({"guidance": 2.0}, "--guidance needs --class"),
     ({"classes": "3", "guidance": -1.0}, "--guidance must be >= 0"),
 ])
 def test_bad_class_requests(cond_run, tmp_path, kw, msg):
+    kw = {"n": 10, **kw}
     with pytest.raises(MinidiffError, match=msg):
-        sample_to_file(cond_run, tmp_path / "s.npz", **{"n": 10, "steps": 2, **kw},
-                       progress=False)
+        cfg = SamplingConfig(steps=2, guidance=kw.pop("guidance", DEFAULT_GUIDANCE))
+        sample_to_file(cond_run, tmp_path / "s.npz", cfg, **kw, progress=False)
+    assert not (tmp_path / "s.npz").exists()
+
+
+def test_guidance_without_class_is_refused(cond_run, tmp_path, capsys):
+    rc = main(["sample", str(cond_run), "--guidance", "2", "--n", "10", "--steps", "2",
+               "--out", str(tmp_path / "s.npz")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err == ["minidiff: error: --guidance needs --class (a digit or all)"]
     assert not (tmp_path / "s.npz").exists()
 
 
@@ -151,7 +161,7 @@ def test_conditional_accuracy_tells_right_labels_from_wrong():
 
 
 def test_eval_cli_reports_conditional_accuracy(cond_run, tmp_path, capsys):
-    sample_to_file(cond_run, tmp_path / "s.npz", n=20, steps=2, classes="all", progress=False)
+    sample_to_file(cond_run, tmp_path / "s.npz", STEPS2, n=20, classes="all", progress=False)
     assert main(["eval", str(tmp_path / "s.npz"), "--json", str(tmp_path / "m.json")]) == 0
     assert "conditional accuracy" in capsys.readouterr().out
     res = json.loads((tmp_path / "m.json").read_text())

@@ -87,6 +87,21 @@ def test_precision_recall_of_a_collapsed_set(ref):
     assert p1 > 0.6 and r1 < 0.3
 
 
+def test_reference_caches_its_knn_radii_on_disk(ref):
+    """The reference's k-NN radii are computed once and kept with its features: a fresh
+    Reference reads them back, and precision/recall with them equals the uncached computation."""
+    from safetensors.torch import load_file
+
+    from minidiff.metrics import K_NN
+
+    cached = load_file(ref.folder / "reference.safetensors")
+    assert torch.equal(cached[f"radii_k{K_NN}"], ref.radii)
+    assert torch.equal(Reference("mnist", "test").radii, ref.radii)
+    fake = ref.features[:500] + 0.1
+    assert precision_recall(fake, ref.features, real_radii=ref.radii) == \
+        precision_recall(fake, ref.features)
+
+
 def test_class_balance_memorisation_and_confidence(ref, train_images):
     seven = ref.images[ref.labels == 7][:1]
     one_digit = evaluate_images(seven.repeat(300, 1, 1), ref)
@@ -118,7 +133,7 @@ def test_tampered_classifier_is_refused(tmp_path, monkeypatch):
 
 def test_eval_cli_prints_table_with_floor_and_writes_json(tmp_path, capsys, ref):
     from minidiff.cli import main
-    from minidiff.sampling import save_samples
+    from minidiff.generation import save_samples
 
     samples = tmp_path / "s.npz"
     save_samples(samples, ref.images[:200].numpy(), {"dataset": "mnist"})

@@ -26,3 +26,11 @@ def test_notebook_runs_in_smoke_mode(tmp_path):
         assert f"\n{name} " in text or text.startswith(name + " "), name
     assert "sparsity after fine-tuning: 0.3" in text
     assert (tmp_path / "runs" / "tour" / "pruned" / "model.safetensors").is_file()
+
+
+def test_notebook_computes_in_the_precision_auto_picks():
+    """A hard-coded bf16 would run ~100x slower on a CPU that only emulates it."""
+    nb = nbformat.read(NB, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert 'resolve_precision("auto"' in code
+    assert '"bf16"' not in code and "'bf16'" not in code and "bfloat16" not in code

@@ -74,8 +74,9 @@ def test_auto_is_bf16_exactly_where_native(monkeypatch):
 def test_no_default_path_runs_bf16(no_native_bf16, tiny_cfg, tmp_path, monkeypatch):
     from minidiff import demo, serve
     from minidiff.cli import main
+    from minidiff.generation import sample_to_file
     from minidiff.metrics import MIN_SAMPLES
-    from minidiff.sampling import sample_to_file
+    from minidiff.settings import SamplingConfig
     from minidiff.study import PRESETS, Study
 
     run = tmp_path / "run"
@@ -84,7 +85,8 @@ def test_no_default_path_runs_bf16(no_native_bf16, tiny_cfg, tmp_path, monkeypat
         # train, sample, eval --model
         train(tiny_cfg, DiffusionConfig(), TrainConfig(steps=2, batch_size=4, subset=8,
                                                        warmup_steps=1), run, progress=False)
-        meta = sample_to_file(run, tmp_path / "s.npz", n=2, steps=2, progress=False)
+        meta = sample_to_file(run, tmp_path / "s.npz", SamplingConfig(steps=2), n=2,
+                              progress=False)
         assert main(["eval", "--model", str(run), "--time-n", "2", "--steps", "2"]) == 0
         # demo (a few steps, few sampling steps)
         monkeypatch.setattr(demo, "DEMO_SAMPLE_STEPS", 2)
@@ -95,7 +97,8 @@ def test_no_default_path_runs_bf16(no_native_bf16, tiny_cfg, tmp_path, monkeypat
         res = bench.run_bench(presets=("reduced",), n=2, batch=2, train_batch=2, steps=1,
                               samplers=("ddim",), anchor=False, log=lambda *_: None)
         # study: a training stage and an evaluation stage
-        study = Study(replace(PRESETS["smoke"], subset=16, n=MIN_SAMPLES, steps=1),
+        study = Study(replace(PRESETS["smoke"], subset=16, n=MIN_SAMPLES,
+                              sampling=SamplingConfig(steps=1)),
                       tmp_path / "study", progress=False, log=lambda *_: None)
         row = study.evaluate("tiny", study.train("t", "reduced", epochs=0.5, lr=1e-3))
         # serve: one request to a shipped model, in this thread

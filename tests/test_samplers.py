@@ -2,7 +2,10 @@ import pytest
 import torch
 
 from minidiff.diffusion import DiffusionConfig, Schedule
-from minidiff.samplers import SAMPLERS, generate, sample_ddpm
+from minidiff.generation import generate, time_generation
+from minidiff.runtime import timed
+from minidiff.samplers import SAMPLERS, sample_ddpm
+from minidiff.settings import SamplingConfig
 from minidiff.unet import UNet
 
 
@@ -49,6 +52,23 @@ def test_ddpm_with_oracle_recovers_a_point_mass():
         assert torch.allclose(out, torch.full_like(out, c), atol=1e-3), steps
 
 
+def test_time_generation_draws_what_generate_draws_for_the_config(tiny_model):
+    sched = Schedule.from_config(DiffusionConfig()).respace(3)
+    cfg = SamplingConfig(sampler="ddim", steps=3, spacing="uniform", eta=0.5, batch_size=2,
+                         seed=4, precision="fp32")
+    run = time_generation(tiny_model, sched, cfg, 5, warmup=2, repeats=2)
+    want = generate(tiny_model, sched, 5, sampler="ddim", eta=0.5, seed=4, batch_size=2)
+    assert torch.equal(run.result, want)
+    assert run.seconds > 0 and run.warmup_seconds > 0
+
+
+def test_timed_warms_up_once_then_takes_the_median():
+    calls = []
+    t = timed(lambda: calls.append("f") or len(calls), 3, warmup=lambda: calls.append("w"))
+    assert calls == ["w", "f", "f", "f"] and t.result == 4 and t.warmup_seconds > 0
+    assert timed(lambda: None).warmup_seconds == 0.0
+
+
 def test_n_must_be_positive(tiny_model):
     with pytest.raises(ValueError, match="n must be >= 1"):
         generate(tiny_model, Schedule.from_config(DiffusionConfig()), 0)
@@ -56,7 +76,7 @@ def test_n_must_be_positive(tiny_model):
 
 def test_compile_falls_back_to_eager_with_a_note(tiny_model, monkeypatch):
     """A machine where torch.compile cannot build gets the eager result and one note."""
-    import minidiff.samplers as samplers_mod
+    import minidiff.generation as generation_mod
 
     def broken_compile(model, **kw):
         def fn(*a):
@@ -64,7 +84,7 @@ def test_compile_falls_back_to_eager_with_a_note(tiny_model, monkeypatch):
         return fn
 
     notes = []
-    monkeypatch.setattr(samplers_mod.torch, "compile", broken_compile)
+    monkeypatch.setattr(generation_mod.torch, "compile", broken_compile)
     monkeypatch.setattr("builtins.print", lambda *a, **k: notes.append(" ".join(map(str, a))))
     sched = Schedule.from_config(DiffusionConfig()).respace(5)
     eager = generate(tiny_model, sched, 5, seed=3, batch_size=2)
@@ -72,6 +92,23 @@ def test_compile_falls_back_to_eager_with_a_note(tiny_model, monkeypatch):
     assert torch.equal(eager, fallback)
     assert notes == ["note: torch.compile failed (CppCompileError: no working C++ compiler); "
                      "running eagerly"]
+
+
+def test_compiled_output_that_disagrees_with_eager_is_dropped(tiny_model, monkeypatch):
+    """A compiler that builds but computes wrong values (NaN, as Inductor's AVX2 code did here
+    under ATEN_CPU_CAPABILITY=avx2) is caught on its first call: eager images and one note."""
+    import minidiff.generation as generation_mod
+
+    def nan_compile(model, **kw):
+        return lambda x, t, y=None: torch.full_like(model(x, t, y), float("nan"))
+
+    notes = []
+    monkeypatch.setattr(generation_mod.torch, "compile", nan_compile)
+    monkeypatch.setattr("builtins.print", lambda *a, **k: notes.append(" ".join(map(str, a))))
+    sched = Schedule.from_config(DiffusionConfig()).respace(5)
+    eager = generate(tiny_model, sched, 5, seed=3, batch_size=2)
+    assert torch.equal(eager, generate(tiny_model, sched, 5, seed=3, batch_size=2, compile=True))
+    assert len(notes) == 1 and notes[0].startswith("note: torch.compile disagreed with eager")
 
 
 def test_compiled_sampling_matches_eager(tiny_model):

@@ -160,17 +160,17 @@ def test_a_second_request_while_one_runs_is_answered_busy_at_once(monkeypatch):
     come from waiting for it; then the first is released and completes."""
     import uvicorn
 
-    from minidiff import samplers
+    from minidiff import generation
 
     started, release = threading.Event(), threading.Event()
-    sample = samplers.generate
+    sample = generation.generate
 
     def held(*args, **kwargs):
         started.set()
         release.wait(10)
         return sample(*args, **kwargs)
 
-    monkeypatch.setattr(samplers, "generate", held)
+    monkeypatch.setattr(generation, "generate", held)
     port = _free_port()
     app = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port,
                                         log_level="warning"))

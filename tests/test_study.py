@@ -88,6 +88,10 @@ def test_readme_table_is_the_committed_results_json():
     root = Path(__file__).resolve().parents[1]
     rows = json.loads((root / "results" / "study" / "results.json").read_text())
     assert readme_table(rows) in (root / "README.md").read_text()
+    assert readme_table(rows) in (root / "docs" / "study.md").read_text()
+    fashion = json.loads((root / "results" / "fashion" / "study-quick" / "results.json")
+                         .read_text())
+    assert readme_table(fashion) in (root / "docs" / "datasets.md").read_text()
     # and the shipped models are the study's, by name: an fp16 copy of the evaluated weights
     # (which records their SHA-256), or the evaluated file itself
     by = {r["model"]: r for r in rows}

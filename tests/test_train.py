@@ -8,7 +8,7 @@ from minidiff.checkpoint import load_checkpoint, load_state
 from minidiff.data import load_split, to_model_range
 from minidiff.diffusion import DiffusionConfig, EpsilonLoss, Schedule
 from minidiff.errors import CheckpointError, MinidiffError
-from minidiff.train import TrainConfig, lr_at, train
+from minidiff.train import TrainConfig, lr_at, train, train_config
 from minidiff.unet import UNet
 
 FAST = dict(batch_size=32, subset=256, precision="fp32", device="cpu", warmup_steps=5,
@@ -147,3 +147,16 @@ def test_lr_schedule_warms_up_then_decays():
 def test_train_config_validation(kwargs, msg):
     with pytest.raises(MinidiffError, match=msg):
         TrainConfig(**kwargs)
+
+
+def test_recipe_fills_what_the_flags_leave_open():
+    """`train --init CKPT --recipe NAME`: the recipe's epochs and lr unless given; --steps
+    replaces the recipe's epochs; no recipe without --init."""
+    r = train_config("reduced", init="ckpt")
+    assert (r.epochs, r.steps, r.lr) == (10, None, 1e-5)
+    r = train_config("pruned", init="ckpt", steps=7, lr=None)
+    assert (r.epochs, r.steps, r.lr) == (None, 7, 1e-4)
+    assert train_config("shallow", init="ckpt", epochs=2.0, lr=3e-3).lr == 3e-3
+    assert train_config(None, epochs=None, lr=None) == TrainConfig()
+    with pytest.raises(MinidiffError, match="--recipe is a fine-tuning recipe"):
+        train_config("pruned", init=None)

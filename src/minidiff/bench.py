@@ -7,8 +7,9 @@ not the data pipeline's); each rate is the median of several timed repetitions a
 
 from __future__ import annotations
 
-import statistics
-import time
+import json
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -16,16 +17,20 @@ from torch import nn
 
 from .diffusion import DiffusionConfig, EpsilonLoss, Schedule
 from .errors import MinidiffError
+from .generation import time_generation, to_uint8
+from .io import atomic_write_text
 from .runtime import (
     autocast_context,
     cpu_bf16_native,
     environment,
     environment_line,
     resolve_precision,
+    timed,
 )
-from .samplers import SAMPLERS, generate
-from .sampling import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS
-from .unet import PRESETS, UNet, count_params
+from .settings import SAMPLER_NAMES, SamplingConfig
+from .unet import PRESETS, UNet, count_macs, count_params
+
+DEFAULT = SamplingConfig()  # `minidiff sample`'s sampler, steps and spacing
 
 # diffusers' schedulers beside ours, at the same number of network evaluations
 DIFFUSERS_SCHEDULERS = {"ddpm": ("DDPMScheduler", {}),
@@ -35,38 +40,14 @@ DIFFUSERS_SCHEDULERS = {"ddpm": ("DDPMScheduler", {}),
                                       {"algorithm_type": "sde-dpmsolver++"})}
 
 
-def _timed(fn: Callable[[], object], reps: int) -> tuple[float, float]:
-    """``(median seconds of reps calls, seconds of the untimed warm-up call before them)``; the
-    warm-up pays kernel selection, allocation and, when compiled, compilation."""
-    t0 = time.perf_counter()
-    fn()
-    warm = time.perf_counter() - t0
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), warm
-
-
 def _median_seconds(fn: Callable[[], object], reps: int) -> float:
-    return _timed(fn, reps)[0]
+    return timed(fn, reps, warmup=fn).seconds
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     """Measured GFLOP/s of an ``n x n`` matmul in ``dtype``: the machine's practical peak."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n ** 3 / _median_seconds(lambda: a @ b, reps) / 1e9
-
-
-def forward_macs(net: nn.Module, shape=(1, 1, 28, 28)) -> int:
-    """Multiply-accumulates of one forward pass on one image (PyTorch's FLOP counter / 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        net(torch.zeros(shape), torch.zeros(shape[0], dtype=torch.long))
-    return counter.get_total_flops() // 2
 
 
 class DiffusersEps(nn.Module):
@@ -105,17 +86,12 @@ def train_rate(net: nn.Module, batch: int, precision: str, reps: int = 8) -> flo
     return batch / _median_seconds(step, reps)
 
 
-def sample_seconds_ours(net: nn.Module, sampler: str, steps: int, n: int, batch: int,
-                        precision: str, spacing: str = DEFAULT_SPACING,
+def sample_seconds_ours(net: nn.Module, cfg: SamplingConfig, n: int,
                         compile: bool = False) -> tuple[float, float]:
     """``(seconds for n samples, seconds of the first run)``: compiled, the first run compiles."""
-    sched = Schedule.from_config(DiffusionConfig()).respace(steps, spacing)
-    if compile:
-        from .samplers import CompiledOrEager
-
-        net = CompiledOrEager(net)
-    return _timed(lambda: generate(net, sched, n, sampler=sampler, batch_size=batch,
-                                   precision=precision), 3)
+    sched = Schedule.from_config(DiffusionConfig()).respace(cfg.steps, cfg.spacing)
+    run = time_generation(net, sched, cfg, n, warmup=n, repeats=3, compile=compile)
+    return run.seconds, run.warmup_seconds
 
 
 def sample_seconds_diffusers(net: DiffusersEps, sampler: str, steps: int, n: int, batch: int,
@@ -137,10 +113,11 @@ def sample_seconds_diffusers(net: DiffusersEps, sampler: str, steps: int, n: int
                 for t in sched.timesteps:
                     x = sched.step(net.net(x, t).sample.float(), t, x,
                                    generator=gen).prev_sample
-                ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                to_uint8(x)
 
     net.eval()
-    return _timed(run, 3)
+    t = timed(run, 3, warmup=run)
+    return t.seconds, t.warmup_seconds
 
 
 def measure_peaks(precisions=("fp32", "bf16")) -> dict[str, float | None]:
@@ -152,8 +129,8 @@ def measure_peaks(precisions=("fp32", "bf16")) -> dict[str, float | None]:
 
 
 def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch: int = 250,
-              train_batch: int = 128, steps: int = DEFAULT_STEPS, precision: str = "auto",
-              samplers=tuple(SAMPLERS), anchor: bool = True, compile_: bool = False,
+              train_batch: int = 128, steps: int = DEFAULT.steps, precision: str = "auto",
+              samplers=SAMPLER_NAMES, anchor: bool = True, compile_: bool = False,
               log=print) -> dict:
     """All jobs in one run -> a JSON-able dict with rates, FLOP efficiency and ratios.
 
@@ -168,7 +145,7 @@ def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch
     env = environment()
     res = {**env, "precision": precision, "sample_n": n,
            "sample_batch": batch, "train_batch": train_batch, "steps": steps,
-           "spacing": DEFAULT_SPACING, "rows": []}
+           "spacing": DEFAULT.spacing, "rows": []}
     res["peak_gflops"] = measure_peaks()
     log(f"matmul peak GFLOP/s: {res['peak_gflops']}", res)
     if anchor:
@@ -186,7 +163,7 @@ def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch
         if anchor:
             nets.append(("diffusers", DiffusersEps(cfg.channels, cfg.norm_groups)))
         for impl, net in nets:
-            macs = forward_macs(net)
+            macs = count_macs(net, (1, 1, 28, 28))
             # the anchor is timed in fp32 and in bf16 and keeps its faster (its bf16 autocast
             # hits slow CPU paths); minidiff runs in the precision asked for
             precs = (precision,) if impl == "minidiff" else tuple(dict.fromkeys(
@@ -203,10 +180,11 @@ def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch
             for sampler in samplers:
                 if impl == "diffusers" and sampler not in DIFFUSERS_SCHEDULERS:
                     continue
-                compiled_too = impl == "minidiff" and compile_ and sampler == DEFAULT_SAMPLER
+                compiled_too = impl == "minidiff" and compile_ and sampler == DEFAULT.sampler
                 for comp in (False, True) if compiled_too else (False,):
+                    cfg = replace(DEFAULT, sampler=sampler, steps=steps, batch_size=batch)
                     (sec, first), prec = min(
-                        ((sample_seconds_ours(net, sampler, steps, n, batch, p, compile=comp)
+                        ((sample_seconds_ours(net, replace(cfg, precision=p), n, compile=comp)
                           if impl == "minidiff" else
                           sample_seconds_diffusers(net, sampler, steps, n, batch, p)), p)
                         for p in precs)
@@ -226,6 +204,25 @@ def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch
             if peer:
                 r["vs_diffusers"] = round(r["img_per_s"] / peer["img_per_s"], 2)
     return res
+
+
+def write_bench(out: str | Path, command: str, **kw) -> tuple[Path, Path]:
+    """:func:`run_bench` (``kw``) into the folder ``out``: each measurement is printed and kept
+    in ``bench.partial.json`` as it comes (a stopped run keeps what it measured), then
+    ``bench.json`` and ``bench.md`` (:func:`report`, naming ``command``) replace it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "bench.partial.json"
+
+    def log(row, res):
+        print(json.dumps(row) if isinstance(row, dict) else row, flush=True)
+        atomic_write_text(partial, json.dumps(res, indent=2) + "\n")
+
+    res = run_bench(log=log, **kw)
+    partial.unlink(missing_ok=True)
+    atomic_write_text(out / "bench.json", json.dumps(res, indent=2) + "\n")
+    atomic_write_text(out / "bench.md", report(res, command))
+    return out / "bench.json", out / "bench.md"
 
 
 def report(res: dict, command: str) -> str:
@@ -251,7 +248,7 @@ def report(res: dict, command: str) -> str:
                      f"{r['peak_fraction']:.0%} | "
                      f"{str(r['vs_diffusers']) + 'x' if 'vs_diffusers' in r else ''} |")
     lines += ["", "## Targets (issue 4)", ""]
-    default_job = f"sample {DEFAULT_SAMPLER}-{res['steps']}"
+    default_job = f"sample {DEFAULT.sampler}-{res['steps']}"
     for r in (r for r in res["rows"] if r["impl"] == "minidiff"):
         what = f"{r['preset']} {r['job']}"
         if r["preset"] == "baseline" and r["job"] in ("train", default_job):

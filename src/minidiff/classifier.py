@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -164,6 +164,15 @@ def save_classifier(model: Classifier, card: dict, folder: Path | None = None) -
     return path
 
 
+def retrain(dataset: str, *, epochs: int | None = None, data_dir=None,
+            out: str | Path | None = None) -> tuple[Path, dict]:
+    """Rebuild the shipped classifier of ``dataset`` from its recipe (``epochs``, if given,
+    replacing the recipe's) into ``out`` (default: the package's assets) -> (weights, card)."""
+    recipe = RECIPES[dataset] if not epochs else replace(RECIPES[dataset], epochs=epochs)
+    model, card = train_classifier(recipe, data_dir)
+    return save_classifier(model, card, Path(out) if out else None), card
+
+
 _CACHE: dict[tuple[str, str], tuple[Classifier, dict]] = {}
 
 
@@ -189,6 +198,14 @@ def load_classifier(dataset: str = "mnist", folder: Path | None = None):
     model.eval().requires_grad_(False)
     _CACHE[key] = (model, card)
     return model, card
+
+
+def shipped_accuracy(dataset: str = "mnist", data_dir=None) -> tuple[float, int, dict]:
+    """The shipped classifier's accuracy on ``dataset``'s test split -> (accuracy, images,
+    card)."""
+    model, card = load_classifier(dataset)
+    x, y = load_split(dataset, "test", data_dir)
+    return accuracy(model, x, y), len(x), card
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_checkpoint, resolve, save_model
-from .diffusion import DiffusionConfig, Schedule
+from .diffusion import DiffusionConfig, Schedule, q_sample
 from .errors import MinidiffError
 from .unet import UNet, UNetConfig, count_macs, count_params, width_names
 
@@ -156,17 +156,21 @@ def prune_checkpoint(checkpoint, out, *, structured: float | None = None,
     return record
 
 
-@torch.no_grad()
-def output_error(a: nn.Module, b: nn.Module, config: dict, n: int = 256, seed: int = 0) -> float:
-    """Relative RMS difference of two noise predictors on ``n`` calibration inputs: real-sized
-    noisy images across all timesteps (x_t of Gaussian x_0 at t spread over the schedule)."""
-    sched = Schedule.from_config(DiffusionConfig.from_dict(config["diffusion"]))
-    cfg = a.config
+def calibration_inputs(cfg: UNetConfig, sched: Schedule, n: int, seed: int = 0):
+    """``n`` inputs a noise predictor meets while sampling: ``x_t: [n x C x H x W]`` of Gaussian
+    ``x_0`` (clipped to the data range) at timesteps ``t: [n]`` spread over the schedule."""
     g = torch.Generator().manual_seed(seed)
     x0 = torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g).clamp(-1, 1)
     t = torch.linspace(0, len(sched) - 1, n).long()
-    ab = sched.alpha_bar.float()[t].view(-1, 1, 1, 1)
-    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn(x0.shape, generator=g)
+    return q_sample(sched, x0, t, torch.randn(x0.shape, generator=g)), t
+
+
+@torch.no_grad()
+def output_error(a: nn.Module, b: nn.Module, config: dict, n: int = 256, seed: int = 0) -> float:
+    """Relative RMS difference of two noise predictors on ``n`` calibration inputs
+    (:func:`calibration_inputs`)."""
+    sched = Schedule.from_config(DiffusionConfig.from_dict(config["diffusion"]))
+    xt, t = calibration_inputs(a.config, sched, n, seed)
     ea, eb = a(xt, t), b(xt, t)
     return float((ea - eb).pow(2).mean().sqrt() / ea.pow(2).mean().sqrt())
 

@@ -267,6 +267,17 @@ def dataset_status(name: str, data_dir=None) -> dict:
             "error": "; ".join(errors) or None}
 
 
+def status_table(rows: list[dict]) -> str:
+    """:func:`dataset_status` rows as the lines `minidiff data list` prints."""
+    lines = []
+    for r in rows:
+        state = "verified" if r["verified"] else ("NOT FOUND" if r["found"] is None else "FAILED")
+        lines.append(f"{r['name']:<14} {state:<9} {r['found'] or ''}")
+        if r["error"]:
+            lines.append(f"{'':<14} {r['error']}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- batches
 
 

@@ -13,10 +13,11 @@ import torch
 from .checkpoint import CONFIG_FILE
 from .diffusion import DiffusionConfig
 from .errors import MinidiffError
+from .generation import load_samples, sample_to_file
 from .io import atomic_write_text
 from .metrics import MIN_SAMPLES, evaluate
 from .runtime import cpu_name, resolve_device, resolve_precision
-from .sampling import load_samples, sample_to_file
+from .settings import SamplingConfig
 from .train import TrainConfig, train
 from .unet import PRESETS, UNet, count_params
 
@@ -51,9 +52,8 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, n: int 
     timings["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    meta = sample_to_file(out, out / "samples.npz", n=n, sampler="ddpm", steps=DEMO_SAMPLE_STEPS,
-                          spacing="uniform", seed=0, precision="auto",
-                          grid=str(out / "grid.png"))
+    sampling = SamplingConfig(sampler="ddpm", steps=DEMO_SAMPLE_STEPS, spacing="uniform")
+    meta = sample_to_file(out, out / "samples.npz", sampling, n=n, grid=str(out / "grid.png"))
     timings["sample"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

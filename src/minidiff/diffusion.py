@@ -11,8 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-SCHEDULES = ("linear", "cosine")
-SPACINGS = ("uniform", "trailing", "quadratic")
+from .settings import SCHEDULES, SPACINGS
 
 
 @dataclass(frozen=True)

@@ -3,36 +3,29 @@
 from __future__ import annotations
 
 import resource
-import time
 
 import torch
 
 from .checkpoint import load_checkpoint, resolve
-from .runtime import cpu_name, resolve_device, resolve_precision
-from .samplers import generate
-from .sampling import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, sampling_schedule
+from .generation import resolve_sampling, time_generation
+from .runtime import cpu_name, resolve_device
+from .settings import SamplingConfig
 from .unet import count_macs, count_params
 
 
-def efficiency(checkpoint, *, sampler: str = DEFAULT_SAMPLER, steps: int | None = DEFAULT_STEPS,
-               spacing: str = DEFAULT_SPACING,
-               time_n: int = 256, batch_size: int = 256, precision: str = "auto",
+def efficiency(checkpoint, cfg: SamplingConfig | None = None, *, time_n: int = 256,
                device: str = "auto") -> dict:
-    """Measure ``checkpoint``; the 10,000-sample time is measured on ``time_n`` samples and
-    scaled linearly (exact when ``time_n`` = 10,000)."""
+    """Measure ``checkpoint`` sampled as ``cfg`` says (default: the defaults); the
+    10,000-sample time is measured on ``time_n`` samples, after a warm-up of 8, and scaled
+    linearly (exact when ``time_n`` = 10,000)."""
     dev = resolve_device(device)
     model, config, _ = load_checkpoint(checkpoint, dev)
     weights, _ = resolve(checkpoint)
-    sched, steps = sampling_schedule(config, steps, spacing)
-    prec = resolve_precision(precision, dev)
-    generate(model, sched, min(8, time_n), sampler=sampler, batch_size=batch_size,
-             precision=prec, device=dev)  # warm-up (kernel selection, allocator)
+    cfg, sched = resolve_sampling(cfg or SamplingConfig(), config, dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    generate(model, sched, time_n, sampler=sampler, batch_size=batch_size, precision=prec,
-             device=dev)
-    seconds = time.perf_counter() - t0
+    # the warm-up (8 images) peaks below the timed run, so the peak is the timed run's
+    seconds = time_generation(model, sched, cfg, time_n, device=dev, warmup=8).seconds
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {
@@ -41,11 +34,11 @@ def efficiency(checkpoint, *, sampler: str = DEFAULT_SAMPLER, steps: int | None 
         "macs_per_forward": count_macs(model.cpu()),
         "peak_memory_mb": round(peak, 1),
         "peak_memory_kind": "CUDA allocated" if dev.type == "cuda" else "process max RSS",
-        "sampler": sampler,
-        "steps": steps,
-        "spacing": spacing,
-        "precision": prec,
-        "batch_size": batch_size,
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "spacing": cfg.spacing,
+        "precision": cfg.precision,
+        "batch_size": cfg.batch_size,
         "timed_samples": time_n,
         "timed_seconds": round(seconds, 2),
         "seconds_per_10k": round(seconds * 10000 / time_n, 1),

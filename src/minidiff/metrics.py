@@ -77,6 +77,9 @@ def kernel_distance(a: torch.Tensor, b: torch.Tensor, subsets: int = 50, seed: i
     return float(mean)
 
 
+K_NN = 3  # k of the k-NN manifolds behind precision and recall
+
+
 def _knn_radii(x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
     """Distance from each row of ``x`` to its k-th nearest other row."""
     out = []
@@ -96,10 +99,14 @@ def _covered(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor,
     return torch.cat(out)
 
 
-def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = 3) -> tuple[float, float]:
-    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifolds."""
+def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = K_NN,
+                     real_radii: torch.Tensor | None = None) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifolds;
+    ``real_radii`` (``_knn_radii(real, k)``, e.g. a :class:`Reference`'s cached ``radii``)
+    skips recomputing the real set's radii, the costliest step for a 10,000-image reference."""
     fake, real = fake.float(), real.float()
-    precision = _covered(fake, real, _knn_radii(real, k)).float().mean().item()
+    radii = _knn_radii(real, k) if real_radii is None else real_radii
+    precision = _covered(fake, real, radii).float().mean().item()
     recall = _covered(real, fake, _knn_radii(fake, k)).float().mean().item()
     return precision, recall
 
@@ -145,7 +152,8 @@ def _cache_key(dataset: str, reference: str) -> str:
 
 
 class Reference:
-    """A reference split with its classifier features and the memorisation threshold, cached."""
+    """A reference split with its classifier features, the k-NN radii of those features
+    (precision/recall) and the memorisation threshold, cached on disk."""
 
     def __init__(self, dataset: str = "mnist", reference: str = "test", data_dir=None):
         self.dataset, self.reference = dataset, reference
@@ -154,8 +162,8 @@ class Reference:
         self.train_images, _ = load_split(dataset, "train", data_dir)
         folder = cache_dir() / "reference" / _cache_key(dataset, reference)
         cached = folder / "reference.safetensors"
-        if cached.is_file():
-            t = load_file(cached)
+        t = load_file(cached) if cached.is_file() else {}
+        if "features" in t:
             self.features, self.threshold = t["features"], float(t["threshold"])
         else:
             self.features, _ = features_and_logits(self.classifier, self.images)
@@ -163,10 +171,14 @@ class Reference:
             test, _ = load_split(dataset, "test", data_dir)
             d, _ = nearest(test, self.train_images)
             self.threshold = torch.quantile(d, 0.05).item()
+        self.radii = t.get(f"radii_k{K_NN}")
+        if self.radii is None:  # also for caches written before the radii were kept
+            self.radii = _knn_radii(self.features.float(), K_NN)
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / ".reference.tmp"
             save_file({"features": self.features.contiguous(),
-                       "threshold": torch.tensor(self.threshold)}, str(tmp))
+                       "threshold": torch.tensor(self.threshold),
+                       f"radii_k{K_NN}": self.radii.contiguous()}, str(tmp))
             tmp.replace(cached)
         self.folder = folder
 
@@ -176,7 +188,7 @@ def evaluate_images(images: torch.Tensor, ref: Reference, seed: int = 0) -> dict
     feats, logits = features_and_logits(ref.classifier, images)
     probs = logits.softmax(1)
     hist = torch.bincount(probs.argmax(1), minlength=10).float() / len(images)
-    precision, recall = precision_recall(feats, ref.features)
+    precision, recall = precision_recall(feats, ref.features, real_radii=ref.radii)
     g = torch.Generator().manual_seed(seed)
     paired = ref.images[torch.randint(0, len(ref.images), (len(images),), generator=g)]
     _, nn_ref = nearest(images, ref.images)
@@ -257,3 +269,29 @@ def evaluate(images: torch.Tensor, dataset: str = "mnist", reference: str = "tes
     if with_floor:
         out["floor"] = floor(ref, len(images), seed)
     return out
+
+
+# each metric of the table and which way is better (docs/metrics.md)
+TABLE = (("pseudo_fid", "lower"), ("kid", "lower"), ("precision", "higher"),
+         ("recall", "higher"), ("ssim", "see docs"), ("ssim_nearest", "see docs"),
+         ("class_max_dev", "lower"), ("confidence", "higher"), ("memorization", "lower"))
+
+
+def metrics_table(res: dict, floor: dict | None = None, label: str = "samples") -> str:
+    """:func:`evaluate`'s result as the text table `minidiff eval` prints: each metric beside its
+    real-data ``floor``, the class histogram, and for a conditional sample file its per-class
+    accuracy and pseudo-FID."""
+    lines = [f"{'metric':<14} {label:>10} {'real floor' if floor else '':>11}  better"]
+    for key, better in TABLE:
+        f = f"{floor[key]:>11.4f}" if floor else f"{'':>11}"
+        lines.append(f"{key:<14} {res[key]:>10.4f} {f}  {better}")
+    lines.append(f"{'classes 0-9':<14} {' '.join(f'{v:.3f}' for v in res['class_histogram'])}")
+    lines.append(f"n = {res['n']}")
+    if "conditional_accuracy" in res:
+        lines += ["", "conditional accuracy (the classifier agrees with the requested class): "
+                  f"{res['conditional_accuracy']:.4f}",
+                  f"{'class':>5} {'n':>6} {'accuracy':>9} {'pseudo-FID':>11}"]
+        for c, e in res["per_class"].items():
+            fid = f"{e['pseudo_fid']:.3f}" if "pseudo_fid" in e else "(n<10)"
+            lines.append(f"{c:>5} {e['n']:>6} {e['accuracy']:>9.4f} {fid:>11}")
+    return "\n".join(lines)

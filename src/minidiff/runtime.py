@@ -2,7 +2,8 @@
 environment record written beside every measurement.
 
 This module sits below everything that computes (training, sampling, evaluation, benchmarks,
-the study, the web page) and imports nothing else of the package but its errors.
+the study, the web page) and imports nothing else of the package but its errors and the names
+of its choices (:mod:`minidiff.settings`).
 
 bf16 pays on a CPU only where it is native (AVX512-BF16 or AMX); elsewhere oneDNN emulates it at
 about 1% of the fp32 speed. ``--precision auto`` therefore asks what torch will actually run, not
@@ -17,15 +18,16 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import statistics
+import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from .errors import MinidiffError
-
-PRECISIONS = ("auto", "fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
+from .settings import DEVICES, PRECISIONS, check_choice
 
 # oneDNN ISA names (ONEDNN_MAX_CPU_ISA) at or above which bf16 runs natively
 _ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
@@ -35,8 +37,7 @@ _ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX",
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` | ``cpu`` | ``cuda`` -> a device; ``cuda`` without a GPU is an error."""
-    if name not in DEVICES:
-        raise MinidiffError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")
+    check_choice("device", name, DEVICES)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -99,8 +100,7 @@ def bf16_native(device: torch.device) -> bool:
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` where bf16 is native on ``device``, else ``fp32``; an explicit
     ``fp32``/``bf16`` is kept (bf16 on a CPU without it is correct but ~100x slower)."""
-    if name not in PRECISIONS:
-        raise MinidiffError(f"--precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
+    check_choice("precision", name, PRECISIONS)
     if name != "auto":
         return name
     return "bf16" if bf16_native(device) else "fp32"
@@ -139,3 +139,26 @@ def environment_line(env: dict | None = None) -> str:
     return (f"{env['date']}, {env['cpu']} ({env['cpu_capability']}, bf16 "
             f"{'native' if env['bf16_native'] else 'emulated'}), {env['threads']} threads, "
             f"torch {env['torch']}")
+
+
+class Timing(NamedTuple):
+    seconds: float  # the median of the timed calls
+    warmup_seconds: float  # the untimed warm-up call (0 without one)
+    result: Any  # what the last timed call returned
+
+
+def timed(fn: Callable[[], Any], repeats: int = 1, warmup: Callable[[], Any] | None = None
+          ) -> Timing:
+    """Wall time of ``fn``: the median of ``repeats`` calls, after one untimed call of ``warmup``
+    (often ``fn`` itself: it pays kernel selection, allocation and any compilation)."""
+    first = 0.0
+    if warmup is not None:
+        t0 = time.perf_counter()
+        warmup()
+        first = time.perf_counter() - t0
+    times, result = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), first, result)

@@ -1,9 +1,11 @@
-"""Samplers: pure functions with one signature, and a batched driver.
+"""Samplers: pure functions with one signature, and their registry.
 
 Every sampler is ``sampler(model, x, sched, *, y=None, generator=None, callback=None) -> x0``
 where ``x: [N x C x H x W]`` is the starting noise ``x_T``, ``sched`` a (possibly respaced)
 :class:`~minidiff.diffusion.Schedule`, and the result lies in ``[-1, 1]``. Adding a sampler means
-writing one function here and adding it to :data:`SAMPLERS`.
+writing one function here and adding it to :data:`SAMPLERS` (and its name to
+:data:`minidiff.settings.SAMPLER_NAMES`, which the command line offers without importing torch).
+The batched driver that runs them is :func:`minidiff.generation.generate`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from typing import Callable
 import torch
 
 from .diffusion import Schedule, gather
-from .runtime import autocast_context
 
 
 @torch.no_grad()
@@ -136,104 +137,3 @@ def sample_dpmpp_2m_sde(model, x, sched: Schedule, *, y=None, generator=None, ca
 
 SAMPLERS: dict[str, Callable] = {"ddpm": sample_ddpm, "ddim": sample_ddim,
                                  "dpmpp": sample_dpmpp_2m, "dpmpp-sde": sample_dpmpp_2m_sde}
-
-
-class Guided(torch.nn.Module):
-    """Classifier-free guidance (Ho & Salimans 2022) around a class-conditional noise predictor:
-    ``eps = eps(x, t, null) + scale * (eps(x, t, y) - eps(x, t, null))``, both terms from one
-    forward pass over the ``2N`` batch. ``scale`` 0 is unconditional, 1 plain conditional, > 1
-    trades diversity for class fidelity. Works with every sampler (they only see a model)."""
-
-    def __init__(self, model: torch.nn.Module, scale: float):
-        super().__init__()
-        self.model, self.scale = model, float(scale)
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def forward(self, x, t, y=None):
-        """``x: [N x C x H x W]``, ``t: [N]``, ``y: [N]`` -> guided ``eps: [N x C x H x W]``."""
-        if y is None:
-            return self.model(x, t, None)
-        null = torch.full_like(y, self.model.config.num_classes)
-        eps_c, eps_u = self.model(torch.cat([x, x]), torch.cat([t, t]),
-                                  torch.cat([y, null])).float().chunk(2)
-        return eps_u + self.scale * (eps_c - eps_u)
-
-
-class CompiledOrEager(torch.nn.Module):
-    """``torch.compile`` of a noise predictor that falls back to eager execution, once and with a
-    note, when compiling fails on this machine (no C++ compiler, unsupported backend...).
-
-    The graph is compiled for the first batch size seen; smaller batches (a last partial one)
-    are padded to it inside ``forward`` so they reuse that graph instead of compiling another.
-    """
-
-    def __init__(self, model: torch.nn.Module, warn: Callable[[str], None] | None = None):
-        super().__init__()
-        self.model, self.warn, self.failed, self.batch = model, warn, False, None
-        self.compiled = torch.compile(model, dynamic=False)
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def forward(self, x, t, y=None):
-        if not self.failed:
-            n = x.shape[0]
-            self.batch = self.batch or n
-            pad = self.batch - n
-            if pad > 0:
-                x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
-                t = torch.cat([t, t[:1].expand(pad)])
-                y = None if y is None else torch.cat([y, y[:1].expand(pad)])
-            try:
-                return self.compiled(x, t, y)[:n]
-            except Exception as e:  # compiler back-ends raise many types; eager is always right
-                self.failed = True
-                msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                (self.warn or print)(f"note: torch.compile failed ({msg}); running eagerly")
-                x, t, y = x[:n], t[:n], None if y is None else y[:n]
-        return self.model(x, t, y)
-
-
-def generate(model, sched: Schedule, n: int, *, sampler: str = "ddpm", seed: int = 0,
-             batch_size: int = 256, y: torch.Tensor | None = None, precision: str = "fp32",
-             device: torch.device | str = "cpu", progress: Callable[[int], None] | None = None,
-             compile: bool = False, guidance: float | None = None, **sampler_kwargs):
-    """Draw ``n`` samples in batches -> uint8 ``[n x H x W]`` (one channel) or ``[n x C x H x W]``.
-
-    The noise of sample ``k`` depends only on ``seed`` and ``k``'s batch, so results are
-    reproducible for a given ``batch_size``. ``compile=True`` runs the network through
-    ``torch.compile`` (falling back to eager if that fails); results then match eager ones up
-    to floating-point rounding, not bit for bit. With labels ``y: [n]`` and ``guidance``, a
-    class-conditional model is sampled with classifier-free guidance of that scale.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    fn = SAMPLERS[sampler]
-    device = torch.device(device)
-    cfg = model.config
-    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    model.eval()
-    net = Guided(model, guidance) if y is not None and guidance is not None else model
-    net = CompiledOrEager(net) if compile else net
-    out = []
-    with torch.inference_mode(), autocast_context(device, precision):
-        for start in range(0, n, batch_size):
-            b = min(batch_size, n - start)
-            x = torch.randn((b, *shape), device=device, generator=gen)
-            yb = None if y is None else y[start:start + b].to(device)
-            x0 = fn(net, x, sched, y=yb, generator=gen, **sampler_kwargs)
-            out.append(to_uint8(x0).cpu())
-            if progress is not None:
-                progress(b)
-    images = torch.cat(out)
-    return images[:, 0] if shape[0] == 1 else images
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in ``[-1, 1]`` -> uint8 in ``[0, 255]`` (round to nearest)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -25,13 +25,15 @@ be another tab's first).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import threading
 import time
-from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
+
+from .settings import SAMPLER_NAMES, SamplingConfig
 
 MAX_IMAGES = 64
 MAX_STEPS = 1000
@@ -39,6 +41,7 @@ MAX_GUIDANCE = 10.0
 MAX_BODY_BYTES = 64 * 1024
 TRAJECTORY_FRAMES = 8
 BUSY = "busy: one request runs at a time; retry when it finishes"
+DEFAULTS = SamplingConfig(batch_size=MAX_IMAGES)  # a request is sampled as one batch
 
 
 class RequestError(ValueError):
@@ -62,7 +65,7 @@ class Deadline(Exception):
     pass
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class GenerateRequest:
     """One validated ``/api/generate`` body."""
 
@@ -77,8 +80,6 @@ class GenerateRequest:
     @classmethod
     def parse(cls, body: dict, models: dict[str, dict]) -> "GenerateRequest":
         """Validate a JSON body; raises :class:`RequestError` naming the field and the fix."""
-        from .samplers import SAMPLERS
-
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
 
@@ -91,10 +92,11 @@ class GenerateRequest:
         model = body.get("model")
         if model not in models:
             raise RequestError(f"model must be one of {', '.join(models)}, got {model!r}")
-        sampler = body.get("sampler", "dpmpp-sde")
-        if sampler not in SAMPLERS:
-            raise RequestError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        steps = integer("steps", 1, MAX_STEPS, 8)
+        sampler = body.get("sampler", DEFAULTS.sampler)
+        if sampler not in SAMPLER_NAMES:
+            raise RequestError(f"sampler must be one of {', '.join(SAMPLER_NAMES)}, "
+                               f"got {sampler!r}")
+        steps = integer("steps", 1, MAX_STEPS, DEFAULTS.steps)
         n = integer("n", 1, MAX_IMAGES, 16)
         seed = integer("seed", 0, 2**31 - 1, 0)
         info = models[model]
@@ -110,13 +112,16 @@ class GenerateRequest:
             if c is None:
                 g = None
             elif g is None:
-                from .sampling import DEFAULT_GUIDANCE
-
-                g = DEFAULT_GUIDANCE
+                g = DEFAULTS.guidance
         elif c is not None or g is not None:
             raise RequestError(f"{model} is unconditional: class and guidance need a "
                                "conditional model (e.g. reduced-cond)")
         return cls(model, sampler, steps, n, seed, c, g)
+
+    def sampling(self) -> SamplingConfig:
+        """How this request is sampled: its fields over the defaults."""
+        return dataclasses.replace(DEFAULTS, sampler=self.sampler, steps=self.steps,
+                                   seed=self.seed, guidance=self.guidance)
 
 
 def _png(images: np.ndarray, nrow: int) -> str:
@@ -170,15 +175,12 @@ class ModelPool:
     def _sample(self, req: GenerateRequest) -> dict:
         import torch
 
-        from .runtime import resolve_precision
-        from .samplers import generate, to_uint8
-        from .sampling import sampling_schedule
+        from .generation import resolve_sampling, time_generation, to_uint8
 
         model, config = self._load(req.model)
-        sched, steps = sampling_schedule(config, req.steps, "trailing")
+        cfg, sched = resolve_sampling(req.sampling(), config, torch.device("cpu"))
         frames: list[np.ndarray] = []
-        t0 = time.perf_counter()
-        stop_at = t0 + self.max_seconds
+        stop_at = time.perf_counter() + self.max_seconds
 
         def watch(state):
             frames.append(to_uint8(state["x"][:1]).cpu().numpy()[0, 0])
@@ -187,14 +189,11 @@ class ModelPool:
 
         y = None if req.cls is None else torch.full((req.n,), req.cls, dtype=torch.long)
         try:
-            images = generate(model, sched, req.n, sampler=req.sampler, seed=req.seed,
-                              batch_size=MAX_IMAGES, y=y, guidance=req.guidance,
-                              precision=resolve_precision("auto", torch.device("cpu")),
-                              callback=watch)
+            run = time_generation(model, sched, cfg, req.n, y=y, callback=watch)
         except Deadline:
             raise RequestError(f"stopped after {self.max_seconds:g} s: ask for fewer "
                                "steps or images") from None
-        seconds = time.perf_counter() - t0
+        images, seconds, steps = run.result, run.seconds, cfg.steps
         pick = np.linspace(0, len(frames) - 1, min(TRAJECTORY_FRAMES, len(frames))).round()
         strip = np.stack([frames[int(k)] for k in pick])
         return {"grid": _png(images.numpy(), nrow=min(8, req.n)),
@@ -235,9 +234,9 @@ def create_app(max_seconds: float = 60.0):
         return HTMLResponse(page)
 
     async def models(_):
-        from .samplers import SAMPLERS
-
-        return JSONResponse({"models": pool.info, "samplers": list(SAMPLERS),
+        defaults = {k: getattr(DEFAULTS, k) for k in ("sampler", "steps", "guidance")}
+        return JSONResponse({"models": pool.info, "samplers": list(SAMPLER_NAMES),
+                             "defaults": defaults,
                              "limits": {"n": MAX_IMAGES, "steps": MAX_STEPS,
                                         "guidance": MAX_GUIDANCE}})
 

@@ -27,7 +27,8 @@ from .errors import MinidiffError
 from .io import atomic_write_text
 from .original import EPOCHS, RECIPES
 from .report import write_report
-from .runtime import environment, resolve_device, resolve_precision
+from .runtime import environment, resolve_device
+from .settings import SamplingConfig
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,8 @@ class StudyConfig:
     structured: float = 0.1
     unstructured: float = 0.3
     n: int = 1000  # samples per model for the metrics (and the timing)
-    sampler: str = "dpmpp-sde"
-    steps: int = 8
-    spacing: str = "trailing"
-    seed: int = 0
+    sampling: SamplingConfig = SamplingConfig()  # how every model is sampled
+    seed: int = 0  # training and metrics
     checkpoint_every: int = 500
 
     def finetune_epochs(self, recipe_epochs: float) -> float:
@@ -56,8 +55,8 @@ class StudyConfig:
 
 PRESETS: dict[str, StudyConfig] = {
     # about a minute: a few steps on 256 images (tests, CI)
-    "smoke": StudyConfig("smoke", base_epochs=1.25, batch_size=32, subset=256, n=64, steps=4,
-                         checkpoint_every=50),
+    "smoke": StudyConfig("smoke", base_epochs=1.25, batch_size=32, subset=256, n=64,
+                         sampling=SamplingConfig(steps=4), checkpoint_every=50),
     # at most ~30 min on a 2-core CPU
     "quick": StudyConfig("quick", base_epochs=1.0, n=1000),
     # ~90 min on a 2-core CPU (resumable); 10,000 samples per model
@@ -159,15 +158,14 @@ class Study:
     def evaluate(self, model_name: str, checkpoint: Path) -> dict:
         """Sample ``n`` images (timed, after a warm-up batch) and evaluate them -> one row."""
         from .checkpoint import load_checkpoint, resolve
+        from .generation import resolve_sampling, save_samples, sidecar, time_generation
         from .io import save_grid
         from .metrics import evaluate
-        from .samplers import generate
-        from .sampling import sampling_schedule, save_samples
         from .unet import count_macs, count_params
 
-        c = self.cfg
-        settings = {"stage": "eval", "model": model_name, "n": c.n, "sampler": c.sampler,
-                    "steps": c.steps, "spacing": c.spacing, "seed": c.seed,
+        c, s = self.cfg, self.cfg.sampling
+        settings = {"stage": "eval", "model": model_name, "n": c.n, "sampler": s.sampler,
+                    "steps": s.steps, "spacing": s.spacing, "seed": s.seed,
                     "after": checkpoint.name}
         folder = self._folder(f"eval-{model_name}", settings)
         done = self._done(folder)
@@ -175,20 +173,13 @@ class Study:
             return done["row"]
         dev = resolve_device("auto")
         model, config, digest = load_checkpoint(checkpoint, dev)
-        sched, steps = sampling_schedule(config, c.steps, c.spacing)
-        prec = resolve_precision("auto", dev)
-        bs = 256
-        kw = dict(sampler=c.sampler, batch_size=bs, precision=prec, device=dev)
-        generate(model, sched, min(bs, c.n), seed=c.seed + 1, **kw)  # warm-up: kernel choice
-        self.log(f"study: sampling {c.n} from {model_name} ({c.sampler}, {steps} steps)")
-        t0 = time.perf_counter()
-        images = generate(model, sched, c.n, seed=c.seed, **kw)
-        seconds = time.perf_counter() - t0
+        s, sched = resolve_sampling(replace(s, guidance=None), config, dev)
+        self.log(f"study: sampling {c.n} from {model_name} ({s.sampler}, {s.steps} steps)")
+        run = time_generation(model, sched, s, c.n, device=dev, warmup=s.batch_size)
+        images, seconds = run.result, run.seconds
         folder.mkdir(parents=True, exist_ok=True)
         save_samples(folder / "samples.npz", images.numpy(),
-                     {"n": c.n, "sampler": c.sampler, "steps": steps, "spacing": c.spacing,
-                      "seed": c.seed, "checkpoint": str(checkpoint), "checkpoint_sha256": digest,
-                      "precision": prec, "seconds": round(seconds, 3), "dataset": c.dataset})
+                     sidecar(s, c.n, checkpoint, digest, seconds, c.dataset))
         save_grid(images[:64].numpy(), folder / "grid.png", nrow=8)
         metrics = evaluate(images, c.dataset, data_dir=self.data_dir, seed=c.seed)
         weights, _ = resolve(checkpoint)
@@ -207,8 +198,8 @@ class Study:
                                        "class_histogram", "class_max_dev")},
             "latency_10k_s": round(seconds * 10_000 / c.n, 1),
             "latency_is": "measured" if c.n == 10_000 else f"extrapolated from {c.n}",
-            "sampler": c.sampler, "steps": steps, "spacing": c.spacing, "n": c.n,
-            "compute_dtype": prec, "checkpoint_sha256": digest,
+            "sampler": s.sampler, "steps": s.steps, "spacing": s.spacing, "n": c.n,
+            "compute_dtype": s.precision, "checkpoint_sha256": digest,
             "floor": {k: metrics["floor"][k] for k in ("pseudo_fid", "kid", "precision",
                                                         "recall", "ssim", "memorization")},
         }
@@ -284,6 +275,13 @@ def export(study_dir: str | Path, dest: str | Path, *, fp16_tolerance: float = 0
         tmp.rename(target)
         written.append(name)
     return written
+
+
+def summary_lines(rows: list[dict], out: Path) -> str:
+    """One line per model of a finished study, then where its results went."""
+    lines = [f"{r['model']:>14}  params {r['params']:>9,}  {r['size_mb']:6.2f} MiB  "
+             f"pseudo-FID {r['pseudo_fid']:7.3f}  10k {r['latency_10k_s']:7.1f} s" for r in rows]
+    return "\n".join([*lines, f"wrote {out / 'results.json'} and {out / 'report.md'}"])
 
 
 def run_study(preset: str, out, *, dataset: str = "mnist", data_dir=None, progress=True,

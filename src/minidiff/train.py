@@ -12,7 +12,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -31,8 +31,9 @@ from .data import epoch_order, get_spec, load_split, to_model_range
 from .diffusion import DiffusionConfig, EpsilonLoss, Schedule
 from .errors import MinidiffError
 from .io import atomic_write_text
+from .original import RECIPES
 from .runtime import autocast_context, bf16_native, resolve_device, resolve_precision
-from .unet import UNet, UNetConfig
+from .unet import PRESETS, UNet, UNetConfig
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,34 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * cos)
+
+
+def train_config(recipe: str | None = None, **given) -> TrainConfig:
+    """A :class:`TrainConfig` from command-line values, None meaning not given. A fine-tuning
+    ``recipe`` (:data:`minidiff.original.RECIPES`, with ``init``) supplies the lr unless one is
+    given, and its epochs unless epochs or steps are."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if recipe and not given.get("init"):
+        raise MinidiffError("--recipe is a fine-tuning recipe: give --init CKPT too")
+    r = dict(RECIPES[recipe]) if recipe else {}
+    if "steps" in given:
+        r.pop("epochs", None)
+    return TrainConfig(**{**r, **given})
+
+
+def model_config(preset: str, *, channels: tuple[int, ...] | None = None,
+                 conditional: bool = False, dataset: str = "mnist") -> UNetConfig:
+    """The U-Net of ``preset``, with ``channels`` as its widths if given and, if
+    ``conditional``, a class embedding for ``dataset``'s classes."""
+    cfg = PRESETS[preset]
+    if channels:
+        try:
+            cfg = replace(cfg, channels=tuple(channels))
+        except ValueError as e:
+            raise MinidiffError(f"--channels: {e}") from None
+    if conditional:
+        cfg = replace(cfg, num_classes=len(get_spec(dataset).classes))
+    return cfg
 
 
 # What a fine-tuned run inherits from its --init checkpoint's config (and keeps on resume).

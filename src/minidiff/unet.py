@@ -248,13 +248,17 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def count_macs(model: UNet) -> int:
-    """Multiply-accumulates for one image, counted by PyTorch's FLOP counter (FLOPs / 2)."""
+def count_macs(model: nn.Module, shape: tuple[int, ...] | None = None) -> int:
+    """Multiply-accumulates of one forward pass, counted by PyTorch's FLOP counter (FLOPs / 2).
+
+    ``model(x, t)`` is any noise predictor; ``shape`` of ``x`` defaults to one image of a
+    :class:`UNet`'s config (``[1 x C x H x W]``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg = model.config
-    x = torch.zeros(1, cfg.in_channels, cfg.image_size, cfg.image_size)
-    t = torch.zeros(1, dtype=torch.long)
+    if shape is None:
+        cfg = model.config
+        shape = (1, cfg.in_channels, cfg.image_size, cfg.image_size)
+    x, t = torch.zeros(shape), torch.zeros(shape[0], dtype=torch.long)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x, t)
