@@ -3,9 +3,10 @@
 Run: .venv/bin/python benchmarks/default_sampler.py runs/demo [--n 1000] [--seeds 0 1 2]
   -> benchmarks/results/default_sampler.{json,md}
 
-Each candidate samples n images per seed (batch 250, bf16) and is scored by the project's
-pseudo-FID against the MNIST test split; the rule compares the mean over seeds with DDPM-1000's
-mean over the same seeds. Rows already in the JSON (same checkpoint and n) are kept, so an
+Each candidate samples n images per seed (batch 250, in the precision `--precision auto` picks)
+and is scored by the project's pseudo-FID against the MNIST test split; the rule compares the
+mean over seeds with DDPM-1000's mean over the same seeds. Rows already in the JSON (same
+checkpoint, n and precision) are kept, so an
 interrupted run continues where it stopped; seed-0 rows also found in sampler_quality.json
 (same checkpoint, n, batch and precision) are reused instead of being recomputed.
 """
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.generation import resolve_sampling, time_generation  # noqa: E402
 from minidiff.metrics import Reference, evaluate_images  # noqa: E402
-from minidiff.runtime import environment  # noqa: E402
+from minidiff.runtime import environment, resolve_precision  # noqa: E402
 from minidiff.settings import SamplingConfig  # noqa: E402
 
 # (sampler, steps, spacing): DDPM-1000 is the reference; the rest are the stochastic few-step
@@ -48,9 +49,11 @@ out.mkdir(exist_ok=True)
 path = out / "default_sampler.json"
 model, config, digest = load_checkpoint(args.checkpoint)
 res = json.loads(path.read_text()) if path.is_file() else {}
-if res.get("checkpoint_sha256") != digest or res.get("n") != args.n:
+PRECISION = resolve_precision("auto", torch.device("cpu"))  # bf16 where native, else fp32
+if res.get("checkpoint_sha256") != digest or res.get("n") != args.n \
+        or res.get("precision") != PRECISION:
     res = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest, "n": args.n,
-           "batch_size": 250, "precision": "bf16", **environment(), "rows": []}
+           "batch_size": 250, "precision": PRECISION, **environment(), "rows": []}
     old = out / "sampler_quality.json"
     if old.is_file():
         q = json.loads(old.read_text())
@@ -71,7 +74,8 @@ for seed in args.seeds:
     for name, steps, spacing in CANDIDATES:
         if (name, steps, spacing, seed) in done:
             continue
-        cfg = SamplingConfig(name, steps, spacing, seed=seed, batch_size=250, precision="bf16")
+        cfg = SamplingConfig(name, steps, spacing, seed=seed, batch_size=250,
+                             precision=PRECISION)
         cfg, sched = resolve_sampling(cfg, config, torch.device("cpu"))
         run = time_generation(model, sched, cfg, args.n)
         images, seconds = run.result, run.seconds
@@ -106,7 +110,7 @@ res.update(summary=summary, seeds=args.seeds, choice=choice)
 path.write_text(json.dumps(res, indent=2) + "\n")
 
 lines = [f"# Default sampler: fewest steps within {TOLERANCE:.0%} of DDPM-1000 "
-         f"({res['date']}, {res['cpu']}, {res['threads']} threads, bf16)", "",
+         f"({res['date']}, {res['cpu']}, {res['threads']} threads, {res['precision']})", "",
          f"Checkpoint `{res['checkpoint']}` (sha256 {digest[:12]}...; what `make demo` trains), "
          f"{args.n} samples per seed, seeds {', '.join(map(str, args.seeds))}, batch 250, "
          "pseudo-FID against the MNIST test split (lower is better). Every sampler here takes "

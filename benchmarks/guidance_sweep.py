@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.generation import class_labels, resolve_sampling, time_generation  # noqa: E402
 from minidiff.metrics import Reference, evaluate_conditional, evaluate_images  # noqa: E402
-from minidiff.runtime import environment  # noqa: E402
+from minidiff.runtime import environment, resolve_precision  # noqa: E402
 from minidiff.settings import SamplingConfig  # noqa: E402
 
 SCALES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -39,13 +39,14 @@ out.mkdir(exist_ok=True)
 model, config, digest = load_checkpoint(args.checkpoint)
 dataset = config.get("train", {}).get("dataset", "mnist")
 ref = Reference(dataset, "test")
-# `minidiff sample`'s sampling, in bf16 and batches of 250 as the sweep was run
-cfg, sched = resolve_sampling(SamplingConfig(precision="bf16", batch_size=250), config,
+# `minidiff sample`'s sampling (precision auto: bf16 where native), in batches of 250
+PRECISION = resolve_precision("auto", torch.device("cpu"))
+cfg, sched = resolve_sampling(SamplingConfig(precision=PRECISION, batch_size=250), config,
                               torch.device("cpu"))
 labels = class_labels("all", args.n, model.config.num_classes, args.checkpoint)
 res = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest, "n": args.n,
        "sampler": cfg.sampler, "steps": cfg.steps, "spacing": cfg.spacing, "seed": cfg.seed,
-       "precision": "bf16", "dataset": dataset, **environment(), "rows": []}
+       "precision": PRECISION, "dataset": dataset, **environment(), "rows": []}
 for scale in SCALES:
     run = time_generation(model, sched, replace(cfg, guidance=scale), args.n, y=labels)
     images, seconds = run.result, run.seconds
@@ -66,7 +67,7 @@ res["choice"] = best["guidance"]
 (out / "guidance_sweep.json").write_text(json.dumps(res, indent=2) + "\n")
 
 lines = [f"# Classifier-free guidance sweep ({res['date']}, {res['cpu']}, {res['threads']} "
-         "threads, bf16)", "",
+         f"threads, {res['precision']})", "",
          f"Checkpoint `{res['checkpoint']}` (sha256 {digest[:12]}...), {args.n} samples per "
          f"scale ({args.n // 10} per class), `{cfg.sampler}` {cfg.steps} steps "
          f"({cfg.spacing}), seed 0; {dataset} test split as reference. Accuracy: the share "

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.generation import resolve_sampling, time_generation  # noqa: E402
 from minidiff.metrics import Reference, evaluate_images, floor  # noqa: E402
-from minidiff.runtime import environment  # noqa: E402
+from minidiff.runtime import environment, resolve_precision  # noqa: E402
 from minidiff.settings import SamplingConfig  # noqa: E402
 
 GRID = [("ddpm", 1000, {}), ("ddpm", 100, {}), ("ddpm", 50, {}), ("ddpm", 20, {}),
@@ -46,9 +46,11 @@ out.mkdir(exist_ok=True)
 path = out / "sampler_quality.json"
 model, config, digest = load_checkpoint(args.checkpoint)
 res = json.loads(path.read_text()) if path.is_file() else {}
-if res.get("checkpoint_sha256") != digest or res.get("n") != args.n:
+PRECISION = resolve_precision("auto", torch.device("cpu"))  # bf16 where native, else fp32
+if res.get("checkpoint_sha256") != digest or res.get("n") != args.n \
+        or res.get("precision") != PRECISION:
     res = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest, "n": args.n,
-           **environment(), "precision": "bf16", "rows": []}
+           **environment(), "precision": PRECISION, "rows": []}
 ref = Reference("mnist", "test")
 res["floor_pseudo_fid"] = floor(ref, args.n)["pseudo_fid"]
 done = {(r["sampler"], r["steps"], r.get("eta"), r.get("spacing", "uniform"))
@@ -58,7 +60,7 @@ for name, steps, kw in GRID:
     spacing = kw.pop("spacing", "uniform")
     if (name, steps, kw.get("eta"), spacing) in done:
         continue
-    cfg = SamplingConfig(name, steps, spacing, batch_size=250, precision="bf16", **kw)
+    cfg = SamplingConfig(name, steps, spacing, batch_size=250, precision=PRECISION, **kw)
     cfg, sched = resolve_sampling(cfg, config, torch.device("cpu"))
     run = time_generation(model, sched, cfg, args.n)
     images, seconds = run.result, run.seconds
@@ -75,7 +77,7 @@ for name, steps, kw in GRID:
 base = next(r for r in res["rows"] if r["sampler"] == "ddpm" and r["steps"] == 1000
             and r.get("spacing", "uniform") == "uniform")
 lines = [f"# Sampler quality vs steps ({res['date']}, {res['cpu']}, {res['threads']} threads, "
-         f"bf16)", "",
+         f"{res['precision']})", "",
          f"Checkpoint `{res['checkpoint']}` (sha256 {digest[:12]}...; `runs/demo` is what "
          f"`make demo` trains), {args.n} samples per row, "
          f"seed 0, against the MNIST test split. Real-data floor at n = {args.n}: pseudo-FID "
