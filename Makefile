@@ -21,7 +21,7 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Retake docs/serve.png (the README's picture of `minidiff serve`) with the browser test; `make
 # test` writes its screenshot to a temporary folder only. Needs Chromium (apt-get install chromium).

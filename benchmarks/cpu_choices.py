@@ -32,6 +32,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--presets", nargs="+", default=["reduced", "baseline"])
 ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
 ap.add_argument("--tag", default="", help="suffix of the result files, e.g. the CPU class")
+ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
 args = ap.parse_args()
 PRECISION = resolve_precision(args.precision, torch.device("cpu"))
 BASE = {"precision": PRECISION, "layout": "nchw", "batch": 256,
@@ -39,8 +40,9 @@ BASE = {"precision": PRECISION, "layout": "nchw", "batch": 256,
         "onednn": True}
 OTHER = "fp32" if PRECISION == "bf16" else "bf16"
 VARIANTS = [{}, {"layout": "channels_last"}, {"batch": 64}, {"batch": 128}, {"batch": 512},
-            {"batch": 1024}, {"threads": 1}, {"grad": "no_grad"}, {"onednn": False},
-            {"compile": True}]
+            {"batch": 1024}, {"threads": 1}, {"grad": "no_grad"}, {"onednn": False}]
+if not args.no_compile:
+    VARIANTS.append({"compile": True})
 if OTHER == "fp32" or environment()["bf16_native"]:  # emulated bf16 is never timed
     VARIANTS.insert(1, {"precision": OTHER})
 
@@ -92,6 +94,7 @@ for r in res["rows"]:
                  f"{r['compile_s'] if r['compile_s'] is not None else ''} |")
 lines += ["", f"Command: `.venv/bin/python benchmarks/cpu_choices.py --presets "
           f"{' '.join(args.presets)} --precision {args.precision}"
-          + (f" --tag {args.tag}" if args.tag else "") + "`"]
+          + (f" --tag {args.tag}" if args.tag else "")
+          + (" --no-compile" if args.no_compile else "") + "`"]
 (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))

@@ -7,11 +7,15 @@ from minidiff.unet import UNetConfig
 TINY = UNetConfig(channels=(8, 16), norm_groups=4, time_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Checksum stamps go to a per-session temp folder, never the user's cache."""
-    monkeypatch.setenv("MINIDIFF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    monkeypatch.delenv("MINIDIFF_DATA", raising=False)
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Checksum stamps and reference features go to a per-session temp folder, never the user's
+    cache. Session-scoped, so module-scoped fixtures (a metrics Reference) see it too."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MINIDIFF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    mp.delenv("MINIDIFF_DATA", raising=False)
+    yield
+    mp.undo()
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """The evaluation suite: each metric reacts the way its definition says it must."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -94,6 +95,7 @@ def test_reference_caches_its_knn_radii_on_disk(ref):
 
     from minidiff.metrics import K_NN
 
+    assert str(ref.folder).startswith(os.environ["MINIDIFF_CACHE"])  # the suite's own cache
     cached = load_file(ref.folder / "reference.safetensors")
     assert torch.equal(cached[f"radii_k{K_NN}"], ref.radii)
     assert torch.equal(Reference("mnist", "test").radii, ref.radii)

@@ -109,3 +109,21 @@ def test_no_default_path_runs_bf16(no_native_bf16, tiny_cfg, tmp_path, monkeypat
     assert meta["precision"] == "fp32" and res["precision"] == "fp32"
     assert row["compute_dtype"] == "fp32" and reply["latency_s"] > 0
     assert "fp32" in (tmp_path / "demo" / "report.md").read_text()
+
+
+def test_default_sampling_batch_follows_the_precision(monkeypatch):
+    """The batch left to the default is the fastest measured for the precision auto picks; one
+    the user gives is kept."""
+    from dataclasses import asdict
+
+    from minidiff.generation import resolve_sampling
+    from minidiff.settings import BATCH_BY_PRECISION, SamplingConfig
+
+    config = {"diffusion": asdict(DiffusionConfig())}
+    cpu = torch.device("cpu")
+    for native, prec in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(runtime, "cpu_bf16_native", lambda n=native: n)
+        cfg, _ = resolve_sampling(SamplingConfig(), config, cpu)
+        assert (cfg.precision, cfg.batch_size) == (prec, BATCH_BY_PRECISION[prec])
+        assert resolve_sampling(SamplingConfig(batch_size=7), config, cpu)[0].batch_size == 7
+    assert BATCH_BY_PRECISION == {"bf16": 256, "fp32": 128}

@@ -24,7 +24,7 @@ from .errors import MinidiffError
 from .io import atomic_write_bytes, atomic_write_text, save_grid
 from .runtime import Timing, autocast_context, resolve_device, resolve_precision, timed
 from .samplers import SAMPLERS
-from .settings import SamplingConfig
+from .settings import BATCH_BY_PRECISION, SamplingConfig
 
 
 class Guided(torch.nn.Module):
@@ -230,7 +230,9 @@ def resolve_sampling(cfg: SamplingConfig, config: dict, device: torch.device
     """``cfg`` made concrete for a checkpoint's ``config`` on ``device`` (steps None -> the
     model's T, precision auto -> what runs natively there) and the schedule it samples with."""
     sched, steps = sampling_schedule(config, cfg.steps, cfg.spacing)
-    return replace(cfg, steps=steps, precision=resolve_precision(cfg.precision, device)), sched
+    precision = resolve_precision(cfg.precision, device)
+    batch = cfg.batch_size or BATCH_BY_PRECISION[precision]
+    return replace(cfg, steps=steps, precision=precision, batch_size=batch), sched
 
 
 def time_generation(model, sched: Schedule, cfg: SamplingConfig, n: int, *,

@@ -23,6 +23,12 @@ MODEL_PRESETS = ("baseline", "reduced", "shallow")
 STUDY_PRESETS = ("smoke", "quick", "standard", "paper")
 
 
+# sampling batch per precision, the fastest measured on 2 cores (benchmarks/results/
+# cpu_choices*.md): bf16 256 (64 on par); fp32 128: 1.62x / 1.25x batch 256's images/s for
+# reduced / baseline with AVX-512, 0.99x / 1.25x under the AVX2 imitation
+BATCH_BY_PRECISION = {"bf16": 256, "fp32": 128}
+
+
 def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> str:
     """``value`` if it is one of ``choices``, else a :class:`MinidiffError` naming ``--flag``."""
     if value not in choices:
@@ -49,7 +55,8 @@ class SamplingConfig:
     # the guidance sweep's best trade-off (benchmarks/results/guidance_sweep.md)
     guidance: float | None = 1.5
     precision: str = "auto"
-    batch_size: int = 256
+    # None: the fastest measured for the precision `auto` resolves to (BATCH_BY_PRECISION)
+    batch_size: int | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -68,7 +75,7 @@ class SamplingConfig:
         if self.guidance is not None and self.guidance < 0:
             raise MinidiffError(f"--guidance must be >= 0, got {self.guidance}")
         check_choice("precision", self.precision, PRECISIONS)
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise MinidiffError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.seed < 0:
             raise MinidiffError(f"--seed must be >= 0, got {self.seed}")
