@@ -250,12 +250,13 @@ def time_generation(model, sched: Schedule, cfg: SamplingConfig, n: int, *,
     net = CompiledOrEager(model) if compile else model  # compiled once, warm-up included
     kw = {"eta": cfg.eta} if cfg.eta is not None else {}
     kw.update({"callback": callback} if callback is not None else {})
+    precision = resolve_precision(cfg.precision, torch.device(device))  # a no-op when resolved
+    batch = cfg.batch_size or BATCH_BY_PRECISION[precision]
 
     def run(k: int, progress=None):
-        return generate(net, sched, k, sampler=cfg.sampler, seed=cfg.seed,
-                        batch_size=cfg.batch_size, y=y, guidance=cfg.guidance,
-                        precision=resolve_precision(cfg.precision, torch.device(device)),
-                        device=device, progress=progress, **kw)
+        return generate(net, sched, k, sampler=cfg.sampler, seed=cfg.seed, batch_size=batch,
+                        y=y, guidance=cfg.guidance, precision=precision, device=device,
+                        progress=progress, **kw)
 
     return timed(lambda: run(n, progress), repeats,
                  warmup=(lambda: run(min(warmup, n))) if warmup else None)

@@ -33,7 +33,12 @@ from .errors import MinidiffError
 from .io import atomic_write_text
 from .original import RECIPES
 from .runtime import autocast_context, bf16_native, resolve_device, resolve_precision
+from .settings import DEVICES, PRECISIONS
 from .unet import PRESETS, UNet, UNetConfig
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return f"{', '.join(choices[:-1])} or {choices[-1]}"
 
 
 @dataclass(frozen=True)
@@ -72,10 +77,9 @@ class TrainConfig:
              f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
-            (self.precision in ("auto", "fp32", "bf16"),
-             f"--precision must be auto, fp32 or bf16, got {self.precision!r}"),
-            (self.device in ("auto", "cpu", "cuda"),
-             f"--device must be auto, cpu or cuda, got {self.device!r}"),
+            (self.precision in PRECISIONS,
+             f"--precision must be {_one_of(PRECISIONS)}, got {self.precision!r}"),
+            (self.device in DEVICES, f"--device must be {_one_of(DEVICES)}, got {self.device!r}"),
             (self.log_every > 0, "log_every must be > 0"),
             (self.checkpoint_every > 0, f"--checkpoint-every must be > 0, got "
              f"{self.checkpoint_every}"),
