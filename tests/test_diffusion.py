@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from minidiff.diffusion import DiffusionConfig, EpsilonLoss, Schedule, make_betas, q_sample
+from minidiff.diffusion import DiffusionConfig, DiffusionLoss, Schedule, make_betas, q_sample
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
@@ -45,7 +45,7 @@ def test_q_sample_matches_marginal_statistics():
 def test_loss_is_zero_for_the_true_noise_predictor():
     """A model that returns the exact noise has zero loss; a zero predictor has loss ~1."""
     s = Schedule.from_config(DiffusionConfig())
-    loss = EpsilonLoss(s)
+    loss = DiffusionLoss(s)
     x0 = torch.zeros(512, 1, 8, 8)  # x0 = 0 makes x_t = sqrt(1 - ab) * eps, so eps is known
     g = torch.Generator().manual_seed(0)
 

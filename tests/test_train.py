@@ -6,7 +6,7 @@ import torch
 import minidiff.train as train_mod
 from minidiff.checkpoint import load_checkpoint, load_state
 from minidiff.data import load_split, to_model_range
-from minidiff.diffusion import DiffusionConfig, EpsilonLoss, Schedule
+from minidiff.diffusion import DiffusionConfig, DiffusionLoss, Schedule
 from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.train import TrainConfig, lr_at, train, train_config
 from minidiff.unet import UNet
@@ -16,7 +16,7 @@ FAST = dict(batch_size=32, subset=256, precision="fp32", device="cpu", warmup_st
 
 
 def eval_loss(model, x0):
-    loss = EpsilonLoss(Schedule.from_config(DiffusionConfig()))
+    loss = DiffusionLoss(Schedule.from_config(DiffusionConfig()))
     with torch.no_grad():
         return loss(model, x0, generator=torch.Generator().manual_seed(0)).item()
 
@@ -85,7 +85,7 @@ def test_existing_run_needs_resume(tmp_path, tiny_cfg):
 
 def test_divergence_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_cfg, monkeypatch):
     cfg = TrainConfig(steps=20, checkpoint_every=5, **FAST)
-    real_loss = train_mod.EpsilonLoss.__call__
+    real_loss = train_mod.DiffusionLoss.__call__
     calls = {"n": 0}
 
     def nan_at_step_7(self, *a, **k):
@@ -93,7 +93,7 @@ def test_divergence_stops_with_step_and_keeps_checkpoint(tmp_path, tiny_cfg, mon
         out = real_loss(self, *a, **k)
         return out * float("nan") if calls["n"] == 8 else out
 
-    monkeypatch.setattr(train_mod.EpsilonLoss, "__call__", nan_at_step_7)
+    monkeypatch.setattr(train_mod.DiffusionLoss, "__call__", nan_at_step_7)
     with pytest.raises(MinidiffError, match="diverged at step 7: loss is nan"):
         train(tiny_cfg, DiffusionConfig(), cfg, tmp_path / "r", progress=False)
     _, config, _ = load_checkpoint(tmp_path / "r")

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .diffusion import DiffusionConfig, EpsilonLoss, Schedule
+from .diffusion import DiffusionConfig, DiffusionLoss, Schedule
 from .errors import MinidiffError
 from .generation import time_generation, to_uint8
 from .io import atomic_write_text
@@ -69,7 +69,7 @@ class DiffusersEps(nn.Module):
 
 def train_rate(net: nn.Module, batch: int, precision: str, reps: int = 8) -> float:
     """Images/s of full training steps (forward, backward, clipping, AdamW) on random data."""
-    loss_fn = EpsilonLoss(Schedule.from_config(DiffusionConfig()))
+    loss_fn = DiffusionLoss(Schedule.from_config(DiffusionConfig()))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     x0 = torch.rand(batch, 1, 28, 28) * 2 - 1
     gen = torch.Generator().manual_seed(0)

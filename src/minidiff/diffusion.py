@@ -1,7 +1,10 @@
 """The DDPM process (Ho et al. 2020): noise schedule, forward noising and the training loss.
 
-The network is an argument, never an attribute: any ``model(x, t, y) -> eps`` works. All
-schedule coefficients are computed once in float64 and gathered per timestep in float32.
+The network is an argument, never an attribute: any ``model(x, t, y)`` works. It predicts the
+noise ``eps`` (Ho et al.) or, with ``prediction="v"``, ``v = sqrt(ab) eps - sqrt(1 - ab) x0``
+(Salimans & Ho 2022); :meth:`Schedule.eps_x0` turns either into ``(eps, x0)``, which is all a
+sampler uses. All schedule coefficients are computed once in float64 and gathered per timestep
+in float32.
 """
 
 from __future__ import annotations
@@ -11,19 +14,24 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .settings import SCHEDULES, SPACINGS
+from .settings import LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES, SPACINGS
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The forward process: ``T`` steps of a ``linear`` or ``cosine`` beta schedule."""
+    """The forward process: ``T`` steps of a ``linear`` or ``cosine`` beta schedule, and what
+    the network predicts (``eps`` or ``v``)."""
 
     timesteps: int = 1000
     schedule: str = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    prediction: str = "eps"
 
     def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {self.prediction!r}; choose one of "
+                             f"{PREDICTIONS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
         if self.timesteps < 1:
@@ -61,8 +69,10 @@ class Schedule:
     timesteps it was trained on.
     """
 
-    def __init__(self, betas: torch.Tensor, timesteps: torch.Tensor | None = None):
+    def __init__(self, betas: torch.Tensor, timesteps: torch.Tensor | None = None,
+                 prediction: str = "eps"):
         betas = betas.to(torch.float64)
+        self.prediction = prediction
         assert betas.ndim == 1 and bool(((betas > 0) & (betas < 1)).all())
         self.betas = betas
         self.timesteps = (
@@ -78,7 +88,20 @@ class Schedule:
 
     @classmethod
     def from_config(cls, cfg: DiffusionConfig) -> "Schedule":
-        return cls(make_betas(cfg))
+        return cls(make_betas(cfg), prediction=cfg.prediction)
+
+    def eps_x0(self, out: torch.Tensor, x: torch.Tensor, i) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise and clean image that network output ``out`` (for ``x`` at schedule index
+        ``i``: an int or ``[N]`` indices) implies -> ``(eps, x0)``, both like ``x``."""
+        if isinstance(i, int):
+            a, s = self.sqrt_alpha_bar[i].item(), self.sqrt_one_minus_alpha_bar[i].item()
+        else:
+            a = gather(self.sqrt_alpha_bar, i, x.ndim)
+            s = gather(self.sqrt_one_minus_alpha_bar, i, x.ndim)
+        out = out.float()
+        if self.prediction == "v":  # x = a x0 + s eps, v = a eps - s x0 (a^2 + s^2 = 1)
+            return s * x + a * out, a * x - s * out
+        return out, (x - s * out) / a
 
     def __len__(self) -> int:
         return len(self.betas)
@@ -111,7 +134,7 @@ class Schedule:
             assert idx[-1] <= T - 1
         ab = self.alpha_bar[idx]
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
-        return Schedule(1.0 - ab / ab_prev, self.timesteps[idx])
+        return Schedule(1.0 - ab / ab_prev, self.timesteps[idx], self.prediction)
 
 
 def gather(coef: torch.Tensor, i: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -130,11 +153,24 @@ def q_sample(sched: Schedule, x0: torch.Tensor, i: torch.Tensor, noise: torch.Te
     )
 
 
-class EpsilonLoss:
-    """The simple DDPM objective ``E ||eps - eps_theta(x_t, t)||^2`` (Ho et al. eq. 14)."""
+class DiffusionLoss:
+    """The DDPM objective: ``E ||target - model(x_t, t)||^2`` with ``target`` the noise (Ho et
+    al. eq. 14) or ``v``, as the schedule's ``prediction`` says, each sample weighted by
+    ``weighting``: ``none``, or ``min-snr`` (Hang et al. 2023, min-SNR-gamma: the x0-error
+    weight ``min(SNR, gamma)`` in the target's units, i.e. ``min(SNR, gamma) / SNR`` for eps and
+    ``min(SNR, gamma) / (SNR + 1)`` for v), which stops the many easy low-noise steps from
+    dominating the gradient."""
 
-    def __init__(self, sched: Schedule):
-        self.sched = sched
+    def __init__(self, sched: Schedule, weighting: str = "none", gamma: float = 5.0):
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {weighting!r}; choose one of "
+                             f"{LOSS_WEIGHTINGS}")
+        self.sched, self.weighting, self.gamma = sched, weighting, gamma
+        snr = sched.alpha_bar / (1 - sched.alpha_bar)
+        if weighting == "none":
+            self.weights = torch.ones_like(snr)
+        else:
+            self.weights = snr.clamp(max=gamma) / (snr + (sched.prediction == "v"))
 
     def draw(self, shape, device, generator=None):
         """Timestep indices ``[N]`` and noise ``shape = [N x C x H x W]`` for one batch."""
@@ -148,5 +184,13 @@ class EpsilonLoss:
         if i is None or noise is None:
             i, noise = self.draw(x0.shape, x0.device, generator)
         x_t = q_sample(self.sched, x0, i, noise)
-        eps = model(x_t, self.sched.timesteps.to(x0.device)[i], y)
-        return (eps.float() - noise).pow(2).mean()
+        out = model(x_t, self.sched.timesteps.to(x0.device)[i], y).float()
+        if self.sched.prediction == "v":
+            target = (gather(self.sched.sqrt_alpha_bar, i, x0.ndim) * noise
+                      - gather(self.sched.sqrt_one_minus_alpha_bar, i, x0.ndim) * x0)
+        else:
+            target = noise
+        per_sample = (out - target).pow(2).flatten(1).mean(1)
+        if self.weighting == "none":
+            return per_sample.mean()
+        return (gather(self.weights, i, 1) * per_sample).mean()

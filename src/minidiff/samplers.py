@@ -2,8 +2,9 @@
 
 Every sampler is ``sampler(model, x, sched, *, y=None, generator=None, callback=None) -> x0``
 where ``x: [N x C x H x W]`` is the starting noise ``x_T``, ``sched`` a (possibly respaced)
-:class:`~minidiff.diffusion.Schedule`, and the result lies in ``[-1, 1]``. Adding a sampler means
-writing one function here and adding it to :data:`SAMPLERS` (and its name to
+:class:`~minidiff.diffusion.Schedule`, and the result lies in ``[-1, 1]``. A sampler reads the
+network's output only through ``sched.eps_x0``, so it serves eps- and v-prediction alike.
+Adding a sampler means writing one function here and adding it to :data:`SAMPLERS` (and its name to
 :data:`minidiff.settings.SAMPLER_NAMES`, which the command line offers without importing torch).
 The batched driver that runs them is :func:`minidiff.generation.generate`.
 """
@@ -29,12 +30,9 @@ def sample_ddpm(model, x, sched: Schedule, *, y=None, generator=None, callback=N
     c_xt = (1.0 - sched.alpha_bar_prev) * sched.alphas.sqrt() / (1.0 - sched.alpha_bar)
     for i in reversed(range(len(sched))):
         idx = torch.full((n,), i, device=x.device, dtype=torch.long)
-        eps = model(x, ts[idx], y).float()
-        # Predict x_0 from eps (eq. 15); clipping it to the data range is what keeps an
-        # imperfect predictor from drifting off the image manifold.
-        x0 = (x - gather(sched.sqrt_one_minus_alpha_bar, idx, x.ndim) * eps) / gather(
-            sched.sqrt_alpha_bar, idx, x.ndim
-        )
+        # x_0 the network's output implies (eq. 15 for eps); clipping it to the data range is
+        # what keeps an imperfect predictor from drifting off the image manifold.
+        _, x0 = sched.eps_x0(model(x, ts[idx], y), x, idx)
         if clip_denoised:
             x0 = x0.clamp(-1, 1)
         mean = gather(c_x0, idx, x.ndim) * x0 + gather(c_xt, idx, x.ndim) * x
@@ -49,12 +47,11 @@ def sample_ddpm(model, x, sched: Schedule, *, y=None, generator=None, callback=N
 
 
 def _predict_x0(model, x, sched: Schedule, i: int, y, clip: bool):
-    """Model's eps at schedule index ``i`` and the x_0 it implies (Ho et al. eq. 15)."""
+    """The eps and x_0 the model's output at schedule index ``i`` implies (Ho et al. eq. 15)."""
     n = x.shape[0]
     t = sched.timesteps[i].to(x.device).expand(n)
-    eps = model(x, t, y).float()
+    eps, x0 = sched.eps_x0(model(x, t, y), x, i)
     ab = sched.alpha_bar[i].item()
-    x0 = (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5
     if clip:
         x0 = x0.clamp(-1, 1)
         eps = (x - ab ** 0.5 * x0) / (1 - ab) ** 0.5  # keep eps consistent with the clipped x0

@@ -16,6 +16,8 @@ from .errors import MinidiffError
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp", "dpmpp-sde")
 SPACINGS = ("uniform", "trailing", "quadratic")
 SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("eps", "v")
+LOSS_WEIGHTINGS = ("none", "min-snr")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 DATASET_NAMES = ("mnist", "fashion-mnist")

@@ -28,13 +28,13 @@ from .checkpoint import (
 )
 from .compress import apply_masks, masks_of
 from .data import epoch_order, get_spec, load_split, to_model_range
-from .diffusion import DiffusionConfig, EpsilonLoss, Schedule
+from .diffusion import DiffusionConfig, DiffusionLoss, Schedule
 from .errors import MinidiffError
 from .io import atomic_write_text
 from .original import RECIPES
 from .runtime import autocast_context, bf16_native, resolve_device, resolve_precision
-from .settings import DEVICES, PRECISIONS
-from .unet import PRESETS, UNet, UNetConfig
+from .settings import DEVICES, LOSS_WEIGHTINGS, PRECISIONS
+from .unet import PRESETS, UNet, UNetConfig, count_macs
 
 
 def _one_of(choices: tuple[str, ...]) -> str:
@@ -55,7 +55,12 @@ class TrainConfig:
     warmup_steps: int = 200
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # the EMA's final (largest) decay
+    # EMA warm-up: None is (1 + step) / (10 + step); a number p is the power law
+    # 1 - (1 + step)^-p of ema-pytorch / diffusers' EMAModel (2/3 or 3/4); capped at ema_decay
+    ema_power: float | None = None
+    loss_weighting: str = "none"  # none | min-snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0
     seed: int = 0
     precision: str = "auto"  # auto | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
@@ -65,6 +70,10 @@ class TrainConfig:
     subset: int | None = None  # train on the first N images only (tests, quick looks)
     label_dropout: float = 0.1  # conditional models: share of labels replaced by "no label"
     init: str | None = None  # fine-tune: start from this checkpoint's EMA weights (and layout)
+    # evaluation during training: every N steps, or at the listed steps (and at the end)
+    eval_every: int | tuple[int, ...] | None = None
+    eval_n: int = 2000  # samples per evaluation (pseudo-FID, default sampler, seed 0)
+    eval_raw: bool = False  # also evaluate the raw (non-EMA) weights, as a control
 
     def __post_init__(self):
         checks = [
@@ -87,17 +96,45 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (0 <= self.label_dropout < 1,
              f"--label-dropout must be in [0, 1), got {self.label_dropout}"),
+            (self.ema_power is None or self.ema_power > 0,
+             f"--ema-power must be > 0, got {self.ema_power}"),
+            (self.loss_weighting in LOSS_WEIGHTINGS,
+             f"--loss-weighting must be {_one_of(LOSS_WEIGHTINGS)}, got "
+             f"{self.loss_weighting!r}"),
+            (self.min_snr_gamma > 0, f"--min-snr-gamma must be > 0, got {self.min_snr_gamma}"),
+            (all(k > 0 for k in self.eval_steps(1)), "--eval-every must be > 0 (a step count "
+             "or a list of steps)"),
+            (self.eval_n >= 10, f"--eval-n must be >= 10, got {self.eval_n}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise MinidiffError(msg)
         get_spec(self.dataset)
 
+    def eval_steps(self, total: int) -> list[int]:
+        """The steps after which the model is evaluated (none without ``eval_every``)."""
+        e = self.eval_every
+        if e is None:
+            return []
+        if isinstance(e, int):
+            return sorted({*range(e, total + 1, e), total}) if e > 0 else [e]
+        return sorted({*(k for k in e if k <= total), total})
+
+    def ema_decay_at(self, step: int) -> float:
+        """The EMA decay applied after optimizer step ``step`` (0-based)."""
+        if self.ema_power is None:
+            warm = (1 + step) / (10 + step)
+        else:
+            warm = 1 - (1 + step) ** -self.ema_power
+        return min(self.ema_decay, warm)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        if isinstance(d.get("eval_every"), list):
+            d = {**d, "eval_every": tuple(d["eval_every"])}
         return cls(**d)
 
 
@@ -231,7 +268,7 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
     net = distributed.wrap(model, world, device)  # what forward/backward run through
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = Schedule.from_config(diff_cfg)
-    loss_fn = EpsilonLoss(sched)
+    loss_fn = DiffusionLoss(sched, cfg.loss_weighting, cfg.min_snr_gamma)
     extra = {**({"preset": preset} if preset else {}), **carried}
     step = 0
     distributed.barrier(world)  # every rank has checked `out` before rank 0 writes to it
@@ -260,6 +297,22 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
         distributed.finish(world)
         return {"steps": step, "total": total, "note": "already finished"}
 
+    # evaluation during training (rank 0): the EMA weights' pseudo-FID at chosen steps, with
+    # images seen, training FLOPs (3 x the forward's 2 x MACs per image) and training seconds
+    eval_at = set(cfg.eval_steps(total)) if world.main else set()
+    evaluator, train_s = None, 0.0
+    if eval_at:
+        from .evaluation import Evaluator
+
+        evaluator = Evaluator(diff_cfg, cfg.eval_n, cfg.dataset, device=device,
+                              data_dir=data_dir)
+        flops_per_image = 6 * count_macs(model, (1, model_cfg.in_channels,
+                                                 model_cfg.image_size, model_cfg.image_size))
+        if resume and metrics_path.exists():  # training seconds before this sitting
+            times = [r["train_s"] for r in map(json.loads, metrics_path.read_text().splitlines())
+                     if "train_s" in r]
+            train_s = times[-1] if times else 0.0
+
     bar = None
     if progress and world.main:
         from tqdm import tqdm
@@ -267,7 +320,7 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
         bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
                    desc=f"train {preset or ''}".strip())
     t_start = time.perf_counter()
-    t_log, seen_since_log = t_start, 0
+    t_log, t_eval, seen_since_log = t_start, t_start, 0
     order, order_epoch = None, -1
     loss_val = float("nan")
     model.train()
@@ -310,8 +363,8 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
             opt.step()
             apply_masks(model, masks)
 
-            # EMA (short warm-up so early checkpoints are not dominated by the random init)
-            ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            # EMA (warm-up so early checkpoints are not dominated by the random init)
+            ema_update(ema, model, cfg.ema_decay_at(step))
             step += 1
             seen_since_log += bs
 
@@ -329,6 +382,21 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
                     bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{ips:.0f}")
             if bar is not None:
                 bar.update(1)
+
+            # evaluate (the clock stops: evaluation is not training time)
+            if step in eval_at:
+                now = time.perf_counter()
+                train_s += now - t_eval
+                rec = {"step": step, "images_seen": step * bs,
+                       "train_flops": step * bs * flops_per_image, "train_s": round(train_s, 2),
+                       "eval": evaluator(ema)}
+                if cfg.eval_raw:
+                    rec["eval_raw"] = evaluator(model)
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_val:.4f}", fid=f"{rec['eval']['pseudo_fid']:.3f}")
+                t_eval = t_log = time.perf_counter()
 
             # checkpoint
             if world.main and (step % cfg.checkpoint_every == 0 or step == total):

@@ -1,0 +1,220 @@
+"""How fast does a training recipe converge? Pseudo-FID against images seen, one factor at a time.
+
+Run: .venv/bin/python benchmarks/convergence.py --preset reduced [--variants today lr2e-3 ...]
+                                                [--seeds 0] [--images 60000] [--eval-n 2000]
+  -> runs/convergence/<preset>/<variant>-s<seed>/  (ordinary, resumable `minidiff train` runs)
+  -> benchmarks/results/convergence.{json,md,png}
+
+Every variant changes one thing of today's recipe (``today``: the TrainConfig defaults the
+shipped 3-epoch models were trained with) or combines the winners, and every one sees the same
+number of images (default 60,000: one third of the shipped models' 3 epochs). Each run is
+evaluated during training (``--eval-every``: pseudo-FID of n samples of the EMA weights, the
+default sampler, seed 0) at a quarter, half, three quarters and all of the budget. The target
+is today's 3-epoch pseudo-FID: the shipped model of the preset evaluated the same way. Finished
+runs are kept, so an interrupted benchmark continues where it stopped; results of earlier
+invocations are merged into the JSON.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from minidiff.checkpoint import load_checkpoint  # noqa: E402
+from minidiff.diffusion import DiffusionConfig  # noqa: E402
+from minidiff.evaluation import Evaluator  # noqa: E402
+from minidiff.io import atomic_write_text  # noqa: E402
+from minidiff.runtime import environment, resolve_device  # noqa: E402
+from minidiff.study import PRESETS as STUDY_PRESETS  # noqa: E402
+from minidiff.train import TrainConfig, train  # noqa: E402
+from minidiff.unet import PRESETS  # noqa: E402
+
+# name -> (what it changes, TrainConfig overrides, DiffusionConfig overrides)
+VARIANTS = {
+    "today": ("today's recipe: lr 1e-3, 200 warm-up steps, cosine to 0.1 lr, batch 128, EMA "
+              "0.999 with (1+s)/(10+s) warm-up, eps, plain MSE", {}, {}),
+    "ema-p2/3": ("EMA power-law warm-up, power 2/3", {"ema_power": 2 / 3}, {}),
+    "ema-p3/4": ("EMA power-law warm-up, power 3/4", {"ema_power": 3 / 4}, {}),
+    "lr2e-3": ("peak lr 2e-3", {"lr": 2e-3}, {}),
+    "lr4e-3": ("peak lr 4e-3", {"lr": 4e-3}, {}),
+    "bs64": ("batch 64 (twice the steps)", {"batch_size": 64}, {}),
+    "bs256": ("batch 256 (half the steps)", {"batch_size": 256}, {}),
+    "min-snr": ("min-SNR-5 loss weighting", {"loss_weighting": "min-snr"}, {}),
+    "v": ("v-prediction", {}, {"prediction": "v"}),
+    "warmup50": ("50 warm-up steps instead of 200", {"warmup_steps": 50}, {}),
+}
+POINTS = (0.25, 0.5, 0.75, 1.0)
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = Path(__file__).resolve().parents[1] / "runs" / "convergence"
+
+
+def combine(names: str) -> tuple[str, dict, dict]:
+    """``a+b+c``: the union of the named variants' changes."""
+    what, t, d = [], {}, {}
+    for name in names.split("+"):
+        w, tt, dd = VARIANTS[name]
+        what.append(w)
+        t.update(tt)
+        d.update(dd)
+    return "; ".join(what), t, d
+
+
+def run(preset: str, variant: str, seed: int, images: int, eval_n: int) -> dict:
+    what, t_over, d_over = combine(variant)
+    bs = t_over.get("batch_size", TrainConfig.batch_size)
+    steps = images // bs
+    cfg = TrainConfig(steps=steps, seed=seed, eval_n=eval_n, eval_raw=variant == "today",
+                      eval_every=tuple(round(p * steps) for p in POINTS), checkpoint_every=250,
+                      **t_over)
+    out = RUNS / preset / f"{variant.replace('/', '')}-s{seed}"
+    resume = (out / "config.json").is_file()
+    summary = train(PRESETS[preset], DiffusionConfig(**d_over), cfg, out, resume=resume,
+                    preset=preset)
+    evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    points = [{k: r[k] for k in ("step", "images_seen", "train_flops", "train_s")}
+              | {"pseudo_fid": r["eval"]["pseudo_fid"], "confidence": r["eval"]["confidence"]}
+              | ({"raw_pseudo_fid": r["eval_raw"]["pseudo_fid"]} if "eval_raw" in r else {})
+              for r in evals if "eval" in r]
+    return {"preset": preset, "variant": variant, "seed": seed, "what": what,
+            "train": cfg.to_dict(), "diffusion": DiffusionConfig(**d_over).to_dict(),
+            "images": steps * bs, "points": points, "final": points[-1]["pseudo_fid"],
+            "img_per_s": round(steps * bs / points[-1]["train_s"], 1),
+            "precision": summary.get("precision")}
+
+
+def target(preset: str, eval_n: int) -> dict:
+    """Today's 3-epoch pseudo-FID: the shipped model of ``preset``, evaluated like the runs."""
+    model, config, digest = load_checkpoint(preset)
+    ev = Evaluator(DiffusionConfig.from_dict(config["diffusion"]), eval_n,
+                   device=resolve_device("auto"))
+    base = STUDY_PRESETS["standard"].base_epochs  # the shipped models' `minidiff study` preset
+    t = config["train"]
+    images = (base + (t["epochs"] if t.get("init") else 0)) * 60000
+    note = "" if not t.get("init") else (
+        f" (then fine-tuned {t['epochs']} epochs at lr {t['lr']:g})")
+    return {"checkpoint": preset, "sha256": digest, **ev(model),
+            "what": f"shipped `{preset}`: {base:g} epochs of today's recipe{note}",
+            "images": images}
+
+
+def first_below(points: list[dict], value: float) -> int | None:
+    hit = [p["images_seen"] for p in points if p["pseudo_fid"] <= value]
+    return min(hit) if hit else None
+
+
+def markdown(res: dict) -> str:
+    env = res["environment"]
+    lines = [
+        "# Convergence: pseudo-FID against images seen, one factor at a time",
+        "",
+        f"Command: `{res['command']}` (`benchmarks/convergence.py`; runs in "
+        "`runs/convergence/`). "
+        f"Machine: {env['cpu']} (capability {env['cpu_capability']}, bf16 native: "
+        f"{env['bf16_native']}), {env['threads']} threads, torch "
+        f"{env['torch']}; date {env['date']}.",
+        "",
+        f"Each point: pseudo-FID of n = {res['eval_n']} samples of the EMA weights (default "
+        "sampler, seed 0) against the MNIST test split (`minidiff train --eval-every`). Every "
+        "variant sees the same number of images. The target is today's 3-epoch model "
+        "evaluated the same way; \"reached at\" is the first evaluated point at or below it.",
+        "",
+    ]
+    for preset, tgt in res["targets"].items():
+        rows = [r for r in res["runs"].values() if r["preset"] == preset]
+        if not rows:
+            continue
+        lines += [f"## `{preset}`", "",
+                  f"Target: {tgt['what']}, {tgt['images']:,.0f} images: pseudo-FID "
+                  f"**{tgt['pseudo_fid']:.3f}** (confidence {tgt['confidence']:.3f}).", "",
+                  "| variant | change | seeds | pseudo-FID at " + " / ".join(
+                      f"{p:.0%}" for p in POINTS) + " | final (mean) | reached target at "
+                  "| train img/s |",
+                  "|---|---|---|---|---|---|---|"]
+        by_variant: dict[str, list] = {}
+        for r in rows:
+            by_variant.setdefault(r["variant"], []).append(r)
+        for variant, rs in sorted(by_variant.items(),
+                                  key=lambda kv: statistics.mean(r["final"] for r in kv[1])):
+            curve = " / ".join(f"{statistics.mean(r['points'][k]['pseudo_fid'] for r in rs):.3f}"
+                               for k in range(len(rs[0]["points"])))
+            reached = [first_below(r["points"], tgt["pseudo_fid"]) for r in rs]
+            reached_s = ", ".join("not reached" if x is None else f"{x:,}" for x in reached)
+            final = statistics.mean(r["final"] for r in rs)
+            finals = ", ".join(f"{r['final']:.3f}" for r in rs)
+            spread = f" ({finals})" if len(rs) > 1 else ""
+            lines.append(f"| `{variant}` | {rs[0]['what']} | {len(rs)} | {curve} | "
+                         f"{final:.3f}{spread} | {reached_s} | "
+                         f"{statistics.median(r['img_per_s'] for r in rs):.0f} |")
+        raw = [r for r in rows if r["variant"] == "today" and "raw_pseudo_fid" in r["points"][-1]]
+        if raw:
+            lines += ["", "Control, raw (non-EMA) weights of `today`: " + " / ".join(
+                f"{p['raw_pseudo_fid']:.3f}" for p in raw[0]["points"]) + "."]
+        lines.append("")
+    lines += ["![curves](convergence.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    presets = [p for p in res["targets"] if any(r["preset"] == p for r in res["runs"].values())]
+    fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4.5), squeeze=False)
+    for ax, preset in zip(axes[0], presets, strict=True):
+        for r in sorted((r for r in res["runs"].values() if r["preset"] == preset),
+                        key=lambda r: (r["variant"], r["seed"])):
+            xs = [p["images_seen"] for p in r["points"]]
+            ax.plot(xs, [p["pseudo_fid"] for p in r["points"]], marker="o", ms=3,
+                    label=f"{r['variant']} s{r['seed']}")
+        ax.axhline(res["targets"][preset]["pseudo_fid"], color="k", ls="--",
+                   label="today, 3 epochs")
+        ax.set(xlabel="images seen", ylabel=f"pseudo-FID (n={res['eval_n']})", yscale="log",
+               title=preset)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", choices=["reduced", "baseline"], required=True)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                    help="names of VARIANTS, or a+b to combine them")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--images", type=int, default=60_000)
+    ap.add_argument("--eval-n", type=int, default=2000)
+    args = ap.parse_args()
+    for v in args.variants:
+        combine(v)  # unknown names fail before any training
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "convergence.json"
+    res = json.loads(path.read_text()) if path.is_file() else {}
+    if res.get("eval_n") != args.eval_n or res.get("images") != args.images:
+        res = {"eval_n": args.eval_n, "images": args.images, "targets": {}, "runs": {}}
+    res["environment"] = environment()
+    res["command"] = "python benchmarks/convergence.py " + " ".join(sys.argv[1:])
+    if args.preset not in res["targets"]:
+        res["targets"][args.preset] = target(args.preset, args.eval_n)
+    for seed in args.seeds:
+        for variant in args.variants:
+            key = f"{args.preset}/{variant}/s{seed}"
+            if key in res["runs"]:
+                continue
+            res["runs"][key] = run(args.preset, variant, seed, args.images, args.eval_n)
+            atomic_write_text(path, json.dumps(res, indent=1) + "\n")
+            atomic_write_text(RESULTS / "convergence.md", markdown(res))
+            plot(res, RESULTS / "convergence.png")
+            print(key, f"final pseudo-FID {res['runs'][key]['final']:.3f}", flush=True)
+    atomic_write_text(path, json.dumps(res, indent=1) + "\n")
+    atomic_write_text(RESULTS / "convergence.md", markdown(res))
+    plot(res, RESULTS / "convergence.png")
+
+
+if __name__ == "__main__":
+    main()
