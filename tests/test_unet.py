@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from minidiff.original import STUDY
-from minidiff.unet import PRESETS, UNet, UNetConfig, count_macs, count_params
+from minidiff.unet import PRESETS, UNet, UNetConfig, count_macs, count_params, preset_table
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -42,3 +42,11 @@ def test_config_round_trip_and_bad_sizes(tiny_cfg):
         UNetConfig(channels=(8, 16, 32, 64), image_size=28)
     with pytest.raises(ValueError, match="unknown model config keys"):
         UNetConfig.from_dict({"channels": [8], "colour": 3})
+
+
+def test_preset_table_has_a_header_and_one_line_per_row():
+    rows = [{"preset": "reduced", "channels": [16, 32], "params": 634_123, "study_params": 634_000,
+             "macs_per_image": 12_500_000}]
+    header, line = preset_table(rows).splitlines()
+    assert header.split() == ["preset", "channels", "params", "study", "MACs/image"]
+    assert line.split() == ["reduced", "(16,", "32)", "634,123", "634,000", "12.5", "M"]

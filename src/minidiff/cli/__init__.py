@@ -1,37 +1,33 @@
 """``minidiff`` command line: a thin shell over the library.
 
-Each subcommand's ``add_<name>`` (in :mod:`.models` or :mod:`.images`) builds its parser beside
-its handler ``cmd_<name>``. The parsers read only torch-free modules (:mod:`minidiff.settings`,
-:mod:`minidiff.original`), and each handler imports the library modules it needs inside itself:
-that is what lets ``minidiff --help`` and ``--version`` start without importing torch (a test
-checks it). Every user error ends as one line on stderr (``minidiff: error: ...``) and a
-non-zero exit.
+Each subcommand's handler ``cmd_<name>`` in :mod:`.models` or :mod:`.images` carries its
+parser's flags as decorators (:mod:`.common`). The parsers read only torch-free modules and
+each handler imports the library inside itself, so ``minidiff --help`` and ``--version`` never
+import torch (a test checks it). A user error ends as one line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 import time
 
-from ..errors import MinidiffError
-from . import images, models
-from .common import Parser
+from .. import __version__
+from ..errors import MinidiffError, os_error_message
+from . import images, models  # noqa: F401  (their @command s fill COMMANDS)
+from .common import COMMANDS, Parser, add_command
 
 # in the order `minidiff --help` lists them
-SUBCOMMANDS = (models.add_data, models.add_models, models.add_train, images.add_sample,
-               images.add_grid, models.add_classifier, images.add_eval, images.add_demo,
-               images.add_bench, models.add_prune, models.add_quantize, models.add_study,
-               images.add_serve)
+ORDER = ("data", "models", "train", "sample", "grid", "classifier", "eval", "demo", "bench",
+         "prune", "quantize", "study", "serve")
 
 
 def build_parser() -> Parser:
     p = Parser(prog="minidiff", description="Train, sample and inspect small DDPMs on MNIST.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", parser_class=Parser)
-    for add in SUBCOMMANDS:
-        add(sub)
+    for name in ORDER:
+        add_command(sub, name, COMMANDS[name])
     return p
 
 
@@ -39,8 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from .. import __version__
-
         print(__version__)
         return 0
     if args.command is None:
@@ -59,11 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except OSError as e:
-        # disk full, permission denied, ...: name the file and the reason, no traceback
-        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        fix = ("free some disk space and run the command again (a training run continues "
-               "with --resume)" if e.errno == errno.ENOSPC
-               else "check the path and its permissions")
-        print(f"minidiff: error: {where}{e.strerror or e}; {fix}", file=sys.stderr)
+    except OSError as e:  # disk full, permission denied, ...: no traceback
+        print(f"minidiff: error: {os_error_message(e)}", file=sys.stderr)
         return 1

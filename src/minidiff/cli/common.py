@@ -1,10 +1,25 @@
-"""What the subcommands' parsers share: one-line errors, value types, repeated flags."""
+"""How subcommands are declared (click-style decorators over argparse), one-line errors, checked
+value types, and the flags several subcommands share."""
 
 from __future__ import annotations
 
 import argparse
 
-CKPT = "run folder, .safetensors file or shipped model name"  # a checkpoint argument's help
+from ..settings import DATASET_NAMES, DEVICES, PRECISIONS
+
+COMMANDS: dict = {}  # "name" (or "name sub" for a sub-subcommand) -> handler, set by @command
+
+# flags that several subcommands take with one meaning: `@shared("--dataset", ...)`
+SHARED = {
+    "checkpoint": dict(help="run folder, .safetensors file or shipped model name"),
+    "--dataset": dict(choices=DATASET_NAMES, default="mnist"),
+    "--data-dir": dict(help="folder holding the dataset's IDX files"),
+    "--precision": dict(choices=PRECISIONS, default="auto",
+                        help="auto: bf16 where the CPU/GPU runs it natively, else fp32"),
+    "--device": dict(choices=DEVICES, default="auto"),
+    "--json": dict(action="store_true", help="print JSON"),
+    "--no-progress": dict(action="store_true", help="no progress bar"),
+}
 
 
 class Parser(argparse.ArgumentParser):
@@ -14,12 +29,52 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"minidiff: error: {message} (see `{self.prog} --help`)\n")
 
 
-def command(sub, name: str, help: str, handler, *examples: str) -> Parser:
-    """Subcommand ``name``'s parser, run by ``handler(args)``, its help ending in ``examples``."""
-    head = "example:" if len(examples) == 1 else "examples:"
-    p = sub.add_parser(name, help=help, epilog="\n  ".join((head, *examples)),
+def command(name: str, help: str, *examples: str):
+    """Decorator: the function below, ``handler(args) -> exit status``, runs subcommand
+    ``name``; its ``--help`` ends in ``examples``."""
+    def register(handler):
+        handler.help, handler.examples = help, examples
+        COMMANDS[name] = handler
+        return handler
+    return register
+
+
+def arg(*names: str, exclusive: str | None = None, **kw):
+    """Decorator under :func:`command`, one per flag as in click: the subcommand takes
+    ``add_argument(*names, **kw)``; flags with the same ``exclusive`` key exclude each other."""
+    def add(handler):
+        handler.args = [(names, exclusive, kw), *getattr(handler, "args", [])]  # bottom-up
+        return handler
+    return add
+
+
+def shared(*names: str):
+    """Decorator: the subcommand takes these :data:`SHARED` flags."""
+    def add(handler):
+        for name in reversed(names):
+            handler = arg(name, **SHARED[name])(handler)
+        return handler
+    return add
+
+
+def add_command(sub, name: str, handler) -> Parser:
+    """Subcommand ``name``'s parser from its :func:`command` and :func:`arg` s, with the
+    sub-subcommands ``"name sub"`` that :data:`COMMANDS` holds."""
+    ex = handler.examples
+    epilog = "\n  ".join(("example:" if len(ex) == 1 else "examples:", *ex)) if ex else None
+    p = sub.add_parser(name.split()[-1], help=handler.help, epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(handler=handler)
+    groups = {}
+    for names, exclusive, kw in getattr(handler, "args", []):
+        if exclusive and exclusive not in groups:
+            groups[exclusive] = p.add_mutually_exclusive_group()
+        (groups[exclusive] if exclusive else p).add_argument(*names, **kw)
+    children = [c for c in COMMANDS if c.startswith(name + " ")]
+    if children:
+        nested = p.add_subparsers(parser_class=Parser)
+        for child in children:
+            add_command(nested, child, COMMANDS[child])
     return p
 
 
@@ -41,22 +96,5 @@ positive_int = _checked(int, lambda v: v > 0, "a positive integer", "> 0")
 nonneg_int = _checked(int, lambda v: v >= 0, "an integer", ">= 0")
 positive_float = _checked(float, lambda v: v > 0, "a number", "> 0")
 fraction = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)", "in (0, 1)")
-
-
-def channels(s: str) -> tuple[int, ...]:
-    try:
-        ch = tuple(int(c) for c in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 16,32,64, "
-                                         f"got {s!r}") from None
-    if any(c <= 0 for c in ch):
-        raise argparse.ArgumentTypeError(f"channels must be positive, got {s!r}")
-    return ch
-
-
-def data_dir(p, whose: str = "the dataset's") -> None:
-    p.add_argument("--data-dir", help=f"folder holding {whose} IDX files")
-
-
-def flag(p, name: str, help: str) -> None:
-    p.add_argument(name, action="store_true", help=help)
+channels = _checked(lambda s: tuple(int(c) for c in s.split(",")), lambda ch: min(ch) > 0,
+                    "comma-separated integers like 16,32,64", "positive widths")

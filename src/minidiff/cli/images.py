@@ -8,50 +8,36 @@ import sys
 from pathlib import Path
 
 from ..errors import MinidiffError
-from ..settings import DATASET_NAMES, DEVICES, MODEL_PRESETS, PRECISIONS, SAMPLER_NAMES, SPACINGS
+from ..settings import DATASET_NAMES, MODEL_PRESETS, PRECISIONS, SAMPLER_NAMES, SPACINGS
 from ..settings import SamplingConfig as Sampling
-from .common import CKPT, command, data_dir, flag, nonneg_int, positive_float, positive_int
+from .common import arg, command, nonneg_int, positive_float, positive_int, shared
 
 D = Sampling()  # the sampling defaults, as --help shows them
 
 
-def add_sample(sub) -> None:
-    s = command(sub, "sample", "generate images from a checkpoint", cmd_sample,
-                "minidiff sample runs/demo --n 100 --out samples.npz --grid grid.png",
-                "minidiff sample runs/demo/model.safetensors --n 64 --steps 250 --out s.npz",
-                "minidiff sample runs/demo --sampler dpmpp --steps 20 --n 64 --out fast.npz")
-    s.add_argument("checkpoint", help=CKPT)
-    s.add_argument("--n", type=positive_int, default=64, help="number of images (default 64)")
-    s.add_argument("--steps", type=positive_int, default=D.steps, help="network evaluations, "
-                   f"timesteps respaced over T (default {D.steps}; T=1000 is the original DDPM)")
-    s.add_argument("--sampler", choices=SAMPLER_NAMES, default=D.sampler, help="ddpm "
-                   "(ancestral), ddim (eta 0: deterministic), dpmpp (DPM-Solver++(2M)), dpmpp-sde "
-                   f"(SDE-DPM-Solver++(2M), the default: within 10%% of DDPM-1000's quality in "
-                   f"{D.steps} steps)")
-    s.add_argument("--eta", type=float, help="DDIM's noise scale (0..1; default 0)")
-    s.add_argument("--spacing", choices=SPACINGS, default=D.spacing, help="which timesteps "
-                   f"--steps keeps: uniform, trailing (default {D.spacing}), quadratic (denser "
-                   "at low noise)")
-    s.add_argument("--seed", type=nonneg_int, default=D.seed)
-    s.add_argument("--batch-size", type=positive_int, default=D.batch_size,
-                   help="images per batch (default: 256 in bf16, 128 in fp32: the fastest "
-                        "measured)")
-    s.add_argument("--precision", choices=PRECISIONS, default=D.precision,
-                   help="auto (default): bf16 autocast where the CPU/GPU supports it")
-    s.add_argument("--device", choices=DEVICES, default="auto")
-    s.add_argument("--out", required=True, help="output .npz (images uint8 [N x 28 x 28])")
-    s.add_argument("--grid", help="also write a PNG grid of the samples")
-    s.add_argument("--class", dest="classes", metavar="C", help="a conditional model's class "
-                   "id, or all for a balanced set (n / 10 each, labels stored in the .npz, one "
-                   "grid row per class)")
-    s.add_argument("--guidance", type=float, help="classifier-free guidance scale with --class "
-                   f"(0 unconditional, 1 conditional; default {D.guidance}, see "
-                   "benchmarks/results/guidance_sweep.md)")
-    flag(s, "--compile", "run the network through torch.compile (eager if compiling fails); "
-                         "pays off only for long runs, see benchmarks/results/bench.md")
-    flag(s, "--no-progress", "no progress bar")
-
-
+@command("sample", "generate images from a checkpoint",
+         "minidiff sample runs/demo --n 100 --out samples.npz --grid grid.png",
+         "minidiff sample runs/demo --sampler ddpm --steps 1000 --out ddpm.npz")
+@shared("checkpoint")
+@arg("--out", required=True, help="output .npz (images uint8 [N x 28 x 28])")
+@arg("--grid", help="also write a PNG grid of the samples")
+@arg("--n", type=positive_int, default=64, help="number of images (default %(default)s)")
+@arg("--sampler", choices=SAMPLER_NAMES, default=D.sampler, help="default %(default)s; "
+     "docs/sampling.md compares them")
+@arg("--steps", type=positive_int, default=D.steps, help="network evaluations (default "
+     "%(default)s; the original DDPM takes 1000)")
+@arg("--spacing", choices=SPACINGS, default=D.spacing, help="timesteps --steps keeps "
+     "(default %(default)s)")
+@arg("--eta", type=float, help="DDIM's noise scale (0..1; default 0)")
+@arg("--class", dest="classes", metavar="C", help="a conditional model's class, or all (n/10 each)")
+@arg("--guidance", type=float, help=f"with --class: classifier-free guidance scale (default "
+     f"{D.guidance}; 0 unconditional)")
+@arg("--seed", type=nonneg_int, default=D.seed)
+@arg("--batch-size", type=positive_int, default=D.batch_size, help="default: 256 bf16, 128 fp32")
+@arg("--precision", choices=PRECISIONS, default=D.precision, help="auto (default): bf16 where "
+     "the CPU/GPU runs it natively, else fp32")
+@shared("--device", "--no-progress")
+@arg("--compile", action="store_true", help="through torch.compile (pays off in long runs)")
 def cmd_sample(args) -> int:
     from ..generation import sample_to_file
 
@@ -66,15 +52,12 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def add_grid(sub) -> None:
-    g = command(sub, "grid", "render a sample file as a PNG grid", cmd_grid,
-                "minidiff grid samples.npz --out grid.png --n 64")
-    g.add_argument("samples", help="an .npz written by `minidiff sample`")
-    g.add_argument("--out", required=True, help="output .png")
-    g.add_argument("--n", type=positive_int, default=100, help="at most this many (default 100)")
-    g.add_argument("--nrow", type=positive_int, help="images per row (default ~sqrt n)")
-
-
+@command("grid", "render a sample file as a PNG grid",
+         "minidiff grid samples.npz --out grid.png --n 64")
+@arg("samples", help="an .npz written by `minidiff sample`")
+@arg("--out", required=True, help="output .png")
+@arg("--n", type=positive_int, default=100, help="at most this many (default %(default)s)")
+@arg("--nrow", type=positive_int, help="images per row (default ~sqrt n)")
 def cmd_grid(args) -> int:
     from ..generation import load_samples
     from ..io import save_grid
@@ -87,28 +70,21 @@ def cmd_grid(args) -> int:
     return 0
 
 
-def add_eval(sub) -> None:
-    e = command(sub, "eval", "quality metrics of samples, with real-data floors", cmd_eval,
-                "minidiff eval runs/demo/samples.npz", "minidiff eval --real --n 10000",
-                "minidiff eval --model runs/demo --steps 100 --time-n 256")
-    e.add_argument("samples", nargs="?", help="an .npz written by `minidiff sample`")
-    flag(e, "--real", "print the real-data floors alone")
-    e.add_argument("--model", metavar="CKPT", help="efficiency of a checkpoint instead")
-    e.add_argument("--n", type=positive_int, default=10000, help="with --real: images")
-    e.add_argument("--reference", choices=["test", "train"], default="test")
-    e.add_argument("--dataset", choices=DATASET_NAMES, help="default: the samples' dataset")
-    data_dir(e)
-    e.add_argument("--json", metavar="OUT", help="also write the results as JSON")
-    e.add_argument("--sampler", choices=SAMPLER_NAMES, default=D.sampler,
-                   help="with --model (default: `minidiff sample`'s)")
-    e.add_argument("--steps", type=positive_int, default=D.steps,
-                   help="with --model: sampler steps (default: `minidiff sample`'s)")
-    e.add_argument("--spacing", choices=SPACINGS, default=D.spacing, help="with --model")
-    e.add_argument("--time-n", type=positive_int, default=256, help="with --model: samples "
-                   "actually timed; the 10,000-sample time is extrapolated from them (default "
-                   "256; 10000 times the real thing)")
-
-
+@command("eval", "quality metrics of samples, with real-data floors",
+         "minidiff eval runs/demo/samples.npz", "minidiff eval --model runs/demo --steps 100")
+@arg("samples", nargs="?", help="an .npz written by `minidiff sample`")
+@arg("--real", action="store_true", help="print the real-data floors alone")
+@arg("--model", metavar="CKPT", help="efficiency of a checkpoint instead")
+@arg("--n", type=positive_int, default=10000, help="with --real: images")
+@arg("--reference", choices=["test", "train"], default="test")
+@arg("--dataset", choices=DATASET_NAMES, help="default: the samples' dataset")
+@shared("--data-dir")
+@arg("--json", metavar="OUT", help="also write the results as JSON")
+@arg("--sampler", choices=SAMPLER_NAMES, default=D.sampler, help="with --model")
+@arg("--steps", type=positive_int, default=D.steps, help="with --model")
+@arg("--spacing", choices=SPACINGS, default=D.spacing, help="with --model")
+@arg("--time-n", type=positive_int, default=256, help="with --model: samples timed, scaled to "
+     "10,000 (default %(default)s)")
 def cmd_eval(args) -> int:
     from ..io import atomic_write_text
 
@@ -140,16 +116,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def add_demo(sub) -> None:
-    d = command(sub, "demo", "train the reduced model briefly, sample, write a report", cmd_demo,
-                "minidiff demo            # ~10 minutes on a 2-core CPU, writes runs/demo/")
-    d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    d.add_argument("--steps", type=positive_int, help="training steps (default: the demo's)")
-    d.add_argument("--n", type=positive_int, default=100, help="images to sample (default 100)")
-    data_dir(d, "MNIST's")
-    flag(d, "--force", "overwrite an existing demo run")
-
-
+@command("demo", "train the reduced model briefly, sample, write a report",
+         "minidiff demo            # ~10 minutes on a 2-core CPU, writes runs/demo/")
+@arg("--out", default="runs/demo", help="run folder (default %(default)s)")
+@arg("--steps", type=positive_int, help="training steps (default: the demo's)")
+@arg("--n", type=positive_int, default=100, help="images to sample (default %(default)s)")
+@shared("--data-dir")
+@arg("--force", action="store_true", help="overwrite an existing demo run")
 def cmd_demo(args) -> int:
     from ..demo import run_demo
 
@@ -159,25 +132,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def add_bench(sub) -> None:
-    b = command(sub, "bench", "training and sampling speed beside diffusers, vs the matmul "
-                "peak", cmd_bench, "minidiff bench",
-                "minidiff bench --presets reduced --n 100 --out /tmp/bench")
-    b.add_argument("--presets", nargs="+", choices=MODEL_PRESETS,
-                   default=["reduced", "baseline", "shallow"])
-    b.add_argument("--n", type=positive_int, default=500,
-                   help="samples timed per sampling job, scaled to 10,000 (default 500)")
-    b.add_argument("--steps", type=positive_int, default=D.steps, help="network evaluations "
-                   f"per sample (default {D.steps}, the default sampler's)")
-    b.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto (default): "
-                   "bf16 where the CPU runs it natively, else fp32; bf16 is refused where it "
-                   "is emulated")
-    flag(b, "--no-anchor", "skip the diffusers rows")
-    flag(b, "--compile", "also time the default sampler through torch.compile")
-    b.add_argument("--out", default="benchmarks/results",
-                   help="folder for bench.json and bench.md (default benchmarks/results)")
-
-
+@command("bench", "training and sampling speed beside diffusers, vs the matmul peak",
+         "minidiff bench", "minidiff bench --presets reduced --n 100 --out /tmp/bench")
+@arg("--presets", nargs="+", choices=MODEL_PRESETS, default=["reduced", "baseline", "shallow"])
+@arg("--n", type=positive_int, default=500, help="samples timed per job (default %(default)s)")
+@arg("--steps", type=positive_int, default=D.steps, help="network evaluations per sample")
+@shared("--precision")
+@arg("--no-anchor", action="store_true", help="skip the diffusers rows")
+@arg("--compile", action="store_true", help="also time the default sampler compiled")
+@arg("--out", default="benchmarks/results", help="folder for bench.json and bench.md")
 def cmd_bench(args) -> int:
     from ..bench import write_bench
 
@@ -189,16 +152,11 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def add_serve(sub) -> None:
-    s = command(sub, "serve", "a local web page to sample the shipped models", cmd_serve,
-                "minidiff serve            # then open http://127.0.0.1:7860")
-    s.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=positive_int, default=7860)
-    s.add_argument("--max-seconds", type=positive_float, default=60.0,
-                   help="stop one request's sampling after this long (default 60)")
-
-
+@command("serve", "a local web page to sample the shipped models",
+         "minidiff serve            # then open http://127.0.0.1:7860")
+@arg("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+@arg("--port", type=positive_int, default=7860)
+@arg("--max-seconds", type=positive_float, default=60.0, help="one request's sampling limit")
 def cmd_serve(args) -> int:
     from ..serve import serve
 
