@@ -36,6 +36,9 @@ def one_error_line(capsys):
     (["sample", "missing-run", "--n", "0", "--out", "s.npz"], 2, "must be > 0, got 0"),
     (["sample", "missing-run", "--sampler", "euler", "--out", "s.npz"], 2, "invalid choice"),
     (["frobnicate"], 2, "invalid choice"),
+    (["train", "--eval-every", "10,0", "--out", "x"], 2, "must be > 0, got 10,0"),
+    (["train", "--eval-every", "ten", "--out", "x"], 2, "expected a step count"),
+    (["train", "--prediction", "x0", "--out", "x"], 2, "invalid choice: 'x0'"),
 ])
 def test_bad_flags_give_one_line_and_nonzero_exit(argv, code, needle, capsys, tmp_path,
                                                   monkeypatch):
@@ -136,3 +139,26 @@ def test_help_and_version_start_without_torch(flag):
                 if line.startswith("import time:")}
     assert {"minidiff.cli", "minidiff.settings"} <= imported
     assert not [m for m in imported if m.split(".")[0] == "torch"]
+
+
+def test_train_recipe_flags_reach_the_run_config(tmp_path, capsys):
+    """--prediction, --loss-weighting, --ema-power, --eval-every/--eval-n and
+    --original-recipe end up in the run's config.json (and evaluations in metrics.jsonl)."""
+    out = tmp_path / "r"
+    assert main(["train", "--channels", "8,16", "--steps", "4", "--batch-size", "8",
+                 "--subset", "16", "--prediction", "v", "--loss-weighting", "min-snr",
+                 "--ema-power", "0.75", "--eval-every", "2,4", "--eval-n", "10",
+                 "--no-progress", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["diffusion"]["prediction"] == "v"
+    t = cfg["train"]
+    assert (t["loss_weighting"], t["ema_power"], t["eval_every"], t["eval_n"]) == \
+        ("min-snr", 0.75, [2, 4], 10)
+    evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()
+             if "eval" in ln]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert main(["train", "--channels", "8,16", "--steps", "1", "--subset", "8",
+                 "--original-recipe", "--no-progress", "--out", str(tmp_path / "o")]) == 0
+    t = json.loads((tmp_path / "o" / "config.json").read_text())["train"]
+    from minidiff.original import TRAINING
+    assert {k: t[k] for k in TRAINING} == TRAINING

@@ -44,7 +44,7 @@ def test_q_sample_matches_marginal_statistics():
 
 def test_loss_is_zero_for_the_true_noise_predictor():
     """A model that returns the exact noise has zero loss; a zero predictor has loss ~1."""
-    s = Schedule.from_config(DiffusionConfig())
+    s = Schedule.from_config(DiffusionConfig(prediction="eps"))
     loss = DiffusionLoss(s)
     x0 = torch.zeros(512, 1, 8, 8)  # x0 = 0 makes x_t = sqrt(1 - ab) * eps, so eps is known
     g = torch.Generator().manual_seed(0)
@@ -85,3 +85,49 @@ def test_quadratic_spacing_is_denser_at_low_noise_and_never_repeats():
     assert full.respace(100, "quadratic").timesteps[-1] == 800
     with pytest.raises(ValueError, match="unknown spacing"):
         full.respace(10, "cubic")
+
+
+def test_v_loss_is_zero_for_the_true_v_predictor():
+    s = Schedule.from_config(DiffusionConfig(prediction="v"))
+    x0 = torch.zeros(512, 1, 8, 8)  # x_t = sqrt(1 - ab) eps and v = sqrt(ab) eps
+    g = torch.Generator().manual_seed(0)
+
+    def oracle(xt, t, y=None):
+        return xt * (s.sqrt_alpha_bar / s.sqrt_one_minus_alpha_bar)[t].float().view(-1, 1, 1, 1)
+
+    assert DiffusionLoss(s)(oracle, x0, generator=g).item() < 1e-8
+    eps_oracle = DiffusionLoss(s)(lambda xt, t, y=None: xt / s.sqrt_one_minus_alpha_bar[t]
+                                  .float().view(-1, 1, 1, 1), x0, generator=g).item()
+    assert eps_oracle > 0.01  # an eps answer is wrong for a v model
+
+
+def test_min_snr_weights_cap_the_low_noise_steps():
+    """min-SNR-5: weight min(SNR, 5) / SNR for eps (1 where SNR <= 5, 5 / SNR above), and
+    min(SNR, 5) / (SNR + 1) for v."""
+    for prediction, extra in (("eps", 0), ("v", 1)):
+        s = Schedule.from_config(DiffusionConfig(prediction=prediction))
+        w = DiffusionLoss(s, "min-snr", 5.0).weights
+        snr = s.alpha_bar / (1 - s.alpha_bar)
+        assert torch.allclose(w, snr.clamp(max=5) / (snr + extra))
+        assert w[0] < 0.01 and w[-1] == pytest.approx(snr[-1] / (snr[-1] + extra))
+    s = Schedule.from_config(DiffusionConfig(prediction="eps"))
+    plain, weighted = DiffusionLoss(s), DiffusionLoss(s, "min-snr")
+    x0 = torch.zeros(8, 1, 4, 4)
+    i = torch.tensor([0, 0, 0, 0, 999, 999, 999, 999])
+    noise = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    zero = lambda xt, t, y=None: torch.zeros_like(xt)  # noqa: E731
+    # the error at t=0 (SNR ~ 1e4) counts 5 / SNR as much; at t=999 (SNR ~ 4e-5) fully
+    assert weighted(zero, x0, i=i, noise=noise) < 0.6 * plain(zero, x0, i=i, noise=noise)
+
+
+def test_diffusion_config_prediction_is_checked_and_old_configs_load():
+    """New runs predict v; a config written before the field existed is a noise predictor."""
+    old = {"timesteps": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+    assert DiffusionConfig.from_dict(old).prediction == "eps"
+    assert DiffusionConfig().prediction == "v"
+    assert DiffusionConfig.from_dict(DiffusionConfig().to_dict()).prediction == "v"
+    with pytest.raises(ValueError, match="prediction"):
+        DiffusionConfig(prediction="x0")
+    with pytest.raises(ValueError, match="weighting"):
+        DiffusionLoss(Schedule.from_config(DiffusionConfig()), "p2")
+    assert Schedule.from_config(DiffusionConfig(prediction="v")).respace(10).prediction == "v"

@@ -89,7 +89,7 @@ def test_no_default_path_runs_bf16(no_native_bf16, tiny_cfg, tmp_path, monkeypat
                               progress=False)
         assert main(["eval", "--model", str(run), "--time-n", "2", "--steps", "2"]) == 0
         # demo (a few steps, few sampling steps)
-        monkeypatch.setattr(demo, "DEMO_SAMPLE_STEPS", 2)
+        monkeypatch.setattr(demo, "DEMO_SAMPLING", SamplingConfig(steps=2))
         monkeypatch.setattr(demo, "DEMO_TRAIN", replace(demo.DEMO_TRAIN, subset=64,
                                                         batch_size=8, warmup_steps=1))
         demo.run_demo(tmp_path / "demo", steps=2, n=MIN_SAMPLES)

@@ -160,3 +160,53 @@ def test_recipe_fills_what_the_flags_leave_open():
     assert train_config(None, epochs=None, lr=None) == TrainConfig()
     with pytest.raises(MinidiffError, match="--recipe is a fine-tuning recipe"):
         train_config("pruned", init=None)
+
+
+def test_ema_warm_up_forms():
+    today = TrainConfig()
+    assert today.ema_decay_at(0) == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    assert today.ema_decay_at(10**6) == 0.999
+    p = TrainConfig(ema_power=0.75, ema_decay=0.9999)
+    assert p.ema_decay_at(0) == 0.0  # 1 - 1^-p: the first update copies the weights
+    assert p.ema_decay_at(999) == pytest.approx(1 - 1000 ** -0.75)
+    assert p.ema_decay_at(10**9) == 0.9999
+
+
+def test_eval_steps():
+    assert TrainConfig().eval_steps(100) == []
+    assert TrainConfig(eval_every=30).eval_steps(100) == [30, 60, 90, 100]
+    assert TrainConfig(eval_every=(5, 50, 500)).eval_steps(100) == [5, 50, 100]
+    with pytest.raises(MinidiffError, match="eval-every"):
+        TrainConfig(eval_every=0)
+    round_trip = TrainConfig.from_dict(json.loads(json.dumps(
+        TrainConfig(eval_every=(5, 50)).to_dict())))
+    assert round_trip.eval_every == (5, 50)
+
+
+def test_eval_every_writes_pseudo_fid_with_images_flops_and_seconds(tmp_path, tiny_cfg,
+                                                                     monkeypatch):
+    cfg = TrainConfig(steps=12, checkpoint_every=6, eval_every=(4, 8), eval_n=20,
+                      **{**FAST, "log_every": 4})
+    out = tmp_path / "r"
+    real_save = train_mod.save_state
+
+    def stop_after_6(folder, model, ema, opt, step, **kw):
+        real_save(folder, model, ema, opt, step, **kw)
+        if step == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_state", stop_after_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg, DiffusionConfig(), cfg, out, progress=False)
+    monkeypatch.setattr(train_mod, "save_state", real_save)
+    train(tiny_cfg, DiffusionConfig(), cfg, out, resume=True, progress=False)
+    recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if "eval" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12]  # the listed steps and the last
+    assert [r["images_seen"] for r in evals] == [128, 256, 384]
+    per_image = evals[0]["train_flops"] / 128
+    assert per_image > 0 and all(r["train_flops"] == per_image * r["images_seen"] for r in evals)
+    assert 0 < evals[0]["train_s"] < evals[1]["train_s"] < evals[2]["train_s"]  # across resume
+    for r in evals:
+        assert r["eval"]["n"] == 20 and r["eval"]["pseudo_fid"] > 0
+        assert 0.1 <= r["eval"]["confidence"] <= 1

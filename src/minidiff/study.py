@@ -39,8 +39,11 @@ class StudyConfig:
     preset: str
     base_epochs: float  # baseline, reduced and shallow each train this long from scratch
     dataset: str = "mnist"
-    batch_size: int = 128
-    lr: float = 1e-3
+    # the training recipe before the convergence benchmark (minidiff.original.TRAINING), which
+    # the committed study results and shipped models come from; the defaults where False
+    original_recipe: bool = True
+    batch_size: int | None = None  # None: the recipe's
+    lr: float | None = None  # from scratch; None: the recipe's
     subset: int | None = None
     structured: float = 0.1
     unstructured: float = 0.3
@@ -94,17 +97,18 @@ class Study:
 
     # ------------------------------------------------------------------ stages
     def train(self, name: str, preset: str, *, init: Path | None = None, epochs: float,
-              lr: float, depends: str = "") -> Path:
+              lr: float | None, depends: str = "") -> Path:
         """Train (or fine-tune from ``init``) into a stage folder; resumes a stopped stage."""
-        from .diffusion import DiffusionConfig
-        from .train import TrainConfig, train
+        from .train import diffusion_config, train, train_config
         from .unet import PRESETS as UNET
 
         c = self.cfg
-        tcfg = TrainConfig(dataset=c.dataset, epochs=epochs, batch_size=c.batch_size, lr=lr,
-                           seed=c.seed, subset=c.subset, checkpoint_every=c.checkpoint_every,
-                           init=str(init) if init else None)
-        settings = {"stage": name, "preset": preset, "train": tcfg.to_dict(), "after": depends}
+        tcfg = train_config(None, c.original_recipe, dataset=c.dataset, epochs=epochs,
+                            batch_size=c.batch_size, lr=lr, seed=c.seed, subset=c.subset,
+                            checkpoint_every=c.checkpoint_every, init=str(init) if init else None)
+        diffusion = diffusion_config(c.original_recipe)
+        settings = {"stage": name, "preset": preset, "train": tcfg.to_dict(),
+                    "diffusion": diffusion.to_dict(), "after": depends}
         settings["train"]["init"] = None  # the path is covered by `depends`
         folder = self._folder(name, settings)
         if self._done(folder):
@@ -112,9 +116,9 @@ class Study:
             return folder
         resume = (folder / "config.json").is_file()
         self.log(f"study: {name}: {'resuming' if resume else 'training'} {epochs:g} epochs "
-                 f"at lr {lr:g} -> {folder}")
+                 f"at lr {tcfg.lr:g} -> {folder}")
         t0 = time.perf_counter()
-        summary = train(UNET[preset], DiffusionConfig(), tcfg, folder, data_dir=self.data_dir,
+        summary = train(UNET[preset], diffusion, tcfg, folder, data_dir=self.data_dir,
                         resume=resume, progress=self.progress, preset=preset)
         self._finish(folder, {"stage": name, "settings": settings,
                               "seconds": round(time.perf_counter() - t0, 1), **summary})

@@ -31,7 +31,7 @@ from .data import epoch_order, get_spec, load_split, to_model_range
 from .diffusion import DiffusionConfig, DiffusionLoss, Schedule
 from .errors import MinidiffError
 from .io import atomic_write_text
-from .original import RECIPES
+from .original import DIFFUSION, RECIPES, TRAINING
 from .runtime import autocast_context, bf16_native, resolve_device, resolve_precision
 from .settings import DEVICES, LOSS_WEIGHTINGS, PRECISIONS
 from .unet import PRESETS, UNet, UNetConfig, count_macs
@@ -48,11 +48,13 @@ class TrainConfig:
     dataset: str = "mnist"
     epochs: float | None = None  # exactly one of epochs / steps (None/None -> 10 epochs)
     steps: int | None = None
-    batch_size: int = 128
-    lr: float = 1e-3
+    # the recipe: the convergence benchmark's winner (benchmarks/results/convergence.md; with
+    # v-prediction, DiffusionConfig's default); minidiff.original.TRAINING is the one before it
+    batch_size: int = 64
+    lr: float = 2e-3
     lr_schedule: str = "cosine"  # "cosine" (to lr_min_ratio * lr) or "constant" after warm-up
     lr_min_ratio: float = 0.1
-    warmup_steps: int = 200
+    warmup_steps: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # the EMA's final (largest) decay
@@ -149,17 +151,25 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
     return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * cos)
 
 
-def train_config(recipe: str | None = None, **given) -> TrainConfig:
+def train_config(recipe: str | None = None, original: bool = False, **given) -> TrainConfig:
     """A :class:`TrainConfig` from command-line values, None meaning not given. A fine-tuning
     ``recipe`` (:data:`minidiff.original.RECIPES`, with ``init``) supplies the lr unless one is
-    given, and its epochs unless epochs or steps are."""
+    given, and its epochs unless epochs or steps are. ``original``: start from the recipe before
+    the convergence benchmark (:data:`minidiff.original.TRAINING`) instead of the defaults."""
     given = {k: v for k, v in given.items() if v is not None}
     if recipe and not given.get("init"):
         raise MinidiffError("--recipe is a fine-tuning recipe: give --init CKPT too")
     r = dict(RECIPES[recipe]) if recipe else {}
     if "steps" in given:
         r.pop("epochs", None)
-    return TrainConfig(**{**r, **given})
+    return TrainConfig(**{**(TRAINING if original else {}), **r, **given})
+
+
+def diffusion_config(original: bool = False, **given) -> DiffusionConfig:
+    """A :class:`DiffusionConfig` from command-line values, None meaning not given;
+    ``original``: the recipe before the convergence benchmark (eps-prediction)."""
+    given = {k: v for k, v in given.items() if v is not None}
+    return DiffusionConfig(**{**(DIFFUSION if original else {}), **given})
 
 
 def model_config(preset: str, *, channels: tuple[int, ...] | None = None,

@@ -98,3 +98,6 @@ positive_float = _checked(float, lambda v: v > 0, "a number", "> 0")
 fraction = _checked(float, lambda v: 0 < v < 1, "a number in (0, 1)", "in (0, 1)")
 channels = _checked(lambda s: tuple(int(c) for c in s.split(",")), lambda ch: min(ch) > 0,
                     "comma-separated integers like 16,32,64", "positive widths")
+steps = _checked(lambda s: tuple(int(k) for k in s.split(",")) if "," in s else int(s),
+                 lambda v: min(v if isinstance(v, tuple) else (v,)) > 0,
+                 "a step count or comma-separated steps like 500,1000", "> 0")

@@ -9,7 +9,14 @@ from pathlib import Path
 
 from ..errors import MinidiffError
 from ..original import RECIPES
-from ..settings import DATASET_NAMES, MODEL_PRESETS, SCHEDULES, STUDY_PRESETS
+from ..settings import (
+    DATASET_NAMES,
+    LOSS_WEIGHTINGS,
+    MODEL_PRESETS,
+    PREDICTIONS,
+    SCHEDULES,
+    STUDY_PRESETS,
+)
 from .common import (
     arg,
     channels,
@@ -19,11 +26,13 @@ from .common import (
     positive_float,
     positive_int,
     shared,
+    steps,
 )
 
 # TrainConfig's fields that `train` takes from the flags of the same name
 TRAIN_FLAGS = ("dataset", "epochs", "steps", "batch_size", "lr", "seed", "init", "precision",
-               "device", "checkpoint_every", "keep_checkpoints", "subset", "label_dropout")
+               "device", "checkpoint_every", "keep_checkpoints", "subset", "label_dropout",
+               "ema_power", "loss_weighting", "eval_every", "eval_n")
 RECIPES_SHOWN = "; ".join(f"{k}: {r['epochs']} epochs, lr {r['lr']:g}" for k, r in RECIPES.items())
 
 
@@ -111,29 +120,39 @@ def cmd_classifier_evaluate(args) -> int:
 @arg("--label-dropout", type=float, help="with --conditional: labels dropped (default 0.1)")
 @arg("--epochs", type=positive_float, exclusive="length", help="passes over the data (default 10)")
 @arg("--steps", type=positive_int, exclusive="length", help="optimizer steps (or --epochs)")
-@arg("--batch-size", type=positive_int, default=128)
-@arg("--lr", type=positive_float, help="peak learning rate (default 1e-3 or the recipe's)")
-@arg("--schedule", choices=SCHEDULES, default="linear", help="beta schedule (T=1000)")
+@arg("--batch-size", type=positive_int, help="default 64")
+@arg("--original-recipe", action="store_true", help="the recipe before the convergence "
+     "benchmark (eps, lr 1e-3, 200 warm-up steps, batch 128)")
+@arg("--lr", type=positive_float, help="peak learning rate (default 2e-3 or the recipe's)")
+@arg("--schedule", choices=SCHEDULES, help="beta schedule, T=1000 (default linear)")
 @arg("--init", metavar="CKPT", help="fine-tune this checkpoint, keeping its layout and zeros")
 @arg("--recipe", choices=list(RECIPES), help=f"with --init: the study's ({RECIPES_SHOWN})")
 @arg("--seed", type=nonneg_int, default=0)
 @arg("--subset", type=positive_int, metavar="N", help="train on the first N images only")
 @arg("--checkpoint-every", type=positive_int, default=500, metavar="N", help="save every N steps")
 @arg("--keep-checkpoints", type=positive_int, default=3, metavar="K", help="keep the newest K")
+@arg("--prediction", choices=PREDICTIONS, help="what the network predicts (default v)")
+@arg("--loss-weighting", choices=LOSS_WEIGHTINGS, help="none or min-snr (gamma 5)")
+@arg("--ema-power", type=positive_float, help="EMA power-law warm-up, e.g. 0.75")
+@arg("--eval-every", type=steps, metavar="N|S1,S2", help="pseudo-FID of the EMA weights every N "
+     "steps or at these steps, into metrics.jsonl")
+@arg("--eval-n", type=positive_int, help="samples per evaluation (default 2000)")
 @shared("--dataset", "--data-dir", "--precision", "--device", "--no-progress")
 def cmd_train(args) -> int:
-    from ..diffusion import DiffusionConfig
-    from ..train import model_config, train, train_config
+    from ..train import diffusion_config, model_config, train, train_config
 
     if args.label_dropout is not None and not args.conditional:
         raise MinidiffError("--label-dropout applies to --conditional training only")
     if args.init and (args.conditional or args.channels):
         raise MinidiffError("--init takes the model's layout from the checkpoint; drop "
                             "--conditional / --channels")
-    cfg = train_config(args.recipe, **{k: getattr(args, k) for k in TRAIN_FLAGS})
+    cfg = train_config(args.recipe, args.original_recipe,
+                       **{k: getattr(args, k) for k in TRAIN_FLAGS})
     model = model_config(args.preset, channels=args.channels, conditional=args.conditional,
                          dataset=args.dataset)
-    summary = train(model, DiffusionConfig(schedule=args.schedule), cfg, args.out,
+    diffusion = diffusion_config(args.original_recipe, schedule=args.schedule,
+                                 prediction=args.prediction)
+    summary = train(model, diffusion, cfg, args.out,
                     data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress,
                     preset=None if args.init else args.preset)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
