@@ -17,7 +17,7 @@ def test_schedule_properties(kind):
 
 
 def test_linear_endpoints():
-    b = make_betas(DiffusionConfig())
+    b = make_betas(DiffusionConfig(schedule="linear"))
     assert b[0].item() == pytest.approx(1e-4) and b[-1].item() == pytest.approx(0.02)
 
 
@@ -44,7 +44,7 @@ def test_q_sample_matches_marginal_statistics():
 
 def test_loss_is_zero_for_the_true_noise_predictor():
     """A model that returns the exact noise has zero loss; a zero predictor has loss ~1."""
-    s = Schedule.from_config(DiffusionConfig(prediction="eps"))
+    s = Schedule.from_config(DiffusionConfig(schedule="linear", prediction="eps"))
     loss = DiffusionLoss(s)
     x0 = torch.zeros(512, 1, 8, 8)  # x0 = 0 makes x_t = sqrt(1 - ab) * eps, so eps is known
     g = torch.Generator().manual_seed(0)
@@ -110,7 +110,7 @@ def test_min_snr_weights_cap_the_low_noise_steps():
         snr = s.alpha_bar / (1 - s.alpha_bar)
         assert torch.allclose(w, snr.clamp(max=5) / (snr + extra))
         assert w[0] < 0.01 and w[-1] == pytest.approx(snr[-1] / (snr[-1] + extra))
-    s = Schedule.from_config(DiffusionConfig(prediction="eps"))
+    s = Schedule.from_config(DiffusionConfig(schedule="linear", prediction="eps"))
     plain, weighted = DiffusionLoss(s), DiffusionLoss(s, "min-snr")
     x0 = torch.zeros(8, 1, 4, 4)
     i = torch.tensor([0, 0, 0, 0, 999, 999, 999, 999])

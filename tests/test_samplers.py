@@ -39,7 +39,7 @@ def test_every_sampler_visits_each_respaced_step_once_and_is_reproducible(tiny_m
 
 def test_ddpm_with_oracle_recovers_a_point_mass():
     """With the exact noise predictor for data x0 = c, ancestral sampling returns c."""
-    sched = Schedule.from_config(DiffusionConfig(prediction="eps"))
+    sched = Schedule.from_config(DiffusionConfig(schedule="linear", prediction="eps"))
     c = 0.3
 
     def oracle(x, t, y=None):

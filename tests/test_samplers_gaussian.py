@@ -11,7 +11,7 @@ from minidiff.diffusion import DiffusionConfig, Schedule
 from minidiff.samplers import SAMPLERS, sample_ddim, sample_ddpm
 
 MU, S, N = 0.2, 0.3, 20000
-FULL = Schedule.from_config(DiffusionConfig(prediction="eps"))
+FULL = Schedule.from_config(DiffusionConfig(schedule="linear", prediction="eps"))
 
 
 def oracle(x, t, y=None):
@@ -97,7 +97,7 @@ def test_every_sampler_recovers_the_gaussian(name):
     assert out.std().item() == pytest.approx(S, abs=0.02)
 
 
-FULL_V = Schedule.from_config(DiffusionConfig(prediction="v"))
+FULL_V = Schedule.from_config(DiffusionConfig(schedule="linear", prediction="v"))
 
 
 def v_oracle(x, t, y=None):

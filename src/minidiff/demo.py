@@ -30,7 +30,7 @@ from .unet import PRESETS, UNet, count_params
 DEMO_PRESET = "reduced"
 DEMO_TRAIN = TrainConfig(checkpoint_every=250)  # the default recipe; steps below
 # optimizer steps per precision `auto` resolves to (docs/speed.md has the measured times)
-DEMO_STEPS = {"bf16": 2500, "fp32": 1000}
+DEMO_STEPS = {"bf16": 3500, "fp32": 2000}
 DEMO_SAMPLING = SamplingConfig()  # the sampling defaults
 
 

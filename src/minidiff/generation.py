@@ -225,10 +225,39 @@ def sampling_schedule(config: dict, steps: int | None, spacing: str = "uniform")
         raise MinidiffError(f"--spacing {spacing}: {e}") from None
 
 
+def own_sampling(cfg: SamplingConfig, config: dict) -> SamplingConfig:
+    """``cfg`` for a checkpoint whose config records how it must be sampled (a distilled
+    student's ``"sampling"`` entry, see :mod:`minidiff.distill`): the sampler, steps and spacing
+    left at :class:`SamplingConfig`'s defaults become the student's, guidance is off (a
+    conditional student has it distilled in), and what the student cannot serve is refused."""
+    own = config.get("sampling")
+    if not own:
+        return cfg
+    d = SamplingConfig()
+    pick = {k: own[k] if getattr(cfg, k) == getattr(d, k) else getattr(cfg, k)
+            for k in ("sampler", "steps", "spacing")}
+    what = (f"this model is a {own['steps']}-step {own.get('method', 'distilled')} student, "
+            f"sampled with --sampler {own['sampler']} --spacing {own['spacing']}")
+    if (pick["sampler"], pick["spacing"]) != (own["sampler"], own["spacing"]) or cfg.eta:
+        raise MinidiffError(f"{what} only (got --sampler {pick['sampler']} --spacing "
+                            f"{pick['spacing']}); drop --sampler, --spacing and --eta")
+    if pick["steps"] not in own["serves"]:
+        served = ", ".join(map(str, own["serves"]))
+        raise MinidiffError(f"{what}: it serves --steps {served}, got {pick['steps']}; drop "
+                            "--steps, or distil a student for that count with `minidiff "
+                            "distill`")
+    if cfg.guidance not in (None, d.guidance):
+        raise MinidiffError(f"{what}: its guidance ({own.get('guidance')}) is distilled in; "
+                            "drop --guidance")
+    return replace(cfg, **pick, guidance=None)
+
+
 def resolve_sampling(cfg: SamplingConfig, config: dict, device: torch.device
                      ) -> tuple[SamplingConfig, Schedule]:
-    """``cfg`` made concrete for a checkpoint's ``config`` on ``device`` (steps None -> the
-    model's T, precision auto -> what runs natively there) and the schedule it samples with."""
+    """``cfg`` made concrete for a checkpoint's ``config`` on ``device`` (a student's own
+    sampling, :func:`own_sampling`; steps None -> the model's T, precision auto -> what runs
+    natively there) and the schedule it samples with."""
+    cfg = own_sampling(cfg, config)
     sched, steps = sampling_schedule(config, cfg.steps, cfg.spacing)
     precision = resolve_precision(cfg.precision, device)
     batch = cfg.batch_size or BATCH_BY_PRECISION[precision]

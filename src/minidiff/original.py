@@ -34,7 +34,7 @@ RECIPES: dict[str, dict] = {
 # convergence.md): the one the shipped 3-epoch models were trained with, kept reachable as
 # `minidiff train --original-recipe`: TrainConfig fields (every other field keeps its default)
 # and the DiffusionConfig fields that changed
-DIFFUSION: dict = {"prediction": "eps"}
+DIFFUSION: dict = {"schedule": "linear", "prediction": "eps"}
 TRAINING: dict = {"lr": 1e-3, "batch_size": 128, "warmup_steps": 200, "lr_schedule": "cosine",
                   "lr_min_ratio": 0.1, "ema_decay": 0.999, "ema_power": None,
                   "loss_weighting": "none"}

@@ -46,24 +46,27 @@ def sample_ddpm(model, x, sched: Schedule, *, y=None, generator=None, callback=N
     return x.clamp(-1, 1)
 
 
-def _predict_x0(model, x, sched: Schedule, i: int, y, clip: bool):
-    """The eps and x_0 the model's output at schedule index ``i`` implies (Ho et al. eq. 15)."""
+def predict_x0(model, x, sched: Schedule, i, y=None, clip: bool = True):
+    """The eps and x_0 the model's output at schedule index ``i`` (an int, or ``[N]`` indices,
+    one per row of ``x``) implies (Ho et al. eq. 15) -> ``(eps, x0)``, both like ``x``."""
     n = x.shape[0]
-    t = sched.timesteps[i].to(x.device).expand(n)
+    t = sched.timesteps.to(x.device)[i].expand(n)
     eps, x0 = sched.eps_x0(model(x, t, y), x, i)
-    ab = sched.alpha_bar[i].item()
     if clip:
+        if isinstance(i, int):
+            ab = sched.alpha_bar[i].item()
+        else:
+            ab = gather(sched.alpha_bar, i, x.ndim)
         x0 = x0.clamp(-1, 1)
         eps = (x - ab ** 0.5 * x0) / (1 - ab) ** 0.5  # keep eps consistent with the clipped x0
     return eps, x0
-
 
 @torch.no_grad()
 def sample_ddim(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
                 eta: float = 0.0, clip_denoised: bool = True):
     """DDIM, Song et al. 2021, eq. 12; eta = 0 is deterministic, eta = 1 has DDPM's variance."""
     for i in reversed(range(len(sched))):
-        eps, x0 = _predict_x0(model, x, sched, i, y, clip_denoised)
+        eps, x0 = predict_x0(model, x, sched, i, y, clip_denoised)
         ab, ab_prev = sched.alpha_bar[i].item(), sched.alpha_bar_prev[i].item()
         # sigma_t of eq. 16: eta interpolates between DDIM (0) and DDPM's beta-tilde (1)
         sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)) ** 0.5
@@ -74,7 +77,6 @@ def sample_ddim(model, x, sched: Schedule, *, y=None, generator=None, callback=N
             callback({"i": i, "t": int(sched.timesteps[i]), "x": x, "x0": x0})
     return x.clamp(-1, 1)
 
-
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
                     clip_denoised: bool = True):
@@ -84,7 +86,7 @@ def sample_dpmpp_2m(model, x, sched: Schedule, *, y=None, generator=None, callba
 
     x0_prev, h_prev = None, None
     for i in reversed(range(len(sched))):
-        _, x0 = _predict_x0(model, x, sched, i, y, clip_denoised)
+        _, x0 = predict_x0(model, x, sched, i, y, clip_denoised)
         ab, ab_next = sched.alpha_bar[i], sched.alpha_bar_prev[i]
         if i == 0:  # the next "time" is clean data (sigma = 0): the update reduces to x0
             x = x0
@@ -102,7 +104,6 @@ def sample_dpmpp_2m(model, x, sched: Schedule, *, y=None, generator=None, callba
             callback({"i": i, "t": int(sched.timesteps[i]), "x": x, "x0": x0})
     return x.clamp(-1, 1)
 
-
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
                         clip_denoised: bool = True):
@@ -115,7 +116,7 @@ def sample_dpmpp_2m_sde(model, x, sched: Schedule, *, y=None, generator=None, ca
 
     x0_prev, h_prev = None, None
     for i in reversed(range(len(sched))):
-        _, x0 = _predict_x0(model, x, sched, i, y, clip_denoised)
+        _, x0 = predict_x0(model, x, sched, i, y, clip_denoised)
         ab, ab_next = sched.alpha_bar[i].item(), sched.alpha_bar_prev[i].item()
         if i == 0:  # sigma_next = 0: exp(-h) = 0 and the update is x0
             x = x0
@@ -130,7 +131,6 @@ def sample_dpmpp_2m_sde(model, x, sched: Schedule, *, y=None, generator=None, ca
         if callback is not None:
             callback({"i": i, "t": int(sched.timesteps[i]), "x": x, "x0": x0})
     return x.clamp(-1, 1)
-
 
 SAMPLERS: dict[str, Callable] = {"ddpm": sample_ddpm, "ddim": sample_ddim,
                                  "dpmpp": sample_dpmpp_2m, "dpmpp-sde": sample_dpmpp_2m_sde}

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from .errors import MinidiffError
 
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp", "dpmpp-sde")
+DISTILL_METHODS = ("progressive", "consistency")
 SPACINGS = ("uniform", "trailing", "quadratic")
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")

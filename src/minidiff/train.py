@@ -124,11 +124,7 @@ class TrainConfig:
 
     def ema_decay_at(self, step: int) -> float:
         """The EMA decay applied after optimizer step ``step`` (0-based)."""
-        if self.ema_power is None:
-            warm = (1 + step) / (10 + step)
-        else:
-            warm = 1 - (1 + step) ** -self.ema_power
-        return min(self.ema_decay, warm)
+        return ema_decay_at(step, self.ema_decay, self.ema_power)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,6 +134,26 @@ class TrainConfig:
         if isinstance(d.get("eval_every"), list):
             d = {**d, "eval_every": tuple(d["eval_every"])}
         return cls(**d)
+
+
+def ema_decay_at(step: int, decay: float, power: float | None = None) -> float:
+    """The EMA decay after optimizer step ``step`` (0-based): the warm-up ``(1 + step) / (10 +
+    step)`` (``power`` None) or ``1 - (1 + step)^-power``, capped at ``decay``."""
+    warm = (1 + step) / (10 + step) if power is None else 1 - (1 + step) ** -power
+    return min(decay, warm)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of every random draw of optimizer step ``step``: resuming replays them exactly."""
+    return seed * 1_000_003 + step
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Keep only the lines of a metrics.jsonl that a run restored at ``step`` has produced."""
+    if path.exists():
+        kept = [ln for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
 def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
@@ -296,11 +312,7 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
         if world.main:
             # the sampling pair may be newer than the restored state (or half-written): re-sync
             save_model(out, ema, run_config(model_cfg, diff_cfg, cfg, step, **extra))
-            # keep only the log lines the restored state has already produced
-            if metrics_path.exists():
-                kept = [ln for ln in metrics_path.read_text().splitlines()
-                        if ln.strip() and json.loads(ln)["step"] <= step]
-                atomic_write_text(metrics_path, "".join(ln + "\n" for ln in kept))
+            trim_log(metrics_path, step)
     # unstructured pruning: the zeros stay zero through fine-tuning (masks from the weights)
     masks = masks_of(model, (storage or {}).get("sparse", []))
     if step >= total:
@@ -344,9 +356,9 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
             x0 = to_model_range(images[idx]).to(device)
             y = labels[idx].to(device) if model_cfg.num_classes else None
             # every random draw of this step is a function of (seed, step): exact resume
-            step_seed = cfg.seed * 1_000_003 + step
-            torch.manual_seed(step_seed)  # anything drawing from the global RNG (dropout)
-            gen = torch.Generator(device=device).manual_seed(step_seed)
+            seed = step_seed(cfg.seed, step)
+            torch.manual_seed(seed)  # anything drawing from the global RNG (dropout)
+            gen = torch.Generator(device=device).manual_seed(seed)
             t_idx, noise = loss_fn.draw(x0.shape, device, gen)  # for the whole global batch
             if y is not None:
                 y = drop_labels(y, cfg.label_dropout, model_cfg.num_classes, gen)

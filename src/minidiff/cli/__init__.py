@@ -19,7 +19,7 @@ from .common import COMMANDS, Parser, add_command
 
 # in the order `minidiff --help` lists them
 ORDER = ("data", "models", "train", "sample", "grid", "classifier", "eval", "demo", "bench",
-         "prune", "quantize", "study", "serve")
+         "prune", "quantize", "distill", "study", "serve")
 
 
 def build_parser() -> Parser:

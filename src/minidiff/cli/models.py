@@ -1,5 +1,5 @@
 """Datasets and models: ``data``, ``models``, ``classifier``, ``train``, ``prune``,
-``quantize``, ``study``."""
+``quantize``, ``distill``, ``study``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from ..errors import MinidiffError
 from ..original import RECIPES
 from ..settings import (
     DATASET_NAMES,
+    DISTILL_METHODS,
     LOSS_WEIGHTINGS,
     MODEL_PRESETS,
     PREDICTIONS,
@@ -122,9 +123,9 @@ def cmd_classifier_evaluate(args) -> int:
 @arg("--steps", type=positive_int, exclusive="length", help="optimizer steps (or --epochs)")
 @arg("--batch-size", type=positive_int, help="default 64")
 @arg("--original-recipe", action="store_true", help="the recipe before the convergence "
-     "benchmark (eps, lr 1e-3, 200 warm-up steps, batch 128)")
+     "benchmark (eps, linear, lr 1e-3, 200 warm-up steps, batch 128)")
 @arg("--lr", type=positive_float, help="peak learning rate (default 2e-3 or the recipe's)")
-@arg("--schedule", choices=SCHEDULES, help="beta schedule, T=1000 (default linear)")
+@arg("--schedule", choices=SCHEDULES, help="beta schedule, T=1000 (default cosine)")
 @arg("--init", metavar="CKPT", help="fine-tune this checkpoint, keeping its layout and zeros")
 @arg("--recipe", choices=list(RECIPES), help=f"with --init: the study's ({RECIPES_SHOWN})")
 @arg("--seed", type=nonneg_int, default=0)
@@ -184,6 +185,38 @@ def cmd_quantize(args) -> int:
     from ..compress import quantize_checkpoint
 
     print(json.dumps(quantize_checkpoint(args.checkpoint, args.out, mode=args.mode)))
+    return 0
+
+
+@command("distill", "a few-step student of a checkpoint (progressive or consistency)",
+         "minidiff distill runs/reduced --out runs/reduced-2step   # progressive 64 -> 2 steps",
+         "minidiff distill runs/reduced --method consistency --steps 1 --out runs/reduced-cd",
+         "minidiff distill runs/reduced --out runs/reduced-2step --resume",
+         "minidiff sample runs/reduced-2step --n 64 --out s.npz   # its own sampler and steps")
+@arg("teacher", help="run folder, .safetensors file or shipped model name")
+@arg("--out", required=True, help="student run folder to create")
+@arg("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+@arg("--method", choices=DISTILL_METHODS, help="default: the first; every default is "
+     "DistillConfig's (docs/distillation.md)")
+@arg("--steps", type=positive_int, help="the student's network evaluations per image")
+@arg("--teacher-steps", type=positive_int, help="progressive: the teacher's DDIM steps, halved "
+     "each round; consistency: its solver grid")
+@arg("--updates", type=positive_int, help="optimizer steps in all")
+@arg("--batch-size", type=positive_int)
+@arg("--lr", type=positive_float, help="peak learning rate of each round")
+@arg("--seed", type=nonneg_int)
+@arg("--subset", type=positive_int, metavar="N", help="distil on the first N images only")
+@arg("--checkpoint-every", type=positive_int, metavar="N", help="save every N steps")
+@shared("--data-dir", "--precision", "--device", "--no-progress")
+def cmd_distill(args) -> int:
+    from ..distill import DistillConfig, distill
+
+    flags = ("method", "steps", "teacher_steps", "updates", "batch_size", "lr", "seed",
+             "subset", "checkpoint_every", "precision", "device")
+    cfg = DistillConfig(**{k: getattr(args, k) for k in flags if getattr(args, k) is not None})
+    summary = distill(args.teacher, args.out, cfg, data_dir=args.data_dir, resume=args.resume,
+                      progress=not args.no_progress)
+    print(json.dumps({"out": args.out, **summary}))
     return 0
 
 

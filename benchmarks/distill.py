@@ -1,0 +1,181 @@
+"""Distilled students beside the teacher's own few-step samplers (issue #17, item 3).
+
+Run: .venv/bin/python benchmarks/distill.py reduced=runs/reduced baseline=runs/baseline \
+         [--n 2000] [--time-n 10000] [--repeats 3] [--full-n 10000] [--runs runs/distill]
+  -> benchmarks/results/distill.{json,md,png}
+
+For each teacher (NAME=CHECKPOINT), distils (or resumes) a progressive student down to 1 step
+(its rounds/ keep the 8-, 4- and 2-step students) and a consistency student (sampled at 1, 2,
+4, 8 steps), both with DistillConfig's defaults, into --runs/NAME-{progressive,consistency}.
+Every row then samples --n images with seed 0 (pseudo-FID against the MNIST test split) and
+times --time-n images (median of --repeats, in-process) at 1, 2, 4 and 8 network evaluations:
+the students, and DDIM, DPM-Solver++(2M) and SDE-DPM-Solver++(2M) on the teacher; DDPM-1000 at
+--n is the reference row. The 2-step students and the teacher's default sampler are also
+scored at --full-n. Distillation cost: wall-clock hours (this machine) and training compute as
+a fraction of the teacher's (forward-pass equivalents per image: training 3, distillation 5 =
+the student's forward and backward plus two teacher or target forwards). Rows already in the
+JSON (same teacher digest, n, time-n, precision) are kept, so an interrupted run resumes.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from minidiff.checkpoint import load_checkpoint  # noqa: E402
+from minidiff.distill import DistillConfig, distill  # noqa: E402
+from minidiff.generation import resolve_sampling, time_generation  # noqa: E402
+from minidiff.metrics import Reference, evaluate_images  # noqa: E402
+from minidiff.runtime import environment, resolve_precision  # noqa: E402
+from minidiff.settings import SamplingConfig  # noqa: E402
+
+EVALS = (1, 2, 4, 8)
+TEACHER_SAMPLERS = ("ddim", "dpmpp", "dpmpp-sde")
+
+ap = argparse.ArgumentParser()
+ap.add_argument("teachers", nargs="+", metavar="NAME=CHECKPOINT")
+ap.add_argument("--n", type=int, default=2000)
+ap.add_argument("--time-n", type=int, default=10000)
+ap.add_argument("--repeats", type=int, default=3)
+ap.add_argument("--full-n", type=int, default=10000)
+ap.add_argument("--runs", default="runs/distill", help="folder for the students")
+ap.add_argument("--updates", type=int, help="DistillConfig.updates (default: its default)")
+ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+args = ap.parse_args()
+
+out = Path(args.out)
+out.mkdir(parents=True, exist_ok=True)
+path = out / "distill.json"
+PRECISION = resolve_precision("auto", torch.device("cpu"))
+settings = {"n": args.n, "time_n": args.time_n, "repeats": args.repeats, "full_n": args.full_n,
+            "precision": PRECISION}
+res = json.loads(path.read_text()) if path.is_file() else {}
+if {k: res.get(k) for k in settings} != settings:
+    res = {**settings, "teachers": {}}
+res["environment"] = environment()
+ref = Reference("mnist", "test")
+
+
+def save():
+    path.write_text(json.dumps(res, indent=2) + "\n")
+
+
+def measure(ckpt, sampler, steps, spacing, n, timing=True):
+    """pseudo-FID etc. of n images (seed 0) and the median seconds for time_n of them."""
+    model, config, _ = load_checkpoint(ckpt)
+    # every row names its sampler and steps: a student's own defaults would replace the ones
+    # equal to SamplingConfig's (steps 8), so its "sampling" entry is set aside here
+    config = {k: v for k, v in config.items() if k != "sampling"}
+    cfg = SamplingConfig(sampler, steps, spacing, precision=PRECISION, seed=0, guidance=None)
+    cfg, sched = resolve_sampling(cfg, config, torch.device("cpu"))
+    m = evaluate_images(time_generation(model, sched, cfg, n).result, ref)
+    row = {k: round(m[k], 4) for k in ("pseudo_fid", "precision", "recall")}
+    if timing:
+        row["seconds_time_n"] = round(time_generation(model, sched, cfg, args.time_n,
+                                                      warmup=min(256, args.time_n),
+                                                      repeats=args.repeats).seconds, 2)
+    return row
+
+
+for spec in args.teachers:
+    name, ckpt = spec.split("=", 1)
+    _, tconfig, digest = load_checkpoint(ckpt)
+    entry = res["teachers"].get(name, {})
+    if entry.get("sha256") != digest:
+        entry = {"checkpoint": ckpt, "sha256": digest, "rows": [], "distill": {}}
+    res["teachers"][name] = entry
+    # distil (or resume) the two students, timing each sitting
+    students = {}
+    for method, steps in (("progressive", 1), ("consistency", 1)):
+        run = Path(args.runs) / f"{name}-{method}"
+        given = {"updates": args.updates} if args.updates else {}
+        cfg = DistillConfig(method=method, steps=steps, **given)
+        t0 = time.perf_counter()
+        summary = distill(ckpt, run, cfg, resume=(run / "config.json").is_file())
+        d = entry["distill"].setdefault(method, {"seconds": 0.0})
+        if summary.get("note") != "already finished":
+            d["seconds"] = round(d["seconds"] + time.perf_counter() - t0, 1)
+        t_img = tconfig["step"] * tconfig["train"]["batch_size"]
+        d.update(run=str(run), updates=summary["total"], hours=round(d["seconds"] / 3600, 3),
+                 compute_vs_teacher=round(summary["total"] * cfg.batch_size * 5
+                                          / (t_img * 3), 3))
+        students[method] = run
+        save()
+    jobs = [("teacher", "ddpm", 1000, "uniform", None, args.n, False)]
+    jobs += [("teacher", s, k, "trailing", None, args.n, True)
+             for s in TEACHER_SAMPLERS for k in EVALS]
+    prog = students["progressive"]
+    jobs += [("progressive", "ddim", k, "trailing",
+              prog if k == 1 else prog / "rounds" / f"{k}-step", args.n, True) for k in EVALS]
+    jobs += [("consistency", "ddpm", k, "trailing", students["consistency"], args.n,
+              True) for k in EVALS]
+    default = SamplingConfig()
+    jobs += [("teacher", default.sampler, default.steps, default.spacing, None, args.full_n,
+              False),
+             ("progressive", "ddim", 2, "trailing", prog / "rounds" / "2-step", args.full_n,
+              False),
+             ("consistency", "ddpm", 2, "trailing", students["consistency"],
+              args.full_n, False)]
+    done = {(r["model"], r["sampler"], r["steps"], r["n"]) for r in entry["rows"]}
+    for model, sampler, steps, spacing, where, n, timing in jobs:
+        if (model, sampler, steps, n) in done:
+            continue
+        row = {"model": model, "sampler": sampler, "steps": steps, "spacing": spacing, "n": n,
+               **measure(where or ckpt, sampler, steps, spacing, n, timing)}
+        entry["rows"].append(row)
+        save()
+        print(json.dumps({"teacher": name, **row}), flush=True)
+
+# ------------------------------------------------------------------------------ report
+env = res["environment"]
+lines = [f"# Distilled students beside the teacher's few-step samplers ({env['date']}, "
+         f"{env['cpu']}, {env['threads']} threads, {PRECISION})", "",
+         f"Pseudo-FID of {args.n} samples (seed 0) against the MNIST test split, and seconds for "
+         f"{args.time_n} samples (median of {args.repeats}, in-process). Students: "
+         "DistillConfig's defaults; progressive's 8/4/2-step rows are its rounds' students.", ""]
+for name, entry in res["teachers"].items():
+    ddpm = next((r for r in entry["rows"] if r["steps"] == 1000), None)
+    lines += [f"## {name} (`{entry['checkpoint']}`)", "",
+              "| model | sampler | evaluations | n | pseudo-FID | vs DDPM-1000 | precision | "
+              f"recall | s / {args.time_n} |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in entry["rows"]:
+        vs = f"{r['pseudo_fid'] / ddpm['pseudo_fid'] - 1:+.0%}" if ddpm else ""
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['n']} | "
+                     f"{r['pseudo_fid']:.3f} | {vs} | {r['precision']:.2f} | {r['recall']:.2f} | "
+                     f"{r.get('seconds_time_n', '')} |")
+    lines += ["", "| method | updates | wall-clock hours | compute vs the teacher's training |",
+              "|---|---|---|---|"]
+    lines += [f"| {m} | {d['updates']} | {d['hours']} | {d['compute_vs_teacher']:.2f}x |"
+              for m, d in entry["distill"].items()]
+    lines.append("")
+lines.append("Command: `.venv/bin/python benchmarks/distill.py " + " ".join(sys.argv[1:]) + "`")
+(out / "distill.md").write_text("\n".join(lines) + "\n")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+fig, axes = plt.subplots(1, len(res["teachers"]), figsize=(5 * len(res["teachers"]), 4),
+                         squeeze=False)
+for ax, (name, entry) in zip(axes[0], res["teachers"].items(), strict=True):
+    for model, sampler in [("teacher", s) for s in TEACHER_SAMPLERS] + [
+            ("progressive", "ddim"), ("consistency", "ddpm")]:
+        pts = sorted((r["steps"], r["pseudo_fid"]) for r in entry["rows"]
+                     if r["model"] == model and r["sampler"] == sampler and r["n"] == args.n)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=f"{model}: {sampler}")
+    ddpm = [r["pseudo_fid"] for r in entry["rows"] if r["steps"] == 1000]
+    if ddpm:
+        ax.axhline(ddpm[0], color="gray", ls="--", label="teacher: DDPM-1000")
+    ax.set(xscale="log", yscale="log", xticks=EVALS, xticklabels=EVALS, title=name,
+           xlabel="network evaluations per image", ylabel=f"pseudo-FID (n = {args.n})")
+    ax.legend(fontsize=7)
+fig.tight_layout()
+fig.savefig(out / "distill.png", dpi=120)
+print("\n".join(lines))

@@ -1,0 +1,429 @@
+"""Few-step students distilled from a trained model (the teacher), with the teacher's U-Net.
+
+Two methods, both trained on real images noised by the forward process, both with a student
+that predicts ``v`` (Salimans & Ho 2022), so every sampler reads it through
+:meth:`~minidiff.diffusion.Schedule.eps_x0`:
+
+- ``progressive`` (Salimans & Ho 2022, Algorithm 2): round by round, a student initialised
+  from its teacher learns to do in one DDIM step what the teacher does in two; the steps halve
+  from ``teacher_steps`` to ``steps``, and each round's student teaches the next. Sampled with
+  DDIM (eta 0) at exactly its step count.
+- ``consistency`` (Song et al. 2023, Algorithm 2, consistency distillation): on a grid of
+  ``teacher_steps`` noise levels, the x0 the student predicts at one level must equal what it
+  predicts one teacher DDIM step further down (the target side without gradient, as Song &
+  Dhariwal 2023 recommend instead of an EMA target); at the lowest level the teacher's own x0
+  is the target (the boundary condition). Sampled with DDPM's ancestral steps on the
+  student's x0 (one step: the consistency jump) at any step count dividing the grid.
+
+A conditional teacher is distilled with its classifier-free guidance (``guidance``) folded in
+(Meng et al. 2023, stage one): the student then needs one network pass per step instead of two.
+
+A student is an ordinary checkpoint: ``config.json`` holds the teacher's model config, the
+diffusion config with ``prediction: v``, this :class:`DistillConfig` under ``"distill"``, the
+teacher under ``"teacher"``, and under ``"sampling"`` the sampler, step count and spacing it
+must be sampled with and the step counts it serves, which
+:func:`minidiff.generation.resolve_sampling` applies. The run folder resumes like ``train``'s:
+every random draw is a function of ``(seed, step)``; a progressive run also keeps each round's
+student in ``rounds/<N>-step/`` (an ordinary N-step checkpoint, and the next round's teacher).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import (
+    CONFIG_FILE,
+    clean_partial,
+    load_checkpoint,
+    load_state,
+    save_model,
+    save_state,
+)
+from .data import epoch_order, load_split, to_model_range
+from .diffusion import DiffusionConfig, Schedule, gather, q_sample
+from .errors import MinidiffError
+from .generation import Guided
+from .runtime import autocast_context, resolve_device, resolve_precision
+from .samplers import predict_x0
+from .settings import DEVICES, DISTILL_METHODS, PRECISIONS
+from .train import drop_labels, ema_decay_at, ema_update, lr_at, step_seed, trim_log
+from .unet import UNet
+
+SPACING = "trailing"  # the students' timesteps: nested when halved, and they start at T - 1
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How a student is distilled; serialised into its config.json under ``"distill"``."""
+
+    method: str = "progressive"  # progressive | consistency
+    steps: int = 2  # the student's network evaluations per image
+    # progressive: the first teacher's DDIM steps, halved round by round down to `steps`;
+    # consistency: the noise levels of the teacher's DDIM solver grid
+    teacher_steps: int = 64
+    updates: int = 4000  # optimizer steps in all (progressive: split evenly over its rounds)
+    batch_size: int = 64
+    lr: float = 2e-4  # the student starts from trained weights: ~1/10 of training's
+    lr_schedule: str = "cosine"  # per round: warm-up, then cosine to lr_min_ratio * lr
+    lr_min_ratio: float = 0.1
+    warmup_steps: int = 20  # per round (each round starts a fresh optimizer)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_power: float = 0.75  # EMA warm-up 1 - (1 + k)^-p per round: rounds are short
+    guidance: float = 1.5  # a conditional teacher's guidance, distilled into the student
+    label_dropout: float = 0.1  # conditional: rows that learn the teacher's unguided output
+    seed: int = 0
+    precision: str = "auto"
+    device: str = "auto"
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    subset: int | None = None  # distil on the first N training images only (tests)
+
+    def __post_init__(self):
+        checks = [
+            (self.method in DISTILL_METHODS, f"--method must be one of "
+             f"{', '.join(DISTILL_METHODS)}, got {self.method!r}"),
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.teacher_steps >= 2, f"--teacher-steps must be >= 2, got {self.teacher_steps}"),
+            (self.updates >= 1, f"--updates must be >= 1, got {self.updates}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.lr_schedule in ("cosine", "constant"), "lr_schedule must be cosine or constant"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
+            (0 <= self.label_dropout < 1, "label_dropout must be in [0, 1)"),
+            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
+            (self.device in DEVICES, f"--device must be one of {DEVICES}"),
+            (min(self.log_every, self.checkpoint_every, self.keep_checkpoints) >= 1,
+             "log_every, checkpoint_every and keep_checkpoints must be >= 1"),
+            (self.subset is None or self.subset >= 1, "subset must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise MinidiffError(msg)
+        ratio = self.teacher_steps / self.steps
+        if self.method == "progressive" and (ratio < 2 or 2 ** round(math.log2(ratio)) != ratio):
+            raise MinidiffError(f"progressive distillation halves the steps: --teacher-steps "
+                                f"({self.teacher_steps}) must be --steps ({self.steps}) times "
+                                "a power of two >= 2, e.g. --teacher-steps "
+                                f"{self.steps * 2 ** max(1, math.ceil(math.log2(max(ratio, 1))))}")
+        if self.method == "consistency" and self.teacher_steps % self.steps:
+            raise MinidiffError(f"--steps {self.steps} must divide --teacher-steps "
+                                f"{self.teacher_steps} (the student samples on the teacher's "
+                                "grid), e.g. --steps 1, 2 or 4")
+
+    def rounds(self) -> list[int]:
+        """The student's step count in each round: ``[32, 16, 8, 4, 2]`` for progressive
+        64 -> 2, ``[steps]`` for consistency (one round)."""
+        if self.method == "consistency":
+            return [self.steps]
+        n = round(math.log2(self.teacher_steps / self.steps))
+        return [self.teacher_steps >> k for k in range(1, n + 1)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DistillConfig":
+        return cls(**d)
+
+
+def sampling_entry(cfg: DistillConfig, steps: int, guidance: float | None) -> dict:
+    """The ``"sampling"`` entry of a student's config.json (see
+    :func:`minidiff.generation.own_sampling`): how it is sampled and the step counts it
+    serves (progressive: exactly its own; consistency: every divisor of the grid)."""
+    if cfg.method == "progressive":
+        sampler, serves = "ddim", [steps]
+    else:
+        grid = cfg.teacher_steps
+        # DDPM's ancestral step with the student's x0: at 1 step exactly the consistency model's
+        # one jump, at 2 steps within ~2% of Song et al.'s Algorithm 1 (which re-noises with
+        # wholly fresh noise and, driven by a plain denoiser, would fail the every-sampler test
+        # of tests/test_samplers_gaussian.py)
+        sampler, serves = "ddpm", [k for k in range(1, grid + 1) if grid % k == 0]
+    return {"method": cfg.method, "sampler": sampler, "steps": steps, "spacing": SPACING,
+            "serves": serves, "guidance": guidance}
+
+
+# ------------------------------------------------------------------------------- targets
+
+def ddim_move(x: torch.Tensor, x0: torch.Tensor, ab: torch.Tensor, ab_to: torch.Tensor):
+    """One deterministic DDIM step (Song et al. 2021, eq. 12, eta 0) of ``x: [N x C x H x W]``
+    at ``alpha_bar = ab`` to ``ab_to`` (both broadcastable ``[N x 1 x 1 x 1]``) given its
+    ``x0``: ``sqrt(ab_to) x0 + sqrt(1 - ab_to) eps`` with ``eps`` the noise ``x0`` implies."""
+    eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+    return ab_to.sqrt() * x0 + (1 - ab_to).sqrt() * eps
+
+
+@torch.no_grad()
+def progressive_target(teacher, sched: Schedule, x: torch.Tensor, i: torch.Tensor, y=None,
+                       clip: bool = True) -> torch.Tensor:
+    """The x0 a student must predict at ``x`` (teacher schedule index ``i: [N]``, each >= 1) so
+    that one DDIM step from ``i`` to below ``i - 1`` lands where two teacher DDIM steps land
+    (Salimans & Ho 2022, Algorithm 2, ``x~``) -> ``[N x C x H x W]``.
+
+    ``sched`` is the teacher's (respaced) schedule; below index 0 is clean data. The teacher's
+    steps are :func:`~minidiff.samplers.sample_ddim`'s, x0 clipped as there (``clip``).
+    """
+    nd = x.ndim
+    ab, ab_mid = gather(sched.alpha_bar, i, nd), gather(sched.alpha_bar, i - 1, nd)
+    ab_end = gather(sched.alpha_bar_prev, i - 1, nd)
+    # two DDIM steps of the teacher
+    _, x0 = predict_x0(teacher, x, sched, i, y, clip)
+    x_mid = ddim_move(x, x0, ab, ab_mid)
+    _, x0 = predict_x0(teacher, x_mid, sched, i - 1, y, clip)
+    x_end = ddim_move(x_mid, x0, ab_mid, ab_end)
+    # the x0 whose single DDIM step from ab reaches x_end: solve ddim_move(x, x0, ab, ab_end)
+    # = x_end for x0 (at ab_end = 1, clean data, it is x_end itself)
+    r = ((1 - ab_end) / (1 - ab)).sqrt()
+    return (x_end - r * x) / (ab_end.sqrt() - r * ab.sqrt())
+
+
+@torch.no_grad()
+def consistency_target(student, teacher, sched: Schedule, student_sched: Schedule,
+                       x: torch.Tensor, i: torch.Tensor, y=None, clip: bool = True
+                       ) -> torch.Tensor:
+    """The consistency target at ``x`` (grid index ``i: [N]``): one teacher DDIM step down the
+    grid, then the student's own x0 there, clipped and without gradient; at index 0 the step
+    lands on clean data and the teacher's x0 is the target (Song et al. 2023, Algorithm 2 with
+    the DDIM solver, boundary at t = 0) -> ``[N x C x H x W]``; x0 clipped as the samplers
+    do (``clip``)."""
+    nd = x.ndim
+    _, x0 = predict_x0(teacher, x, sched, i, y, clip)
+    below = (i - 1).clamp(min=0)
+    x_prev = ddim_move(x, x0, gather(sched.alpha_bar, i, nd), gather(sched.alpha_bar, below, nd))
+    _, f_prev = predict_x0(student, x_prev, student_sched, below, y, clip)
+    return torch.where((i > 0).view(-1, *([1] * (nd - 1))), f_prev, x0)
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row pseudo-Huber distance ``sqrt(|a - b|^2 + c^2) - c`` with ``c = 0.00054
+    sqrt(d)`` (Song & Dhariwal 2023, sec. 3.3) -> ``[N]``."""
+    c = 0.00054 * math.sqrt(a[0].numel())
+    return ((a - b).float().pow(2).flatten(1).sum(1) + c * c).sqrt() - c
+
+
+class DistillLoss:
+    """One batch's loss for a round whose student takes ``steps`` steps: progressive, the
+    truncated-SNR weighted ``max(SNR, 1) |x0_student - x~|^2`` (Salimans & Ho 2022, sec. 4);
+    consistency, the pseudo-Huber distance to :func:`consistency_target`."""
+
+    def __init__(self, cfg: DistillConfig, diffusion: DiffusionConfig, steps: int):
+        base = Schedule.from_config(diffusion)
+        if cfg.method == "progressive":  # the teacher's 2N-step grid; the student's is odd i
+            self.sched = base.respace(2 * steps, SPACING)
+        else:
+            self.sched = base.respace(cfg.teacher_steps, SPACING)
+        self.student_sched = Schedule(self.sched.betas, self.sched.timesteps, "v")
+        self.method, self.steps = cfg.method, steps
+
+    def draw(self, x0: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grid indices ``[N]`` (progressive: the student's, odd) and ``x_t`` for a batch."""
+        n = len(x0)
+        i = torch.randint(0, len(self.sched) // (2 if self.method == "progressive" else 1),
+                          (n,), device=x0.device, generator=generator)
+        if self.method == "progressive":
+            i = 2 * i + 1
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        return i, q_sample(self.sched, x0, i, noise)
+
+    def __call__(self, student, teacher, x0: torch.Tensor, y=None, generator=None):
+        """Mean loss over ``x0: [N x C x H x W]`` in [-1, 1]."""
+        i, x = self.draw(x0, generator)
+        t = self.sched.timesteps.to(x.device)[i]
+        _, pred = self.student_sched.eps_x0(student(x, t, y), x, i)
+        if self.method == "progressive":
+            target = progressive_target(teacher, self.sched, x, i, y)
+            ab = gather(self.sched.alpha_bar, i, 1).view(-1)
+            weight = (ab / (1 - ab)).clamp(min=1)
+            return (weight * (pred - target).pow(2).flatten(1).mean(1)).mean()
+        target = consistency_target(student, teacher, self.sched, self.student_sched, x, i, y)
+        return pseudo_huber(pred, target).mean()
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def _student_config(tconfig: dict, cfg: DistillConfig, teacher: dict, steps: int, step: int,
+                    conditional: bool) -> dict:
+    diffusion = replace(DiffusionConfig.from_dict(tconfig["diffusion"]), prediction="v")
+    return {"minidiff_version": __version__, "model": tconfig["model"],
+            "diffusion": diffusion.to_dict(), "train": tconfig.get("train", {}),
+            "distill": cfg.to_dict(), "teacher": teacher,
+            "sampling": sampling_entry(cfg, steps, cfg.guidance if conditional else None),
+            "step": step}
+
+
+def _read_run(out: Path) -> dict:
+    try:
+        saved = json.loads((out / CONFIG_FILE).read_text())
+        saved["distill_cfg"] = DistillConfig.from_dict(saved["distill"])
+        if not isinstance(saved["teacher"]["sha256"], str):
+            raise TypeError("teacher sha256 is not a string")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MinidiffError(f"{out}: cannot resume ({e}); pass the --out of an earlier "
+                            "`minidiff distill` run, or drop --resume") from None
+    return saved
+
+
+def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=None,
+            resume: bool = False, progress: bool = True) -> dict:
+    """Distil the checkpoint ``teacher_path`` into a student in the run folder ``out`` as
+    ``cfg`` says (resumed with its own config when ``resume``); returns a summary dict."""
+    out, cfg = Path(out), cfg or DistillConfig()
+    if resume:
+        saved = _read_run(out)
+        cfg = saved["distill_cfg"]
+    elif (out / CONFIG_FILE).exists():
+        raise MinidiffError(f"{out} already holds a run; pass --resume to continue it or choose "
+                            "another --out")
+    device = resolve_device(cfg.device)
+    teacher, tconfig, tsha = load_checkpoint(teacher_path, device)
+    if resume and tsha != saved["teacher"]["sha256"]:
+        raise MinidiffError(f"{teacher_path} is not the teacher {out} was distilled from "
+                            f"({saved['teacher']['path']}); pass that one to resume")
+    T = DiffusionConfig.from_dict(tconfig["diffusion"]).timesteps
+    if cfg.teacher_steps > T:
+        raise MinidiffError(f"--teacher-steps must be <= the teacher's T ({T}), got "
+                            f"{cfg.teacher_steps}")
+    plan = cfg.rounds()
+    per_round = max(1, cfg.updates // len(plan))
+    total = per_round * len(plan)
+    precision = resolve_precision(cfg.precision, device)
+    model_cfg = teacher.config
+    conditional = bool(model_cfg.num_classes)
+    dataset = tconfig.get("train", {}).get("dataset", "mnist")
+    images, labels = load_split(dataset, "train", data_dir)
+    if cfg.subset:
+        images, labels = images[:cfg.subset], labels[:cfg.subset]
+    n, bs = len(images), min(cfg.batch_size, len(images))
+    steps_per_epoch = max(1, n // bs)
+    about = {"path": str(teacher_path), "sha256": tsha, "step": tconfig.get("step")}
+
+    def config_at(step: int) -> dict:
+        """The config of the student after ``step`` updates (at a round's end: that round's)."""
+        r = min(max(step - 1, 0) // per_round, len(plan) - 1)
+        return _student_config(tconfig, cfg, about, plan[r], step, conditional)
+
+    def round_teacher(r: int) -> torch.nn.Module:
+        """Round ``r``'s teacher, guided when conditional: the teacher, then each round's
+        student as written to rounds/ (so a resumed run reads what an unbroken one used)."""
+        net = teacher if r == 0 else load_checkpoint(out / "rounds" / f"{plan[r - 1]}-step",
+                                                     device)[0]
+        net = net.eval().requires_grad_(False)
+        return Guided(net, cfg.guidance) if conditional else net
+
+    student = UNet(model_cfg).to(device)
+    student.load_state_dict(teacher.state_dict())
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+
+    def new_optimizer():
+        return torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+
+    opt = new_optimizer()
+    metrics_path = out / "metrics.jsonl"
+    step = 0
+    out.mkdir(parents=True, exist_ok=True)
+    if resume:
+        clean_partial(out)
+        step = load_state(out, student, ema, opt)["step"]
+        save_model(out, ema, config_at(step))  # re-sync the sampling pair with the state
+        trim_log(metrics_path, step)
+    else:
+        save_model(out, ema, config_at(0))
+    if step >= total:
+        return {"steps": step, "total": total, "note": "already finished"}
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
+                   desc=f"distill {cfg.method}")
+    t_start = t_log = time.perf_counter()
+    loss_val, current, order, order_epoch, seen = float("nan"), None, None, -1, 0
+    with open(metrics_path, "a") as log:
+        while step < total:
+            r, k = divmod(step, per_round)
+            if r != current:  # a round's teacher and loss; a new round restarts the student
+                current, tnet = r, round_teacher(r)
+                loss_fn = DistillLoss(cfg, DiffusionConfig.from_dict(tconfig["diffusion"]),
+                                      plan[r])
+                if k == 0:
+                    start = tnet.model if conditional else tnet
+                    student.load_state_dict(start.state_dict())
+                    ema.load_state_dict(start.state_dict())
+                    opt = new_optimizer()
+            student.train()
+
+            # data: batch `b` of this epoch's permutation; every draw from (seed, step)
+            epoch, b = divmod(step, steps_per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = epoch_order(n, cfg.seed, epoch), epoch
+            idx = order[b * bs:(b + 1) * bs]
+            x0 = to_model_range(images[idx]).to(device)
+            seed = step_seed(cfg.seed, step)
+            torch.manual_seed(seed)
+            gen = torch.Generator(device=device).manual_seed(seed)
+            y = None
+            if conditional:
+                y = drop_labels(labels[idx].to(device), cfg.label_dropout,
+                                model_cfg.num_classes, gen)
+
+            # forward
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, k, per_round)
+            with autocast_context(device, precision):
+                loss = loss_fn(student, tnet, x0, y, gen)
+            loss_val = loss.item()
+            if not math.isfinite(loss_val):
+                raise MinidiffError(f"distillation diverged at step {step}: loss is {loss_val}; "
+                                    f"lower --lr, the last good checkpoint in {out} is kept")
+
+            # update
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            opt.step()
+
+            # EMA (warmed up per round: a round is a few hundred steps)
+            ema_update(ema, student, ema_decay_at(k, cfg.ema_decay, cfg.ema_power))
+            step += 1
+            seen += bs
+            round_done = step % per_round == 0
+
+            # log
+            if step % cfg.log_every == 0 or round_done:
+                now = time.perf_counter()
+                rec = {"step": step, "round": r, "student_steps": plan[r],
+                       "loss": round(loss_val, 6), "lr": opt.param_groups[0]["lr"],
+                       "img_per_s": round(seen / max(now - t_log, 1e-9), 1),
+                       "elapsed_s": round(now - t_start, 2)}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                t_log, seen = now, 0
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss_val:.4f}", steps=plan[r])
+            if bar is not None:
+                bar.update(1)
+
+            # checkpoint (a finished round's student first: it teaches the next round)
+            if round_done and r + 1 < len(plan):
+                save_model(out / "rounds" / f"{plan[r]}-step", ema, config_at(step))
+            if step % cfg.checkpoint_every == 0 or round_done:
+                save_state(out, student, ema, opt, step, keep=cfg.keep_checkpoints)
+                save_model(out, ema, config_at(step))
+    if bar is not None:
+        bar.close()
+    return {"steps": step, "total": total, "rounds": plan, "final_loss": loss_val,
+            "seconds": time.perf_counter() - t_start, "precision": precision,
+            "device": str(device)}

@@ -1,0 +1,185 @@
+"""Distillation: students are ordinary checkpoints sampled in their recorded number of network
+calls; the progressive and consistency targets checked against the exact Gaussian denoiser of
+test_samplers_gaussian.py; exact resume; refused step counts."""
+
+import pytest
+import torch
+
+from minidiff import distill as distill_mod
+from minidiff.checkpoint import load_checkpoint
+from minidiff.cli import main
+from minidiff.diffusion import DiffusionConfig, Schedule
+from minidiff.distill import DistillConfig, consistency_target, distill, progressive_target
+from minidiff.errors import MinidiffError
+from minidiff.generation import generate, resolve_sampling
+from minidiff.samplers import sample_ddim
+from minidiff.settings import SamplingConfig
+from minidiff.train import TrainConfig, train
+from tests.test_samplers_gaussian import FULL, FULL_V, oracle
+
+# four updates over two rounds (8 -> 4 -> 2 steps): the hand-over between rounds is exercised
+TINY_RUN = dict(teacher_steps=8, updates=4, batch_size=4, subset=8, precision="fp32",
+                checkpoint_every=1, warmup_steps=1)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from tests.conftest import TINY
+
+    out = tmp_path_factory.mktemp("distill") / "teacher"
+    train(TINY, DiffusionConfig(), TrainConfig(steps=2, batch_size=8, subset=16,
+                                               precision="fp32"), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def students(teacher):
+    runs = {"progressive": DistillConfig(**TINY_RUN),
+            "consistency": DistillConfig(method="consistency", **TINY_RUN)}
+    for name, cfg in runs.items():
+        distill(teacher, teacher.parent / name, cfg, progress=False)
+    return {name: teacher.parent / name for name in runs}
+
+
+class Counting(torch.nn.Module):
+    """A model wrapper that counts its forward calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, x, t, y=None):
+        self.calls += 1
+        return self.model(x, t, y)
+
+
+@pytest.mark.parametrize("method,sampler", [("progressive", "ddim"),
+                                            ("consistency", "ddpm")])
+def test_student_samples_in_its_recorded_network_calls(students, method, sampler):
+    model, config, _ = load_checkpoint(students[method])
+    assert config["diffusion"]["prediction"] == "v" and config["distill"]["method"] == method
+    assert config["sampling"]["steps"] == 2 and config["step"] == 4
+    # the defaults, no flags: the student's own sampler and step count
+    cfg, sched = resolve_sampling(SamplingConfig(precision="fp32"), config, torch.device("cpu"))
+    assert (cfg.sampler, cfg.steps, cfg.guidance) == (sampler, 2, None)
+    net = Counting(model)
+    images = generate(net, sched, 3, sampler=cfg.sampler, batch_size=3)
+    assert net.calls == config["sampling"]["steps"] and images.shape == (3, 28, 28)
+
+
+def test_progressive_run_keeps_each_rounds_student(students):
+    _, config, _ = load_checkpoint(students["progressive"] / "rounds" / "4-step")
+    assert config["sampling"]["steps"] == 4 and config["sampling"]["serves"] == [4]
+    assert not (students["progressive"] / "rounds" / "2-step").exists()  # the run folder is it
+
+
+def test_a_step_count_the_student_cannot_serve_is_refused_in_one_line(students, tmp_path,
+                                                                      capsys):
+    rc = main(["sample", str(students["progressive"]), "--steps", "3", "--n", "2",
+               "--out", str(tmp_path / "s.npz"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1
+    assert "2-step progressive student" in err[0] and "serves --steps 2, got 3" in err[0]
+    assert "drop --steps" in err[0]
+    config = load_checkpoint(students["consistency"])[1]
+    assert config["sampling"]["serves"] == [1, 2, 4, 8]  # the divisors of its 8-level grid
+    with pytest.raises(MinidiffError, match="drop --sampler"):
+        resolve_sampling(SamplingConfig(sampler="ddim"), config, torch.device("cpu"))
+    with pytest.raises(MinidiffError, match=r"--steps \(3\) times a power of two"):
+        DistillConfig(teacher_steps=8, steps=3)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(teacher, students, tmp_path,
+                                                                monkeypatch):
+    out = tmp_path / "resumed"
+    real = distill_mod.save_state
+
+    def stop_mid_second_round(folder, model, ema, opt, step, keep=3):
+        real(folder, model, ema, opt, step, keep)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_mod, "save_state", stop_mid_second_round)
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher, out, DistillConfig(**TINY_RUN), progress=False)
+    monkeypatch.setattr(distill_mod, "save_state", real)
+    distill(teacher, out, resume=True, progress=False)
+    a = load_checkpoint(students["progressive"])[0].state_dict()
+    b = load_checkpoint(out)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(logged) == 2  # one line per round's end, none repeated by the resume
+
+
+# ------------------------------------------- targets against the exact Gaussian denoiser
+
+X_T = torch.randn(2000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+TOL = 1e-4  # float32 arithmetic over a few steps; a wrong coefficient is off by >= 1e-2
+
+
+def test_one_student_step_on_the_progressive_target_is_two_teacher_ddim_steps():
+    """A student that predicts exactly the target x~ (as v), sampled with DDIM on the student's
+    4 steps, passes through every second point of the teacher's 8-step DDIM path."""
+    teacher_sched = FULL.respace(8, "trailing")
+    student_sched = FULL_V.respace(4, "trailing")
+    index = {int(t): i for i, t in enumerate(teacher_sched.timesteps)}
+
+    def student(x, t, y=None):
+        i = torch.tensor([index[int(s)] for s in t])
+        x0 = progressive_target(oracle, teacher_sched, x, i, clip=False)
+        ab = teacher_sched.alpha_bar[i].float().view(-1, 1, 1, 1)
+        return (ab.sqrt() * x - x0) / (1 - ab).sqrt()  # v, from x0 = sqrt(ab) x - sqrt(1-ab) v
+
+    path_t, path_s = [], []
+    end_t = sample_ddim(oracle, X_T, teacher_sched, clip_denoised=False,
+                        callback=lambda d: path_t.append(d["x"]))
+    end_s = sample_ddim(student, X_T, student_sched, clip_denoised=False,
+                        callback=lambda d: path_s.append(d["x"]))
+    assert len(path_s) == 4
+    for k, x in enumerate(path_s):
+        assert torch.allclose(x, path_t[2 * k + 1], atol=TOL), k
+    assert torch.allclose(end_s, end_t, atol=TOL)
+    # and not trivially: one teacher step of the same size lands elsewhere
+    one_step = sample_ddim(oracle, X_T, FULL.respace(4, "trailing"), clip_denoised=False)
+    assert (one_step - end_t).abs().max() > 100 * TOL
+
+
+def test_consistency_target_maps_one_teacher_trajectory_to_its_endpoint():
+    """With the ideal consistency function (the teacher's DDIM path run to the end), the target
+    at every point of one teacher trajectory is that trajectory's endpoint; the teacher's
+    one-shot x0 prediction, not a consistency function, misses it."""
+    grid = FULL.respace(8, "trailing")
+    grid_v = Schedule(grid.betas, grid.timesteps, "v")
+    index = {int(t): i for i, t in enumerate(grid.timesteps)}
+
+    def ideal(x, t, y=None):  # f*(x, t): the rest of the teacher's path, as v
+        n = index[int(t[0])]
+        x0 = sample_ddim(oracle, x, Schedule(grid.betas[:n + 1], grid.timesteps[:n + 1]),
+                         clip_denoised=False)
+        ab = grid.alpha_bar[n].item()
+        return (ab ** 0.5 * x - x0) / (1 - ab) ** 0.5
+
+    points = [X_T]
+    end = sample_ddim(oracle, X_T, grid, clip_denoised=False,
+                      callback=lambda d: points.append(d["x"]))
+    points = points[:-1]  # x at grid index 7, 6, ..., 0
+    for n in (7, 4, 1, 0):
+        x, i = points[7 - n], torch.full((len(X_T),), n)
+        target = consistency_target(ideal, oracle, grid, grid_v, x, i, clip=False)
+        assert torch.allclose(target, end, atol=TOL), n
+    one_shot = consistency_target(lambda x, t, y=None: _as_v(oracle, grid, x, t, index),
+                                  oracle, grid, grid_v, points[0], torch.full((len(X_T),), 7),
+                                  clip=False)
+    assert (one_shot - end).abs().max() > 0.01
+
+
+def _as_v(eps_model, grid, x, t, index):
+    """An eps model's output re-expressed as v (for a v-schedule)."""
+    ab = grid.alpha_bar[index[int(t[0])]].item()
+    eps = eps_model(x, t)
+    x0 = (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5
+    return ab ** 0.5 * eps - (1 - ab) ** 0.5 * x0
