@@ -29,8 +29,10 @@ from .unet import PRESETS, UNet, count_params
 
 DEMO_PRESET = "reduced"
 DEMO_TRAIN = TrainConfig(checkpoint_every=250)  # the default recipe; steps below
-# optimizer steps per precision `auto` resolves to (docs/speed.md has the measured times)
-DEMO_STEPS = {"bf16": 3500, "fp32": 2000}
+# optimizer steps per precision `auto` resolves to, sized so that `make demo` on a fresh clone
+# stays within ~12 minutes on 2 cores: bf16 ~383 images/s (Xeon, AMX), fp32 ~210 images/s
+# (AMD Zen 3, AVX2 only); docs/speed.md has the measured times
+DEMO_STEPS = {"bf16": 3200, "fp32": 1800}
 DEMO_SAMPLING = SamplingConfig()  # the sampling defaults
 
 
