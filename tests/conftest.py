@@ -23,6 +23,19 @@ def tiny_cfg():
     return TINY
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A run folder of TINY trained 2 steps (fp32), shared read-only by the tests that need
+    any checkpoint: the CLI's, the distillation teacher."""
+    from minidiff.diffusion import DiffusionConfig
+    from minidiff.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    train(TINY, DiffusionConfig(), TrainConfig(steps=2, batch_size=8, subset=16,
+                                               precision="fp32"), out, progress=False)
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

@@ -6,19 +6,12 @@ import numpy as np
 import pytest
 
 from minidiff.cli import main
-from minidiff.diffusion import DiffusionConfig
 from minidiff.settings import SamplingConfig
-from minidiff.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from tests.conftest import TINY
-
-    out = tmp_path_factory.mktemp("cli") / "run"
-    train(TINY, DiffusionConfig(), TrainConfig(steps=2, batch_size=8, subset=16,
-                                               precision="fp32"), out, progress=False)
-    return out
+def run_dir(tiny_run):
+    return tiny_run
 
 
 def one_error_line(capsys):

@@ -8,13 +8,12 @@ import torch
 from minidiff import distill as distill_mod
 from minidiff.checkpoint import load_checkpoint
 from minidiff.cli import main
-from minidiff.diffusion import DiffusionConfig, Schedule
+from minidiff.diffusion import Schedule
 from minidiff.distill import DistillConfig, consistency_target, distill, progressive_target
 from minidiff.errors import MinidiffError
 from minidiff.generation import generate, resolve_sampling
 from minidiff.samplers import sample_ddim
 from minidiff.settings import SamplingConfig
-from minidiff.train import TrainConfig, train
 from tests.test_samplers_gaussian import FULL, FULL_V, oracle
 
 # four updates over two rounds (8 -> 4 -> 2 steps): the hand-over between rounds is exercised
@@ -23,13 +22,8 @@ TINY_RUN = dict(teacher_steps=8, updates=4, batch_size=4, subset=8, precision="f
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    from tests.conftest import TINY
-
-    out = tmp_path_factory.mktemp("distill") / "teacher"
-    train(TINY, DiffusionConfig(), TrainConfig(steps=2, batch_size=8, subset=16,
-                                               precision="fp32"), out, progress=False)
-    return out
+def teacher(tiny_run):
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
