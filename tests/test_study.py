@@ -44,6 +44,48 @@ def test_smoke_study_writes_results_report_and_figures(smoke):
         assert (smoke / "figures" / fig).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_smoke_study_trains_at_equal_compute_and_plots_curves(smoke):
+    """Reduced and shallow train the baseline's FLOPs (not its epochs); every model's
+    evaluations during training land in curves.json, chained across its stages."""
+    points = json.loads((smoke / "curves.json").read_text())
+    assert {p["model"] for p in points} == {"baseline", "pruned", "reduced", "shallow"}
+    end = {m: max(p["train_flops"] for p in points if p["stage"] == m)
+           for m in ("baseline", "reduced", "shallow")}
+    images = {m: max(p["images_seen"] for p in points if p["stage"] == m) for m in end}
+    for m in ("reduced", "shallow"):  # equal within one step of a tiny run
+        assert end[m] == pytest.approx(end["baseline"], rel=0.15), (m, end)
+    assert images["reduced"] > 3 * images["baseline"] > 3 * images["shallow"]
+    for m in end:  # compute grows along each curve, fine-tuning continuing the count
+        flops = [p["train_flops"] for p in points if p["model"] == m]
+        assert flops == sorted(flops) and len(flops) >= 3, (m, flops)
+    pruned = [p for p in points if p["model"] == "pruned"]
+    assert pruned[0]["stage"] == "baseline" and pruned[0]["train_flops"] == end["baseline"]
+    report = (smoke / "report.md").read_text()
+    assert "At equal training compute" in report and "At equal epochs" in report
+    assert (smoke / "figures" / "quality_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_value_at_interpolates_log_log():
+    from minidiff.report import value_at
+
+    pts = [{"model": "m", "x": 10, "pseudo_fid": 8.0}, {"model": "m", "x": 1000, "pseudo_fid": 2.0}]
+    assert value_at(pts, "m", "x", 100) == pytest.approx(4.0)  # halfway in log-log
+    assert value_at(pts, "m", "x", 1000) == pytest.approx(2.0)
+    assert value_at(pts, "m", "x", 5000) is None
+
+
+def test_only_trains_the_named_models_then_stops(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["study", "--preset", "smoke", "--out", str(out), "--only", "shallow",
+                 "--no-progress"]) == 0
+    stages = sorted(p.name.rsplit("-", 1)[0] for p in (out / "stages").iterdir())
+    assert stages == ["shallow", "shallow-ft"]
+    assert not (out / "results.json").exists()
+    assert main(["study", "--preset", "smoke", "--out", str(out), "--only", "wide"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--only wide" in err[0] and "baseline" in err[0]
+
+
 def test_rerun_skips_finished_stages(smoke, monkeypatch, capsys):
     def no_training(*a, **k):
         raise AssertionError("a finished stage was trained again")
@@ -76,6 +118,29 @@ def test_unfinished_training_stage_resumes(smoke, tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "train", spy)
     Study(PRESETS["smoke"], out, progress=False, log=lambda *_: None).run()
     assert calls == [True]
+    assert (stage / "stage.json").is_file()
+
+
+def test_stage_stopped_before_its_first_checkpoint_starts_over(smoke, tmp_path, monkeypatch):
+    import shutil
+
+    from minidiff.study import PRESETS, Study
+
+    out = tmp_path / "s"
+    shutil.copytree(smoke, out)
+    stage = next((out / "stages").glob("reduced-ft-*"))
+    (stage / "stage.json").unlink()
+    shutil.rmtree(stage / "checkpoints")  # config.json and model are there, no checkpoint
+    calls = []
+    real = train_mod.train
+
+    def spy(*a, **k):
+        calls.append(k.get("resume"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train", spy)
+    Study(PRESETS["smoke"], out, progress=False, log=lambda *_: None).run()
+    assert calls == [False]
     assert (stage / "stage.json").is_file()
 
 

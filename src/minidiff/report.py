@@ -4,7 +4,9 @@ the digit-balance chart, all written from ``results.json`` alone."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -62,6 +64,72 @@ def _plots(out: Path, rows: list[dict], dataset: str) -> list[str]:
     plt.close(fig)
     written.append("class_balance.png")
     return written
+
+
+def _curve_plot(out: Path, points: list[dict]) -> str:
+    """Pseudo-FID during training against training compute and against training seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(p["model"] for p in points))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "train_flops", "training compute (FLOPs: 6 x MACs x images)"),
+                           (axes[1], "train_s", "training seconds (as measured; see devices)")):
+        for m in models:
+            pts = [p for p in points if p["model"] == m]
+            ax.plot([p[key] for p in pts], [p["pseudo_fid"] for p in pts], marker="o", ms=3,
+                    label=m)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.grid(True, which="both", lw=0.3)
+    axes[0].set_ylabel(f"pseudo-FID of the EMA weights (n = {points[0]['n']:,})")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    name = "quality_vs_compute.png"
+    fig.savefig(out / FIGURES / name, dpi=120)
+    plt.close(fig)
+    return name
+
+
+def value_at(points: list[dict], model: str, key: str, x: float) -> float | None:
+    """``model``'s pseudo-FID at ``key`` = ``x``, interpolated log-log between its curve's
+    points; None outside the curve."""
+    pts = sorted((p[key], p["pseudo_fid"]) for p in points if p["model"] == model)
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+        if x0 <= x <= x1:
+            if x1 == x0:
+                return y1
+            w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return math.exp(math.log(y0) + w * (math.log(y1) - math.log(y0)))
+    return pts[-1][1] if pts and math.isclose(pts[-1][0], x, rel_tol=1e-6) else None
+
+
+def _curve_findings(points: list[dict]) -> list[str]:
+    """Which architecture is best at equal training compute and which at equal epochs, read
+    from the from-scratch curves (fine-tuning excluded; pruned has none of its own)."""
+    scratch = [p for p in points if p["stage"] in ("baseline", "reduced", "shallow")
+               and p["model"] == p["stage"]]
+    archs = list(dict.fromkeys(p["model"] for p in scratch))
+    if len(archs) < 2:
+        return []
+
+    def at(key: str, x: float) -> str:
+        vals = {m: value_at(scratch, m, key, x) for m in archs}
+        ranked = sorted((v, m) for m, v in vals.items() if v is not None)
+        return ", ".join(f"{m} {v:.3f}" for v, m in ranked)
+
+    n = scratch[0]["n"]
+    flops = min(max(p["train_flops"] for p in scratch if p["model"] == m) for m in archs)
+    images = sorted({max(p["images_seen"] for p in scratch if p["model"] == m) for m in archs})
+    lines = [f"- **At equal training compute** ({flops:.2e} FLOPs from scratch): "
+             f"{at('train_flops', flops)} (pseudo-FID at n = {n:,} during training, best first)."]
+    for im in images:
+        lines.append(f"- **At equal epochs** ({im:,} images seen, {im / 60_000:.2f} epochs of "
+                     f"60,000 images): {at('images_seen', im)}.")
+    return lines
 
 
 def _fmt_params(n: int) -> str:
@@ -164,10 +232,30 @@ def readme_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: str | Path, rows: list[dict]) -> Path:
+def write_report(out: str | Path, rows: list[dict], curves: list[dict] | None = None) -> Path:
     out = Path(out)
     meta = rows[0]
     figures = _plots(out, rows, meta["dataset"])
+    curve_lines = []
+    if curves:
+        figures.insert(0, _curve_plot(out, curves))
+        atomic_write_text(out / "curves.json", json.dumps(curves, indent=2) + "\n")
+        devices = {}
+        for p in curves:
+            devices.setdefault(p["model"], set()).add(p["device"])
+        curve_lines = [
+            "## Quality against training compute",
+            "",
+            "Each model's EMA weights were evaluated during training (`--eval-every`, "
+            "log-spaced); compute and seconds add up along a model's stages (pruned: the "
+            "baseline's training, then its fine-tuning). Points are in `curves.json`. Devices "
+            "of the training stages (last sitting): "
+            + "; ".join(f"{m} {', '.join(sorted(str(d) for d in ds))}"
+                        for m, ds in devices.items()) + ".",
+            "",
+            *_curve_findings(curves),
+            "",
+        ]
     for r in rows:
         src = out / "stages" / r["eval_stage"] / "grid.png"
         if src.is_file():
@@ -211,6 +299,7 @@ def write_report(out: str | Path, rows: list[dict]) -> Path:
            "The study ran on MNIST only, so its numbers are not set beside these; the "
            "findings below compare with its MNIST conclusions."),
         "",
+        *curve_lines,
         "## Findings against the study's",
         "",
         *_discussion({r["model"]: r for r in rows}, meta["best"]),

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from .checkpoint import CHECKPOINTS
 from .errors import MinidiffError
 from .io import atomic_write_text
 from .original import EPOCHS, RECIPES
@@ -51,21 +54,44 @@ class StudyConfig:
     sampling: SamplingConfig = SamplingConfig()  # how every model is sampled
     seed: int = 0  # training and metrics
     checkpoint_every: int = 500
+    # equal compute: reduced and shallow train the baseline's FLOPs (epochs x MACs ratio) instead
+    # of its epochs; fine-tuning then scales with each architecture's own epochs
+    equal_compute: bool = False
+    # evaluation during training: this many log-spaced points per from-scratch stage (halving
+    # back from the end), 3 per fine-tuning stage; pseudo-FID of eval_n samples
+    eval_points: int = 0
+    eval_n: int = 2000
 
-    def finetune_epochs(self, recipe_epochs: float) -> float:
-        return recipe_epochs * self.base_epochs / EPOCHS
+    def epochs_of(self, arch: str) -> float:
+        """From-scratch epochs of ``arch`` (``baseline``, ``reduced`` or ``shallow``)."""
+        if not self.equal_compute or arch == "baseline":
+            return self.base_epochs
+        from .unet import PRESETS as UNET
+        from .unet import UNet, count_macs
+
+        macs = {a: count_macs(UNet(UNET[a])) for a in ("baseline", arch)}
+        return round(self.base_epochs * macs["baseline"] / macs[arch], 4)
+
+    def finetune_epochs(self, recipe_epochs: float, arch: str = "baseline") -> float:
+        return recipe_epochs * self.epochs_of(arch) / EPOCHS
 
 
 PRESETS: dict[str, StudyConfig] = {
     # about a minute: a few steps on 256 images (tests, CI)
     "smoke": StudyConfig("smoke", base_epochs=1.25, batch_size=32, subset=256, n=64,
-                         sampling=SamplingConfig(steps=4), checkpoint_every=50),
-    # at most ~30 min on a 2-core CPU
-    "quick": StudyConfig("quick", base_epochs=1.0, n=1000),
+                         sampling=SamplingConfig(steps=4), checkpoint_every=50,
+                         original_recipe=False, equal_compute=True, eval_points=2, eval_n=32),
+    # `long` at a tenth of its budget (~30 min on a 2-core CPU with native bf16)
+    "quick": StudyConfig("quick", base_epochs=1.0, n=1000, original_recipe=False,
+                         equal_compute=True, eval_points=6, eval_n=1000),
     # ~90 min on a 2-core CPU (resumable); 10,000 samples per model
     "standard": StudyConfig("standard", base_epochs=3.0, n=10_000),
     # the study's epochs (50 / 20 / 10 / 20): meant for a GPU
     "paper": StudyConfig("paper", base_epochs=50.0, n=10_000, checkpoint_every=2000),
+    # today's recipe at equal training compute, with quality-vs-compute curves: the baseline's
+    # 10 epochs (~5 h on a 2-core CPU with native bf16; resumable), every architecture its FLOPs
+    "long": StudyConfig("long", base_epochs=10.0, n=10_000, original_recipe=False,
+                        equal_compute=True, eval_points=8, checkpoint_every=1000),
 }
 ARCH = ("baseline", "pruned", "reduced", "shallow")
 
@@ -96,6 +122,18 @@ class Study:
         return record
 
     # ------------------------------------------------------------------ stages
+    def eval_every(self, epochs: float, points: int) -> tuple[int, ...] | None:
+        """``points`` log-spaced steps of a stage of ``epochs`` (halving back from its end)."""
+        from .data import load_split
+        from .train import train_config
+
+        if points <= 0:
+            return None
+        bs = train_config(None, self.cfg.original_recipe, batch_size=self.cfg.batch_size)
+        n = self.cfg.subset or len(load_split(self.cfg.dataset, "train", self.data_dir)[0])
+        total = math.ceil(epochs * max(1, n // min(bs.batch_size, n)))
+        return tuple(sorted({max(1, round(total / 2**k)) for k in range(points)}))
+
     def train(self, name: str, preset: str, *, init: Path | None = None, epochs: float,
               lr: float | None, depends: str = "") -> Path:
         """Train (or fine-tune from ``init``) into a stage folder; resumes a stopped stage."""
@@ -103,9 +141,12 @@ class Study:
         from .unet import PRESETS as UNET
 
         c = self.cfg
+        points = min(3, c.eval_points) if init else c.eval_points
         tcfg = train_config(None, c.original_recipe, dataset=c.dataset, epochs=epochs,
                             batch_size=c.batch_size, lr=lr, seed=c.seed, subset=c.subset,
-                            checkpoint_every=c.checkpoint_every, init=str(init) if init else None)
+                            checkpoint_every=c.checkpoint_every, init=str(init) if init else None,
+                            eval_every=self.eval_every(epochs, points),
+                            eval_n=c.eval_n if points else None)
         diffusion = diffusion_config(c.original_recipe)
         settings = {"stage": name, "preset": preset, "train": tcfg.to_dict(),
                     "diffusion": diffusion.to_dict(), "after": depends}
@@ -114,7 +155,10 @@ class Study:
         if self._done(folder):
             self.log(f"study: {name}: done ({folder.name})")
             return folder
-        resume = (folder / "config.json").is_file()
+        # resume from the newest checkpoint; a stage stopped before its first one starts over
+        resume = any((folder / CHECKPOINTS).glob("step-*"))
+        if not resume and folder.exists():
+            shutil.rmtree(folder)
         self.log(f"study: {name}: {'resuming' if resume else 'training'} {epochs:g} epochs "
                  f"at lr {tcfg.lr:g} -> {folder}")
         t0 = time.perf_counter()
@@ -134,8 +178,6 @@ class Study:
         if self._done(folder):
             return folder
         if (folder / "config.json").is_file():  # a killed earlier attempt: redo it
-            import shutil
-
             shutil.rmtree(folder)
         record = prune_checkpoint(source, folder, structured=c.structured,
                                   unstructured=c.unstructured)
@@ -152,8 +194,6 @@ class Study:
         if self._done(folder):
             return folder
         if (folder / "config.json").is_file():
-            import shutil
-
             shutil.rmtree(folder)
         record = quantize_checkpoint(source, folder, mode=mode)
         self._finish(folder, {"stage": f"quantize-{mode}", "settings": settings, **record})
@@ -214,23 +254,40 @@ class Study:
         return row
 
     # ------------------------------------------------------------------ the whole study
-    def run(self) -> list[dict]:
+    def run(self, only: tuple[str, ...] = ()) -> list[dict]:
+        """Every stage; with ``only`` (names from :data:`ARCH`), just the training stages of
+        those models (e.g. one process per architecture on a GPU), then stop."""
         c = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "study.json", json.dumps(asdict(c), indent=2) + "\n")
-        base = c.base_epochs
+        want = set(only or ARCH)
         models: dict[str, Path] = {}
-        models["baseline"] = self.train("baseline", "baseline", epochs=base, lr=c.lr)
-        pruned0 = self.prune(models["baseline"])
-        ft = RECIPES["pruned"]
-        models["pruned"] = self.train("pruned-ft", "baseline", init=pruned0, depends=pruned0.name,
-                                      epochs=c.finetune_epochs(ft["epochs"]), lr=ft["lr"])
+        chains: dict[str, list[tuple[Path, bool]]] = {}  # stages behind each model, own or not
+        if want & {"baseline", "pruned"}:
+            models["baseline"] = self.train("baseline", "baseline", epochs=c.base_epochs,
+                                            lr=c.lr)
+        if "pruned" in want:
+            pruned0 = self.prune(models["baseline"])
+            ft = RECIPES["pruned"]
+            models["pruned"] = self.train("pruned-ft", "baseline", init=pruned0,
+                                          depends=pruned0.name, lr=ft["lr"],
+                                          epochs=c.finetune_epochs(ft["epochs"]))
+            chains["pruned"] = [(models["baseline"], False), (models["pruned"], True)]
+        if "baseline" in models:
+            chains["baseline"] = [(models["baseline"], True)]
         for arch in ("reduced", "shallow"):
+            if arch not in want:
+                continue
             ft = RECIPES[arch]
-            scratch = self.train(arch, arch, epochs=base, lr=c.lr)
+            scratch = self.train(arch, arch, epochs=c.epochs_of(arch), lr=c.lr)
             models[arch] = self.train(f"{arch}-ft", arch, init=scratch / "model.safetensors",
-                                      depends=scratch.name, epochs=c.finetune_epochs(ft["epochs"]),
-                                      lr=ft["lr"])
+                                      depends=scratch.name, lr=ft["lr"],
+                                      epochs=c.finetune_epochs(ft["epochs"], arch))
+            chains[arch] = [(scratch, True), (models[arch], True)]
+        if only:
+            self.log(f"study: trained {', '.join(sorted(want))}; run without --only to "
+                     "evaluate and report")
+            return []
         rows = [self.evaluate(name, models[name]) for name in ARCH]
         best = min(rows, key=lambda r: r["pseudo_fid"])["model"]
         for mode in ("int8", "fp16"):
@@ -241,8 +298,35 @@ class Study:
                **environment()}
         rows = [{**r, "checkpoint": str(models[r["model"]].relative_to(self.out)), **env}
                 for r in rows]
-        write_report(self.out, rows)  # results.json (one row per model) and report.md
+        # results.json (one row per model), curves.json and report.md
+        write_report(self.out, rows, curves({m: chains[m] for m in ARCH}))
         return rows
+
+
+def curves(chains: dict[str, list[tuple[Path, bool]]]) -> list[dict]:
+    """The evaluation-during-training points of each model's stages, in order, with images
+    seen, training FLOPs and seconds added up along the chain (pruned: the baseline's training,
+    then its fine-tuning). A stage the model shares with another (the baseline, for pruned)
+    gives only its last point, where the model's own curve starts."""
+    points = []
+    for model, stages in chains.items():
+        acc = {"images_seen": 0, "train_flops": 0, "train_s": 0.0}
+        for folder, own in stages:
+            log = folder / "metrics.jsonl"
+            recs = [r for r in map(json.loads, log.read_text().splitlines() if log.is_file()
+                                   else []) if "eval" in r]
+            record = json.loads((folder / "stage.json").read_text())
+            stage = record["stage"]
+            for k, r in enumerate(recs):
+                if own or k == len(recs) - 1:
+                    points.append({"model": model, "stage": stage, "step": r["step"],
+                                   **{key: acc[key] + r[key] for key in acc},
+                                   "pseudo_fid": r["eval"]["pseudo_fid"],
+                                   "confidence": r["eval"]["confidence"], "n": r["eval"]["n"],
+                                   "device": record.get("device")})
+            if recs:
+                acc = {key: acc[key] + recs[-1][key] for key in acc}
+    return points
 
 
 def export(study_dir: str | Path, dest: str | Path, *, fp16_tolerance: float = 0.02) -> list[str]:
@@ -250,8 +334,6 @@ def export(study_dir: str | Path, dest: str | Path, *, fp16_tolerance: float = 0
     under their row names: ``baseline``, ``pruned``, ``reduced``, ``shallow`` in fp16 storage
     when the study's own fp16 row stayed within ``fp16_tolerance`` (relative pseudo-FID) of its
     float row, else as trained; and the int8 model as evaluated. Returns the names written."""
-    import shutil
-
     from .compress import quantize_checkpoint
 
     study_dir, dest = Path(study_dir), Path(dest)
@@ -289,9 +371,12 @@ def summary_lines(rows: list[dict], out: Path) -> str:
 
 
 def run_study(preset: str, out, *, dataset: str = "mnist", data_dir=None, progress=True,
-              log=print, **overrides) -> list[dict]:
+              log=print, only: tuple[str, ...] = (), **overrides) -> list[dict]:
     if preset not in PRESETS:
         raise MinidiffError(f"unknown study preset {preset!r}; choose one of: "
                             f"{', '.join(PRESETS)}")
+    bad = [a for a in only if a not in ARCH]
+    if bad:
+        raise MinidiffError(f"--only {','.join(bad)}: choose from {', '.join(ARCH)}")
     cfg = replace(PRESETS[preset], dataset=dataset, **overrides)
-    return Study(cfg, out, data_dir=data_dir, progress=progress, log=log).run()
+    return Study(cfg, out, data_dir=data_dir, progress=progress, log=log).run(only)

@@ -216,8 +216,9 @@ def drop_labels(y: torch.Tensor, p: float, null: int, generator=None) -> torch.T
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """``ema <- decay * ema + (1 - decay) * model`` over parameters; buffers are copied."""
-    for (_, e), (_, p) in zip(ema.named_parameters(), model.named_parameters(), strict=True):
-        e.lerp_(p, 1.0 - decay)
+    pairs = list(zip(ema.parameters(), model.parameters(), strict=True))
+    # one fused kernel per tensor group, not one per parameter (launch-bound on a GPU)
+    torch._foreach_lerp_([e for e, _ in pairs], [p.detach() for _, p in pairs], 1.0 - decay)
     for (_, e), (_, b) in zip(ema.named_buffers(), model.named_buffers(), strict=True):
         e.copy_(b)
 

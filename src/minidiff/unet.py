@@ -260,7 +260,8 @@ def count_macs(model: nn.Module, shape: tuple[int, ...] | None = None) -> int:
     if shape is None:
         cfg = model.config
         shape = (1, cfg.in_channels, cfg.image_size, cfg.image_size)
-    x, t = torch.zeros(shape), torch.zeros(shape[0], dtype=torch.long)
+    dev = next(model.parameters()).device
+    x, t = torch.zeros(shape, device=dev), torch.zeros(shape[0], dtype=torch.long, device=dev)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x, t)
