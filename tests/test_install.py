@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("baseline", "baseline-int8", "fashion-reduced-cond", "pruned", "reduced",
+MODELS = ("baseline", "fashion-reduced-cond", "pruned", "reduced", "reduced-int8",
           "reduced-cond", "shallow")
 MNIST = ("README.md", "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")

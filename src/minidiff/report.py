@@ -1,6 +1,7 @@
 """The study's report: ``report.md`` with the study-style table (the study's own numbers in a
 column beside ours), a sample grid per model, quality-vs-size and quality-vs-latency plots and
-the digit-balance chart, all written from ``results.json`` alone."""
+the digit-balance chart, all written from ``results.json`` (and ``curves.json``: the
+quality-vs-compute curves and what they say at equal compute and at equal epochs)."""
 
 from __future__ import annotations
 
@@ -116,19 +117,26 @@ def _curve_findings(points: list[dict]) -> list[str]:
     if len(archs) < 2:
         return []
 
-    def at(key: str, x: float) -> str:
+    def at(key: str, x: float) -> str | None:
+        """The models whose curves reach ``x``, best first; None if fewer than two do."""
         vals = {m: value_at(scratch, m, key, x) for m in archs}
         ranked = sorted((v, m) for m, v in vals.items() if v is not None)
-        return ", ".join(f"{m} {v:.3f}" for v, m in ranked)
+        short = [m for m, v in vals.items() if v is None]
+        if len(ranked) < 2:
+            return None
+        return (", ".join(f"{m} {v:.3f}" for v, m in ranked)
+                + (f" ({', '.join(short)} trained less)" if short else ""))
 
     n = scratch[0]["n"]
     flops = min(max(p["train_flops"] for p in scratch if p["model"] == m) for m in archs)
-    images = sorted({max(p["images_seen"] for p in scratch if p["model"] == m) for m in archs})
-    lines = [f"- **At equal training compute** ({flops:.2e} FLOPs from scratch): "
-             f"{at('train_flops', flops)} (pseudo-FID at n = {n:,} during training, best first)."]
-    for im in images:
-        lines.append(f"- **At equal epochs** ({im:,} images seen, {im / 60_000:.2f} epochs of "
-                     f"60,000 images): {at('images_seen', im)}.")
+    ranked = at("train_flops", flops)
+    lines = [f"- **At equal training compute** ({flops:.2e} FLOPs from scratch): {ranked} "
+             f"(pseudo-FID at n = {n:,} during training, best first)."] if ranked else []
+    for m in archs:  # each model's own budget in epochs, the others read off their curves
+        epochs = max(p["epochs"] for p in scratch if p["model"] == m)
+        ranked = at("epochs", epochs)
+        if ranked:
+            lines.append(f"- **At equal epochs** ({epochs:.2f}, {m}'s budget): {ranked}.")
     return lines
 
 
@@ -139,6 +147,7 @@ def _fmt_params(n: int) -> str:
 def _discussion(rows: dict[str, dict], best: str) -> list[str]:
     """Statements computed from the numbers, set against the study's findings."""
     b = rows["baseline"]
+    equal = b.get("equal_compute", False)  # reduced / shallow trained the baseline's FLOPs
     sb, sp, sr, ss = (STUDY[k] for k in ("baseline", "pruned", "reduced", "shallow"))
     lines = []
     if "reduced" in rows:
@@ -150,8 +159,12 @@ def _discussion(rows: dict[str, dict], best: str) -> list[str]:
             f"{r['pseudo_fid']:.3f} against baseline's "
             f"{b['pseudo_fid']:.3f}: {'it agrees' if better else 'it disagrees'} at this "
             f"budget, with {r['params'] / b['params']:.0%} of the parameters. Both trained "
-            "for the same epochs from scratch (reduced then fine-tuned briefly at lr "
-            f"{RECIPES['reduced']['lr']:g}, as in the study). The study's {sb['pseudo_fid']} "
+            + ("the same FLOPs from scratch (reduced "
+               f"{b['macs'] / r['macs']:.1f}x the baseline's images)," if equal else
+               "for the same epochs from scratch (reduced")
+            + f" then fine-tuned briefly at lr {RECIPES['reduced']['lr']:g}, as in the study"
+            + (". " if equal else "). ")
+            + f"The study's {sb['pseudo_fid']} "
             f"for a {EPOCHS}-epoch baseline is "
             "hard to read as a property of width, since its own pruned copy (the same weights "
             f"pruned, plus {RECIPES['pruned']['epochs']} epochs) scored {sp['pseudo_fid']}: its "
@@ -249,7 +262,8 @@ def write_report(out: str | Path, rows: list[dict], curves: list[dict] | None = 
             "Each model's EMA weights were evaluated during training (`--eval-every`, "
             "log-spaced); compute and seconds add up along a model's stages (pruned: the "
             "baseline's training, then its fine-tuning). Points are in `curves.json`. Devices "
-            "of the training stages (last sitting): "
+            "of the training stages (last sitting; a stage resumed elsewhere adds both "
+            "devices' seconds): "
             + "; ".join(f"{m} {', '.join(sorted(str(d) for d in ds))}"
                         for m, ds in devices.items()) + ".",
             "",

@@ -23,7 +23,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 DATASET_NAMES = ("mnist", "fashion-mnist")
 MODEL_PRESETS = ("baseline", "reduced", "shallow")
-STUDY_PRESETS = ("smoke", "quick", "standard", "long", "paper")
+STUDY_PRESETS = ("smoke", "quick", "standard", "paper", "long")
 
 
 # sampling batch per precision, the fastest measured on 2 cores (benchmarks/results/

@@ -12,11 +12,16 @@ redoes only what a changed setting invalidates:
                every metric of the evaluation suite; the time for those samples
     best-int8, best-fp16   the best model (lowest pseudo-FID) stored as int8 / fp16, evaluated
 
-then ``DIR/results.json`` (one row per model), ``DIR/report.md`` and its figures.
+then ``DIR/results.json`` (one row per model), ``DIR/curves.json`` (the evaluations during
+training, chained along each model's stages), ``DIR/report.md`` and its figures. Reduced and
+shallow train the baseline's epochs, or its FLOPs where the preset is at equal compute.
+``run(only=...)`` trains some models' stages and stops (``pruned`` includes the baseline's), so
+processes can train architectures side by side before one run evaluates them all.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -37,10 +42,13 @@ from .settings import SamplingConfig
 @dataclass(frozen=True)
 class StudyConfig:
     """One preset of the study. Fine-tuning follows the study's recipes
-    (:data:`minidiff.original.RECIPES`), their epochs scaled by ``base_epochs / EPOCHS``."""
+    (:data:`minidiff.original.RECIPES`), their epochs scaled by the architecture's from-scratch
+    epochs / :data:`~minidiff.original.EPOCHS`."""
 
     preset: str
-    base_epochs: float  # baseline, reduced and shallow each train this long from scratch
+    # the baseline's from-scratch epochs; reduced and shallow train as long (equal epochs) or
+    # its FLOPs (equal_compute)
+    base_epochs: float
     dataset: str = "mnist"
     # the training recipe before the convergence benchmark (minidiff.original.TRAINING), which
     # the committed study results and shipped models come from; the defaults where False
@@ -58,7 +66,7 @@ class StudyConfig:
     # of its epochs; fine-tuning then scales with each architecture's own epochs
     equal_compute: bool = False
     # evaluation during training: this many log-spaced points per from-scratch stage (halving
-    # back from the end), 3 per fine-tuning stage; pseudo-FID of eval_n samples
+    # back from the end), at most 3 per fine-tuning stage; pseudo-FID of eval_n samples
     eval_points: int = 0
     eval_n: int = 2000
 
@@ -80,8 +88,8 @@ PRESETS: dict[str, StudyConfig] = {
     # about a minute: a few steps on 256 images (tests, CI)
     "smoke": StudyConfig("smoke", base_epochs=1.25, batch_size=32, subset=256, n=64,
                          sampling=SamplingConfig(steps=4), checkpoint_every=50,
-                         original_recipe=False, equal_compute=True, eval_points=2, eval_n=32),
-    # `long` at a tenth of its budget (~30 min on a 2-core CPU with native bf16)
+                         original_recipe=False, equal_compute=True, eval_points=3, eval_n=32),
+    # `long` at a tenth of its budget (~35 min on a 2-core CPU with native bf16, estimated)
     "quick": StudyConfig("quick", base_epochs=1.0, n=1000, original_recipe=False,
                          equal_compute=True, eval_points=6, eval_n=1000),
     # ~90 min on a 2-core CPU (resumable); 10,000 samples per model
@@ -89,7 +97,8 @@ PRESETS: dict[str, StudyConfig] = {
     # the study's epochs (50 / 20 / 10 / 20): meant for a GPU
     "paper": StudyConfig("paper", base_epochs=50.0, n=10_000, checkpoint_every=2000),
     # today's recipe at equal training compute, with quality-vs-compute curves: the baseline's
-    # 10 epochs (~5 h on a 2-core CPU with native bf16; resumable), every architecture its FLOPs
+    # 10 epochs, every architecture its FLOPs (~4.5 h on a 2-core CPU with native bf16,
+    # estimated; resumable)
     "long": StudyConfig("long", base_epochs=10.0, n=10_000, original_recipe=False,
                         equal_compute=True, eval_points=8, checkpoint_every=1000),
 }
@@ -122,23 +131,29 @@ class Study:
         return record
 
     # ------------------------------------------------------------------ stages
+    @functools.cached_property
+    def train_images(self) -> int:
+        """Images per epoch (the subset, or the dataset's training split)."""
+        from .data import load_split
+
+        return self.cfg.subset or len(load_split(self.cfg.dataset, "train", self.data_dir)[0])
+
     def eval_every(self, epochs: float, points: int) -> tuple[int, ...] | None:
         """``points`` log-spaced steps of a stage of ``epochs`` (halving back from its end)."""
-        from .data import load_split
         from .train import train_config
 
         if points <= 0:
             return None
         bs = train_config(None, self.cfg.original_recipe, batch_size=self.cfg.batch_size)
-        n = self.cfg.subset or len(load_split(self.cfg.dataset, "train", self.data_dir)[0])
+        n = self.train_images
         total = math.ceil(epochs * max(1, n // min(bs.batch_size, n)))
         return tuple(sorted({max(1, round(total / 2**k)) for k in range(points)}))
 
-    def train(self, name: str, preset: str, *, init: Path | None = None, epochs: float,
-              lr: float | None, depends: str = "") -> Path:
-        """Train (or fine-tune from ``init``) into a stage folder; resumes a stopped stage."""
-        from .train import diffusion_config, train, train_config
-        from .unet import PRESETS as UNET
+    def stage(self, name: str, preset: str, *, init: Path | None = None, epochs: float,
+              lr: float | None, depends: str = ""):
+        """A training stage's folder and configs: ``(folder, train_config, diffusion_config,
+        settings)``; the folder's name hashes ``settings``."""
+        from .train import diffusion_config, train_config
 
         c = self.cfg
         points = min(3, c.eval_points) if init else c.eval_points
@@ -151,7 +166,16 @@ class Study:
         settings = {"stage": name, "preset": preset, "train": tcfg.to_dict(),
                     "diffusion": diffusion.to_dict(), "after": depends}
         settings["train"]["init"] = None  # the path is covered by `depends`
-        folder = self._folder(name, settings)
+        return self._folder(name, settings), tcfg, diffusion, settings
+
+    def train(self, name: str, preset: str, *, init: Path | None = None, epochs: float,
+              lr: float | None, depends: str = "") -> Path:
+        """Train (or fine-tune from ``init``) into a stage folder; resumes a stopped stage."""
+        from .train import train
+        from .unet import PRESETS as UNET
+
+        folder, tcfg, diffusion, settings = self.stage(name, preset, init=init, epochs=epochs,
+                                                       lr=lr, depends=depends)
         if self._done(folder):
             self.log(f"study: {name}: done ({folder.name})")
             return folder
@@ -295,19 +319,20 @@ class Study:
             models[f"{best}-{mode}"] = folder
             rows.append(self.evaluate(f"{best}-{mode}", folder))
         env = {"preset": c.preset, "dataset": c.dataset, "seed": c.seed, "best": best,
-               **environment()}
+               "equal_compute": c.equal_compute, **environment()}
         rows = [{**r, "checkpoint": str(models[r["model"]].relative_to(self.out)), **env}
                 for r in rows]
         # results.json (one row per model), curves.json and report.md
-        write_report(self.out, rows, curves({m: chains[m] for m in ARCH}))
+        write_report(self.out, rows, curves({m: chains[m] for m in ARCH}, self.train_images))
         return rows
 
 
-def curves(chains: dict[str, list[tuple[Path, bool]]]) -> list[dict]:
+def curves(chains: dict[str, list[tuple[Path, bool]]], train_images: int) -> list[dict]:
     """The evaluation-during-training points of each model's stages, in order, with images
-    seen, training FLOPs and seconds added up along the chain (pruned: the baseline's training,
-    then its fine-tuning). A stage the model shares with another (the baseline, for pruned)
-    gives only its last point, where the model's own curve starts."""
+    seen (and epochs of ``train_images``), training FLOPs and seconds added up along the chain
+    (pruned: the baseline's training, then its fine-tuning). A stage the model shares with
+    another (the baseline, for pruned) gives only its last point, where the model's own curve
+    starts."""
     points = []
     for model, stages in chains.items():
         acc = {"images_seen": 0, "train_flops": 0, "train_s": 0.0}
@@ -321,6 +346,8 @@ def curves(chains: dict[str, list[tuple[Path, bool]]]) -> list[dict]:
                 if own or k == len(recs) - 1:
                     points.append({"model": model, "stage": stage, "step": r["step"],
                                    **{key: acc[key] + r[key] for key in acc},
+                                   "epochs": round((acc["images_seen"] + r["images_seen"])
+                                                   / train_images, 4),
                                    "pseudo_fid": r["eval"]["pseudo_fid"],
                                    "confidence": r["eval"]["confidence"], "n": r["eval"]["n"],
                                    "device": record.get("device")})

@@ -224,8 +224,8 @@ def cmd_distill(args) -> int:
          "minidiff study --preset smoke --out runs/study-smoke     # about a minute",
          "minidiff study --preset standard --out runs/study   # ~90 min; re-run to resume")
 @arg("--out", required=True, help="study folder; the same command resumes it")
-@arg("--preset", choices=STUDY_PRESETS, default="smoke", help="smoke ~1 min, quick ~30 min, "
-     "standard ~90 min, long ~5 h (2-core CPU with bf16), paper: for a GPU")
+@arg("--preset", choices=STUDY_PRESETS, default="smoke", help="smoke ~1 min, quick ~35 min, "
+     "standard ~90 min, long ~4.5 h (2-core CPU with bf16), paper: for a GPU")
 @arg("--seed", type=nonneg_int, help="training and metrics seed (default 0)")
 @arg("--only", type=lambda s: tuple(s.split(",")), default=(), metavar="ARCH[,ARCH]",
      help="train only these models' stages (baseline, pruned, reduced, shallow), then stop")
@@ -235,6 +235,8 @@ def cmd_distill(args) -> int:
 def cmd_study(args) -> int:
     from ..study import export, run_study, summary_lines
 
+    if args.only and args.export:
+        raise MinidiffError("--export needs the whole study: run it again without --only")
     seed = {} if args.seed is None else {"seed": args.seed}
     rows = run_study(args.preset, args.out, dataset=args.dataset, data_dir=args.data_dir,
                      progress=not args.no_progress, only=args.only, **seed)
