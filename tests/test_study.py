@@ -19,6 +19,18 @@ def smoke(tmp_path_factory):
     return out
 
 
+def spy_on_train(monkeypatch) -> list:
+    """Record the ``resume`` flag of every training call (training still runs)."""
+    calls, real = [], train_mod.train
+
+    def spy(*a, **k):
+        calls.append(k.get("resume"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train", spy)
+    return calls
+
+
 def test_smoke_study_writes_results_report_and_figures(smoke):
     rows = json.loads((smoke / "results.json").read_text())
     assert isinstance(rows, list)
@@ -119,14 +131,7 @@ def test_unfinished_training_stage_resumes(smoke, tmp_path, monkeypatch):
     shutil.copytree(smoke, out)
     stage = next((out / "stages").glob("reduced-ft-*"))
     (stage / "stage.json").unlink()
-    calls = []
-    real = train_mod.train
-
-    def spy(*a, **k):
-        calls.append(k.get("resume"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "train", spy)
+    calls = spy_on_train(monkeypatch)
     Study(PRESETS["smoke"], out, progress=False, log=lambda *_: None).run()
     assert calls == [True]
     assert (stage / "stage.json").is_file()
@@ -142,14 +147,7 @@ def test_stage_stopped_before_its_first_checkpoint_starts_over(smoke, tmp_path, 
     stage = next((out / "stages").glob("reduced-ft-*"))
     (stage / "stage.json").unlink()
     shutil.rmtree(stage / "checkpoints")  # config.json and model are there, no checkpoint
-    calls = []
-    real = train_mod.train
-
-    def spy(*a, **k):
-        calls.append(k.get("resume"))
-        return real(*a, **k)
-
-    monkeypatch.setattr(train_mod, "train", spy)
+    calls = spy_on_train(monkeypatch)
     Study(PRESETS["smoke"], out, progress=False, log=lambda *_: None).run()
     assert calls == [False]
     assert (stage / "stage.json").is_file()
