@@ -41,8 +41,7 @@ def wait_for_checkpoint(out: Path, proc, timeout=60):
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     args = ["train", *TINY_ARGS, "--steps", "150", "--checkpoint-every", "1",
             "--keep-checkpoints", "2"]
-    ref = cli(*args, "--out", str(tmp_path / "ref"))
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    ref = cli(*args, "--out", str(tmp_path / "ref"))  # beside the cut runs: one thread each
 
     out = tmp_path / "cut"
     rng = random.Random(0)
@@ -56,6 +55,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
             killed += proc.wait() == -signal.SIGKILL
         proc = cli(*args, "--out", str(out), "--resume")
     assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()
     assert killed >= 2, "the runs finished before they could be killed; raise --steps"
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "ref" /
                                                          "model.safetensors").read_bytes()

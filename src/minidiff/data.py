@@ -13,6 +13,7 @@ Images stay one uint8 tensor in memory and are scaled to ``[-1, 1]`` per batch.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -230,21 +231,34 @@ def verify_bytes(path: Path, data: bytes, sha256: str) -> None:
 
 
 def load_split(name: str = "mnist", split: str = "train", data_dir=None):
-    """``(images uint8 [N x 28 x 28], labels int64 [N])`` of a verified split."""
+    """``(images uint8 [N x 28 x 28], labels int64 [N])`` of a verified split (fresh tensors:
+    a split read, parsed and verified once is kept in memory while its files stay unchanged)."""
     spec = get_spec(name)
     if split not in spec.files:
         raise DataError(f"unknown split {split!r}; choose one of: {', '.join(spec.files)}")
     folder = find_dataset(name, data_dir)
+    paths = tuple(_file_in(folder, f.name) for f in spec.files[split])
+    stats = tuple((str(p), st.st_mtime_ns, st.st_size) for p in paths for st in [p.stat()])
+    images, labels = _read_split(name, split, stats)
+    return images.clone(), labels.clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _read_split(name: str, split: str, stats: tuple):
+    """The parsed, verified split whose files are ``stats`` (path, mtime, size): a changed
+    file is another key, so it is read and verified again."""
+    spec = get_spec(name)
     out = []
-    for fspec, magic in zip(spec.files[split], (IMAGES_MAGIC, LABELS_MAGIC), strict=True):
-        path = _file_in(folder, fspec.name)
+    for fspec, magic, st in zip(spec.files[split], (IMAGES_MAGIC, LABELS_MAGIC), stats,
+                                strict=True):
+        path = Path(st[0])
         data = read_bytes(path)
         parsed = parse_idx(data, magic, str(path))  # header errors are the most specific
         verify_bytes(path, data, fspec.sha256)
         out.append(parsed)
     images, labels = out
     if len(images) != len(labels):
-        raise DataError(f"{folder}: {len(images)} images but {len(labels)} labels; "
+        raise DataError(f"{path.parent}: {len(images)} images but {len(labels)} labels; "
                         "replace the files with a consistent set")
     return images, labels.long()
 
