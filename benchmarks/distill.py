@@ -20,7 +20,6 @@ JSON (same teacher digest, n, time-n, precision) are kept, so an interrupted run
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -45,6 +44,9 @@ ap.add_argument("--repeats", type=int, default=3)
 ap.add_argument("--full-n", type=int, default=10000)
 ap.add_argument("--runs", default="runs/distill", help="folder for the students")
 ap.add_argument("--updates", type=int, help="DistillConfig.updates (default: its default)")
+ap.add_argument("--curves", default="results/study/curves.json",
+                help="the teachers' training (images seen, every stage) by NAME: a teacher "
+                     "fine-tuned from another stage saw more than its own config's steps")
 ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
 args = ap.parse_args()
 
@@ -82,6 +84,27 @@ def measure(ckpt, sampler, steps, spacing, n, timing=True):
     return row
 
 
+def run_seconds(metrics):
+    """Wall-clock seconds of a distillation run over all its sittings (``elapsed_s`` restarts
+    at each resume)."""
+    total = last = 0.0
+    for line in metrics.read_text().splitlines():
+        t = json.loads(line)["elapsed_s"]
+        if t < last:
+            total += last
+        last = t
+    return total + last
+
+
+def teacher_images(name, tconfig):
+    """Images the teacher saw in training: its chain's last point in --curves, else (one
+    stage) its own steps x batch."""
+    curves = Path(args.curves)
+    seen = [r["images_seen"] for r in (json.loads(curves.read_text()) if curves.is_file() else [])
+            if r["model"] == name]
+    return max(seen) if seen else tconfig["step"] * tconfig["train"]["batch_size"]
+
+
 for spec in args.teachers:
     name, ckpt = spec.split("=", 1)
     _, tconfig, digest = load_checkpoint(ckpt)
@@ -89,21 +112,20 @@ for spec in args.teachers:
     if entry.get("sha256") != digest:
         entry = {"checkpoint": ckpt, "sha256": digest, "rows": [], "distill": {}}
     res["teachers"][name] = entry
-    # distil (or resume) the two students, timing each sitting
+    # distil (or resume) the two students; the cost is read back from their metrics.jsonl
     students = {}
     for method, steps in (("progressive", 1), ("consistency", 1)):
         run = Path(args.runs) / f"{name}-{method}"
         given = {"updates": args.updates} if args.updates else {}
-        cfg = DistillConfig(method=method, steps=steps, **given)
-        t0 = time.perf_counter()
-        summary = distill(ckpt, run, cfg, resume=(run / "config.json").is_file())
-        d = entry["distill"].setdefault(method, {"seconds": 0.0})
-        if summary.get("note") != "already finished":
-            d["seconds"] = round(d["seconds"] + time.perf_counter() - t0, 1)
-        t_img = tconfig["step"] * tconfig["train"]["batch_size"]
-        d.update(run=str(run), updates=summary["total"], hours=round(d["seconds"] / 3600, 3),
-                 compute_vs_teacher=round(summary["total"] * cfg.batch_size * 5
-                                          / (t_img * 3), 3))
+        summary = distill(ckpt, run, DistillConfig(method=method, steps=steps, **given),
+                          resume=(run / "config.json").is_file())
+        cfg = DistillConfig.from_dict(json.loads((run / "config.json").read_text())["distill"])
+        entry["distill"][method] = {
+            "run": str(run), "updates": summary["total"], "batch_size": cfg.batch_size,
+            "teacher_steps": cfg.teacher_steps, "lr": cfg.lr,
+            "hours": round(run_seconds(run / "metrics.jsonl") / 3600, 3),
+            "compute_vs_teacher": round(summary["total"] * cfg.batch_size * 5
+                                        / (teacher_images(name, tconfig) * 3), 3)}
         students[method] = run
         save()
     jobs = [("teacher", "ddpm", 1000, "uniform", None, args.n, False)]

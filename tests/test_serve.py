@@ -32,7 +32,12 @@ from minidiff.serve import (
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"reduced-cond": {"conditional": True, "num_classes": 10},
-          "plain": {"conditional": False, "num_classes": 0}}
+          "plain": {"conditional": False, "num_classes": 0},
+          "student": {"conditional": False, "num_classes": 0,
+                      "student": {"sampler": "ddim", "steps": 2, "serves": [2]}},
+          "cond-student": {"conditional": True, "num_classes": 10,
+                           "student": {"sampler": "ddpm", "steps": 2, "serves": [1, 2, 4],
+                                       "guidance": 1.5}}}
 
 
 @pytest.mark.parametrize("body, field", [
@@ -46,6 +51,9 @@ MODELS = {"reduced-cond": {"conditional": True, "num_classes": 10},
     ({"model": "plain", "class": 3}, "is unconditional"),
     ({"model": "reduced-cond", "class": 10}, "class must be an integer in 0..9"),
     ({"model": "reduced-cond", "class": 1, "guidance": 11}, "guidance must be a number"),
+    ({"model": "student", "steps": 3}, "sampler must be ddim and steps one of 2$"),
+    ({"model": "student", "sampler": "dpmpp-sde"}, "is a distilled student"),
+    ({"model": "cond-student", "class": 1, "guidance": 2.0}, "guidance .* is built in"),
     ([1, 2], "JSON object"),
 ])
 def test_every_field_is_validated(body, field):
@@ -57,6 +65,22 @@ def test_defaults_and_conditional_guidance():
     r = GenerateRequest.parse({"model": "reduced-cond", "class": 7}, MODELS)
     assert (r.steps, r.n, r.seed, r.cls, r.guidance) == (8, 16, 0, 7, 1.5)
     assert GenerateRequest.parse({"model": "reduced-cond"}, MODELS).guidance is None
+
+
+def test_a_student_is_sampled_its_own_way_by_default():
+    r = GenerateRequest.parse({"model": "student"}, MODELS)
+    assert (r.sampler, r.steps) == ("ddim", 2)
+    r = GenerateRequest.parse({"model": "cond-student", "class": 3, "steps": 4}, MODELS)
+    assert (r.sampler, r.steps, r.cls, r.guidance) == ("ddpm", 4, 3, None)
+
+
+def test_the_shipped_student_is_offered_and_sampled_in_its_own_steps():
+    pool = ModelPool()
+    own = pool.info["reduced-2step"]["student"]
+    assert (own["sampler"], own["steps"], own["serves"]) == ("ddim", 2, [2])
+    res = pool.run(GenerateRequest.parse({"model": "reduced-2step", "n": 4}, pool.info))
+    assert (res["sampler"], res["steps"], res["n"]) == ("ddim", 2, 4)
+    assert pool.info["reduced"]["student"] is None
 
 
 def test_one_request_is_bounded_in_time():

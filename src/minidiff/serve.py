@@ -92,14 +92,19 @@ class GenerateRequest:
         model = body.get("model")
         if model not in models:
             raise RequestError(f"model must be one of {', '.join(models)}, got {model!r}")
-        sampler = body.get("sampler", DEFAULTS.sampler)
+        info = models[model]
+        own = info.get("student")  # a distilled student's own sampler and step counts
+        sampler = body.get("sampler", own["sampler"] if own else DEFAULTS.sampler)
         if sampler not in SAMPLER_NAMES:
             raise RequestError(f"sampler must be one of {', '.join(SAMPLER_NAMES)}, "
                                f"got {sampler!r}")
-        steps = integer("steps", 1, MAX_STEPS, DEFAULTS.steps)
+        steps = integer("steps", 1, MAX_STEPS, own["steps"] if own else DEFAULTS.steps)
+        if own and (sampler != own["sampler"] or steps not in own["serves"]):
+            raise RequestError(f"{model} is a distilled student: sampler must be "
+                               f"{own['sampler']} and steps one of "
+                               f"{', '.join(map(str, own['serves']))}")
         n = integer("n", 1, MAX_IMAGES, 16)
         seed = integer("seed", 0, 2**31 - 1, 0)
-        info = models[model]
         c, g = body.get("class"), body.get("guidance")
         if info["conditional"]:
             c = integer("class", 0, info["num_classes"] - 1) if c is not None else None
@@ -109,7 +114,10 @@ class GenerateRequest:
                     raise RequestError(f"guidance must be a number in 0..{MAX_GUIDANCE:g}, "
                                        f"got {g!r}")
                 g = float(g)
-            if c is None:
+            if own and g is not None:
+                raise RequestError(f"{model} is a distilled student: its guidance "
+                                   f"({own['guidance']}) is built in; send no guidance")
+            if c is None or own:
                 g = None
             elif g is None:
                 g = DEFAULTS.guidance
@@ -153,7 +161,8 @@ class ModelPool:
         return {"params": count_params(model), "size_mb": round(size / 2**20, 2),
                 "conditional": bool(model.config.num_classes),
                 "num_classes": model.config.num_classes or 0,
-                "dataset": config.get("train", {}).get("dataset", "mnist")}
+                "dataset": config.get("train", {}).get("dataset", "mnist"),
+                "student": config.get("sampling")}
 
     def _load(self, name: str):
         if name not in self._models:
