@@ -2,6 +2,8 @@
 calls; the progressive and consistency targets checked against the exact Gaussian denoiser of
 test_samplers_gaussian.py; exact resume; refused step counts."""
 
+import json
+
 import pytest
 import torch
 
@@ -85,6 +87,21 @@ def test_a_step_count_the_student_cannot_serve_is_refused_in_one_line(students, 
         resolve_sampling(SamplingConfig(sampler="ddim"), config, torch.device("cpu"))
     with pytest.raises(MinidiffError, match=r"--steps \(3\) times a power of two"):
         DistillConfig(teacher_steps=8, steps=3)
+
+
+def test_a_typed_default_step_count_is_refused_too(students, tmp_path, capsys):
+    """`--steps 8`, typed, is refused for a 2-step student even though 8 is SamplingConfig's
+    default (#17); without --steps the student samples in its own 2 steps."""
+    out = tmp_path / "s.npz"
+    argv = ["sample", str(students["progressive"]), "--n", "2", "--out", str(out),
+            "--no-progress"]
+    assert main([*argv, "--steps", str(SamplingConfig().steps)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "serves --steps 2, got 8; drop --steps" in err[0]
+    assert not out.exists()
+    assert main(argv) == 0
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["steps"] == 2 and "chosen" not in sidecar  # a record, not a setting
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(teacher, students, tmp_path,

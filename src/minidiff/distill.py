@@ -33,7 +33,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,91 +53,11 @@ from .errors import MinidiffError
 from .generation import Guided
 from .runtime import autocast_context, resolve_device, resolve_precision
 from .samplers import predict_x0
-from .settings import DEVICES, DISTILL_METHODS, PRECISIONS
-from .train import drop_labels, ema_decay_at, ema_update, lr_at, step_seed, trim_log
+from .settings import DistillConfig, ema_decay_at
+from .train import drop_labels, ema_update, lr_at, step_seed, trim_log
 from .unet import UNet
 
 SPACING = "trailing"  # the students' timesteps: nested when halved, and they start at T - 1
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """How a student is distilled; serialised into its config.json under ``"distill"``."""
-
-    method: str = "progressive"  # progressive | consistency
-    steps: int = 2  # the student's network evaluations per image
-    # progressive: the first teacher's DDIM steps, halved round by round down to `steps`;
-    # consistency: the noise levels of the teacher's DDIM solver grid
-    teacher_steps: int = 64
-    # optimizer steps in all (progressive: split evenly over its rounds); 2,000 per round
-    # took `reduced` 64 -> 2 to pseudo-FID 1.42 (docs/distillation.md), 666 to 1.68
-    updates: int = 10000
-    batch_size: int = 64
-    lr: float = 2e-4  # the student starts from trained weights: ~1/10 of training's
-    lr_schedule: str = "cosine"  # per round: warm-up, then cosine to lr_min_ratio * lr
-    lr_min_ratio: float = 0.1
-    warmup_steps: int = 20  # per round (each round starts a fresh optimizer)
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    ema_power: float = 0.75  # EMA warm-up 1 - (1 + k)^-p per round: rounds are short
-    guidance: float = 1.5  # a conditional teacher's guidance, distilled into the student
-    label_dropout: float = 0.1  # conditional: rows that learn the teacher's unguided output
-    seed: int = 0
-    precision: str = "auto"
-    device: str = "auto"
-    log_every: int = 50
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    subset: int | None = None  # distil on the first N training images only (tests)
-
-    def __post_init__(self):
-        checks = [
-            (self.method in DISTILL_METHODS, f"--method must be one of "
-             f"{', '.join(DISTILL_METHODS)}, got {self.method!r}"),
-            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
-            (self.teacher_steps >= 2, f"--teacher-steps must be >= 2, got {self.teacher_steps}"),
-            (self.updates >= 1, f"--updates must be >= 1, got {self.updates}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.lr_schedule in ("cosine", "constant"), "lr_schedule must be cosine or constant"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
-            (self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
-            (0 <= self.label_dropout < 1, "label_dropout must be in [0, 1)"),
-            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
-            (self.device in DEVICES, f"--device must be one of {DEVICES}"),
-            (min(self.log_every, self.checkpoint_every, self.keep_checkpoints) >= 1,
-             "log_every, checkpoint_every and keep_checkpoints must be >= 1"),
-            (self.subset is None or self.subset >= 1, "subset must be >= 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise MinidiffError(msg)
-        ratio = self.teacher_steps / self.steps
-        if self.method == "progressive" and (ratio < 2 or 2 ** round(math.log2(ratio)) != ratio):
-            raise MinidiffError(f"progressive distillation halves the steps: --teacher-steps "
-                                f"({self.teacher_steps}) must be --steps ({self.steps}) times "
-                                "a power of two >= 2, e.g. --teacher-steps "
-                                f"{self.steps * 2 ** max(1, math.ceil(math.log2(max(ratio, 1))))}")
-        if self.method == "consistency" and self.teacher_steps % self.steps:
-            raise MinidiffError(f"--steps {self.steps} must divide --teacher-steps "
-                                f"{self.teacher_steps} (the student samples on the teacher's "
-                                "grid), e.g. --steps 1, 2 or 4")
-
-    def rounds(self) -> list[int]:
-        """The student's step count in each round: ``[32, 16, 8, 4, 2]`` for progressive
-        64 -> 2, ``[steps]`` for consistency (one round)."""
-        if self.method == "consistency":
-            return [self.steps]
-        n = round(math.log2(self.teacher_steps / self.steps))
-        return [self.teacher_steps >> k for k in range(1, n + 1)]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DistillConfig":
-        return cls(**d)
 
 
 def sampling_entry(cfg: DistillConfig, steps: int, guidance: float | None) -> dict:

@@ -228,17 +228,15 @@ def sampling_schedule(config: dict, steps: int | None, spacing: str = "uniform")
 def own_sampling(cfg: SamplingConfig, config: dict) -> SamplingConfig:
     """``cfg`` for a checkpoint whose config records how it must be sampled (a distilled
     student's ``"sampling"`` entry, see :mod:`minidiff.distill`): the sampler, steps and spacing
-    left at :class:`SamplingConfig`'s defaults become the student's, guidance is off (a
+    not chosen (:meth:`SamplingConfig.given`) become the student's, guidance is off (a
     conditional student has it distilled in), and what the student cannot serve is refused."""
     own = config.get("sampling")
     if not own:
         return cfg
-    d = SamplingConfig()
-    pick = {k: own[k] if getattr(cfg, k) == getattr(d, k) else getattr(cfg, k)
-            for k in ("sampler", "steps", "spacing")}
+    pick = {k: getattr(cfg, k) if cfg.given(k) else own[k] for k in ("sampler", "steps", "spacing")}
     what = (f"this model is a {own['steps']}-step {own.get('method', 'distilled')} student, "
             f"sampled with --sampler {own['sampler']} --spacing {own['spacing']}")
-    if (pick["sampler"], pick["spacing"]) != (own["sampler"], own["spacing"]) or cfg.eta:
+    if (pick["sampler"], pick["spacing"]) != (own["sampler"], own["spacing"]) or cfg.given("eta"):
         raise MinidiffError(f"{what} only (got --sampler {pick['sampler']} --spacing "
                             f"{pick['spacing']}); drop --sampler, --spacing and --eta")
     if pick["steps"] not in own["serves"]:
@@ -246,7 +244,7 @@ def own_sampling(cfg: SamplingConfig, config: dict) -> SamplingConfig:
         raise MinidiffError(f"{what}: it serves --steps {served}, got {pick['steps']}; drop "
                             "--steps, or distil a student for that count with `minidiff "
                             "distill`")
-    if cfg.guidance not in (None, d.guidance):
+    if cfg.guidance is not None and cfg.given("guidance"):
         raise MinidiffError(f"{what}: its guidance ({own.get('guidance')}) is distilled in; "
                             "drop --guidance")
     return replace(cfg, **pick, guidance=None)

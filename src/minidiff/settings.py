@@ -1,17 +1,20 @@
 """What a user chooses, importable without torch (``minidiff --help`` reads only this).
 
-The names each choice offers, and :class:`SamplingConfig`, whose field defaults are the
-sampling defaults of every command (``sample``, ``eval --model``, ``study``, ``serve``,
-``bench``) and of the notebook. The registries themselves live beside their code
-(``samplers.SAMPLERS``, ``data.DATASETS``, ``unet.PRESETS``, ``study.PRESETS``);
-tests/test_settings.py checks that the names here are theirs, in their order.
+The names each choice offers, and the configs of the commands: :class:`SamplingConfig`, whose
+field defaults are the sampling defaults of every command (``sample``, ``eval --model``,
+``study``, ``serve``, ``bench``) and of the notebook, :class:`TrainConfig` and
+:class:`DistillConfig`. Each field a command takes as a flag carries that flag's help
+(:func:`option`), so ``--help`` shows the default from the field itself. The registries live
+beside their code (``samplers.SAMPLERS``, ``data.DATASETS``, ``unet.PRESETS``,
+``study.PRESETS``); tests/test_settings.py checks that the names here are theirs, in their order.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import math
+from dataclasses import asdict, dataclass, field, fields
 
-from .errors import MinidiffError
+from .errors import DataError, MinidiffError
 
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp", "dpmpp-sde")
 DISTILL_METHODS = ("progressive", "consistency")
@@ -32,11 +35,35 @@ STUDY_PRESETS = ("smoke", "quick", "standard", "paper", "long")
 BATCH_BY_PRECISION = {"bf16": 256, "fp32": 128}
 
 
+def option(default, help: str = "", **flag):
+    """A dataclass field that a command takes as ``--name`` (:func:`minidiff.cli.common.options`):
+    its ``help``, and argparse's ``choices`` / ``metavar`` or a ``type`` other than the one its
+    annotation implies (``nonneg_int``, ``number``: any float, ``steps``) in ``flag``."""
+    return field(default=default, metadata={"help": help, **flag})
+
+
+# flags that several configs take with one meaning
+PRECISION_FLAG = dict(choices=PRECISIONS, help="auto: bf16 where the CPU/GPU runs it "
+                      "natively, else fp32")
+SEED_FLAG = dict(type="nonneg_int", help="seed of every random draw")
+
+
 def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> str:
     """``value`` if it is one of ``choices``, else a :class:`MinidiffError` naming ``--flag``."""
     if value not in choices:
         raise MinidiffError(f"--{flag} must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+
+def _raise_first(checks: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first failed ``(ok, message)`` check."""
+    for ok, msg in checks:
+        if not ok:
+            raise MinidiffError(msg)
 
 
 @dataclass(frozen=True)
@@ -51,16 +78,21 @@ class SamplingConfig:
 
     # the fewest network evaluations whose pseudo-FID stays within 10% of DDPM-1000's on the
     # same checkpoint (benchmarks/results/default_sampler.md)
-    sampler: str = "dpmpp-sde"
-    steps: int | None = 8
-    spacing: str = "trailing"
-    eta: float | None = None
+    sampler: str = option("dpmpp-sde", "docs/sampling.md compares them; a distilled student "
+                          "takes its own", choices=SAMPLER_NAMES)
+    steps: int | None = option(8, "network evaluations; the original DDPM takes 1000")
+    spacing: str = option("trailing", "the timesteps --steps keeps", choices=SPACINGS)
+    eta: float | None = option(None, "DDIM's noise scale, 0..1 (default 0)", type="number")
     # the guidance sweep's best trade-off (benchmarks/results/guidance_sweep.md)
-    guidance: float | None = 1.5
-    precision: str = "auto"
+    guidance: float | None = option(1.5, "with --class: classifier-free guidance scale, 0 "
+                                    "unconditional", type="number")
+    precision: str = option("auto", **PRECISION_FLAG)
     # None: the fastest measured for the precision `auto` resolves to (BATCH_BY_PRECISION)
-    batch_size: int | None = None
-    seed: int = 0
+    batch_size: int | None = option(None, "default: " + ", ".join(
+        f"{b} {p}" for p, b in BATCH_BY_PRECISION.items()))
+    seed: int = option(0, **SEED_FLAG)
+    # the fields a command line gave (from_flags); not a setting: left out of to_dict and ==
+    chosen: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.sampler not in SAMPLER_NAMES:
@@ -83,11 +115,214 @@ class SamplingConfig:
         if self.seed < 0:
             raise MinidiffError(f"--seed must be >= 0, got {self.seed}")
 
+    @classmethod
+    def from_flags(cls, **flags) -> SamplingConfig:
+        """From a command's flags, None meaning not given; the config records which were given
+        (:meth:`given`): ``--steps 8`` is a choice even though 8 is the default."""
+        given = {k: v for k, v in flags.items() if v is not None}
+        return cls(**given, chosen=frozenset(given))
+
+    def given(self, name: str) -> bool:
+        """Whether field ``name`` was chosen: one of ``chosen`` (:meth:`from_flags`) or, in a
+        config built without it, set to other than its default."""
+        if self.chosen is not None:
+            return name in self.chosen
+        return getattr(self, name) != getattr(type(self), name)  # the class holds the defaults
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "chosen"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SamplingConfig:
+        """From a dict holding these fields among others (a samples sidecar); a missing field
+        takes its default."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d and f.name != "chosen"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (:func:`minidiff.train.train`); serialised into every run folder's
+    config.json."""
+
+    dataset: str = option("mnist", choices=DATASET_NAMES)
+    # exactly one of epochs / steps (None/None -> 10 epochs)
+    epochs: float | None = option(None, "passes over the data (default 10)")
+    steps: int | None = option(None, "optimizer steps (or --epochs)")
+    # the recipe: the convergence benchmark's winner (benchmarks/results/convergence.md; with
+    # v-prediction, DiffusionConfig's default); minidiff.original.TRAINING is the one before it
+    batch_size: int = option(64, "images per step")
+    lr: float = option(2e-3, "peak learning rate; --recipe and --original-recipe bring theirs")
+    lr_schedule: str = "cosine"  # "cosine" (to lr_min_ratio * lr) or "constant" after warm-up
+    lr_min_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # the EMA's final (largest) decay
+    # EMA warm-up: None is (1 + step) / (10 + step); a number p is the power law
+    # 1 - (1 + step)^-p of ema-pytorch / diffusers' EMAModel (2/3 or 3/4); capped at ema_decay
+    ema_power: float | None = option(None, "EMA power-law warm-up, e.g. 0.75")
+    loss_weighting: str = option("none", "min-snr: Hang et al. 2023, gamma 5",
+                                 choices=LOSS_WEIGHTINGS)
+    min_snr_gamma: float = 5.0
+    seed: int = option(0, **SEED_FLAG)
+    precision: str = option("auto", **PRECISION_FLAG)
+    device: str = option("auto", choices=DEVICES)
+    log_every: int = 50
+    checkpoint_every: int = option(500, "save every N steps", metavar="N")
+    keep_checkpoints: int = option(3, "keep the newest K training states on disk", metavar="K")
+    subset: int | None = option(None, "train on the first N images only: tests, quick looks",
+                                metavar="N")
+    label_dropout: float = option(0.1, "with --conditional: share of labels replaced by no "
+                                  "label", type="number")
+    init: str | None = option(None, "fine-tune this checkpoint (its EMA weights), keeping its "
+                              "layout and zeros", metavar="CKPT")
+    eval_every: int | tuple[int, ...] | None = option(
+        None, "pseudo-FID of the EMA weights every N steps or at these steps (and at the end), "
+        "into metrics.jsonl", type="steps", metavar="N|S1,S2")
+    eval_n: int = option(2000, "samples per evaluation: pseudo-FID, default sampler, seed 0")
+    eval_raw: bool = False  # also evaluate the raw (non-EMA) weights, as a control
+
+    def __post_init__(self):
+        _raise_first([
+            (self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
+            (self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}"),
+            (self.epochs is None or self.steps is None, "give --epochs or --steps, not both"),
+            (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.lr_schedule in ("cosine", "constant"),
+             f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (self.precision in PRECISIONS,
+             f"--precision must be {_one_of(PRECISIONS)}, got {self.precision!r}"),
+            (self.device in DEVICES, f"--device must be {_one_of(DEVICES)}, got {self.device!r}"),
+            (self.log_every > 0, "log_every must be > 0"),
+            (self.checkpoint_every > 0, f"--checkpoint-every must be > 0, got "
+             f"{self.checkpoint_every}"),
+            (self.subset is None or self.subset > 0, "subset must be > 0"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (0 <= self.label_dropout < 1,
+             f"--label-dropout must be in [0, 1), got {self.label_dropout}"),
+            (self.ema_power is None or self.ema_power > 0,
+             f"--ema-power must be > 0, got {self.ema_power}"),
+            (self.loss_weighting in LOSS_WEIGHTINGS,
+             f"--loss-weighting must be {_one_of(LOSS_WEIGHTINGS)}, got "
+             f"{self.loss_weighting!r}"),
+            (self.min_snr_gamma > 0, f"--min-snr-gamma must be > 0, got {self.min_snr_gamma}"),
+            (all(k > 0 for k in self.eval_steps(1)), "--eval-every must be > 0 (a step count "
+             "or a list of steps)"),
+            (self.eval_n >= 10, f"--eval-n must be >= 10, got {self.eval_n}"),
+        ])
+        if self.dataset not in DATASET_NAMES:  # as minidiff.data.get_spec words it
+            raise DataError(f"unknown dataset {self.dataset!r}; choose one of: "
+                            f"{', '.join(DATASET_NAMES)}")
+
+    def eval_steps(self, total: int) -> list[int]:
+        """The steps after which the model is evaluated (none without ``eval_every``)."""
+        e = self.eval_every
+        if e is None:
+            return []
+        if isinstance(e, int):
+            return sorted({*range(e, total + 1, e), total}) if e > 0 else [e]
+        return sorted({*(k for k in e if k <= total), total})
+
+    def ema_decay_at(self, step: int) -> float:
+        """The EMA decay applied after optimizer step ``step`` (0-based)."""
+        return ema_decay_at(step, self.ema_decay, self.ema_power)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SamplingConfig":
-        """From a dict holding these fields among others (a samples sidecar); a missing field
-        takes its default."""
-        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+    def from_dict(cls, d: dict) -> TrainConfig:
+        if isinstance(d.get("eval_every"), list):
+            d = {**d, "eval_every": tuple(d["eval_every"])}
+        return cls(**d)
+
+
+def ema_decay_at(step: int, decay: float, power: float | None = None) -> float:
+    """The EMA decay after optimizer step ``step`` (0-based): the warm-up ``(1 + step) / (10 +
+    step)`` (``power`` None) or ``1 - (1 + step)^-power``, capped at ``decay``."""
+    warm = (1 + step) / (10 + step) if power is None else 1 - (1 + step) ** -power
+    return min(decay, warm)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How a student is distilled (:func:`minidiff.distill.distill`); serialised into its
+    config.json under ``"distill"``."""
+
+    method: str = option("progressive", "docs/distillation.md compares them",
+                         choices=DISTILL_METHODS)
+    steps: int = option(2, "the student's network evaluations per image")
+    # progressive: the first teacher's DDIM steps, halved round by round down to `steps`;
+    # consistency: the noise levels of the teacher's DDIM solver grid
+    teacher_steps: int = option(64, "progressive: the teacher's DDIM steps, halved each round; "
+                                "consistency: its solver grid")
+    # optimizer steps in all (progressive: split evenly over its rounds); 2,000 per round
+    # took `reduced` 64 -> 2 to pseudo-FID 1.42 (docs/distillation.md), 666 to 1.68
+    updates: int = option(10000, "optimizer steps in all")
+    batch_size: int = option(64, "images per step")
+    # the student starts from trained weights: ~1/10 of training's
+    lr: float = option(2e-4, "peak learning rate of each round")
+    lr_schedule: str = "cosine"  # per round: warm-up, then cosine to lr_min_ratio * lr
+    lr_min_ratio: float = 0.1
+    warmup_steps: int = 20  # per round (each round starts a fresh optimizer)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_power: float = 0.75  # EMA warm-up 1 - (1 + k)^-p per round: rounds are short
+    guidance: float = 1.5  # a conditional teacher's guidance, distilled into the student
+    label_dropout: float = 0.1  # conditional: rows that learn the teacher's unguided output
+    seed: int = option(0, **SEED_FLAG)
+    precision: str = option("auto", **PRECISION_FLAG)
+    device: str = option("auto", choices=DEVICES)
+    log_every: int = 50
+    checkpoint_every: int = option(500, "save every N steps", metavar="N")
+    keep_checkpoints: int = 3
+    subset: int | None = option(None, "distil on the first N images only, for tests", metavar="N")
+
+    def __post_init__(self):
+        _raise_first([
+            (self.method in DISTILL_METHODS, f"--method must be one of "
+             f"{', '.join(DISTILL_METHODS)}, got {self.method!r}"),
+            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
+            (self.teacher_steps >= 2, f"--teacher-steps must be >= 2, got {self.teacher_steps}"),
+            (self.updates >= 1, f"--updates must be >= 1, got {self.updates}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.lr_schedule in ("cosine", "constant"), "lr_schedule must be cosine or constant"),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (self.guidance >= 0, f"guidance must be >= 0, got {self.guidance}"),
+            (0 <= self.label_dropout < 1, "label_dropout must be in [0, 1)"),
+            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
+            (self.device in DEVICES, f"--device must be one of {DEVICES}"),
+            (min(self.log_every, self.checkpoint_every, self.keep_checkpoints) >= 1,
+             "log_every, checkpoint_every and keep_checkpoints must be >= 1"),
+            (self.subset is None or self.subset >= 1, "subset must be >= 1"),
+        ])
+        ratio = self.teacher_steps / self.steps
+        if self.method == "progressive" and (ratio < 2 or 2 ** round(math.log2(ratio)) != ratio):
+            raise MinidiffError(f"progressive distillation halves the steps: --teacher-steps "
+                                f"({self.teacher_steps}) must be --steps ({self.steps}) times "
+                                "a power of two >= 2, e.g. --teacher-steps "
+                                f"{self.steps * 2 ** max(1, math.ceil(math.log2(max(ratio, 1))))}")
+        if self.method == "consistency" and self.teacher_steps % self.steps:
+            raise MinidiffError(f"--steps {self.steps} must divide --teacher-steps "
+                                f"{self.teacher_steps} (the student samples on the teacher's "
+                                "grid), e.g. --steps 1, 2 or 4")
+
+    def rounds(self) -> list[int]:
+        """The student's step count in each round: ``[32, 16, 8, 4, 2]`` for progressive
+        64 -> 2, ``[steps]`` for consistency (one round)."""
+        if self.method == "consistency":
+            return [self.steps]
+        n = round(math.log2(self.teacher_steps / self.steps))
+        return [self.teacher_steps >> k for k in range(1, n + 1)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DistillConfig:
+        return cls(**d)

@@ -12,7 +12,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,114 +33,8 @@ from .errors import MinidiffError
 from .io import atomic_write_text
 from .original import DIFFUSION, RECIPES, TRAINING
 from .runtime import autocast_context, bf16_native, resolve_device, resolve_precision
-from .settings import DEVICES, LOSS_WEIGHTINGS, PRECISIONS
+from .settings import TrainConfig
 from .unet import PRESETS, UNet, UNetConfig, count_macs
-
-
-def _one_of(choices: tuple[str, ...]) -> str:
-    return f"{', '.join(choices[:-1])} or {choices[-1]}"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train; serialised into every run folder's config.json."""
-
-    dataset: str = "mnist"
-    epochs: float | None = None  # exactly one of epochs / steps (None/None -> 10 epochs)
-    steps: int | None = None
-    # the recipe: the convergence benchmark's winner (benchmarks/results/convergence.md; with
-    # v-prediction, DiffusionConfig's default); minidiff.original.TRAINING is the one before it
-    batch_size: int = 64
-    lr: float = 2e-3
-    lr_schedule: str = "cosine"  # "cosine" (to lr_min_ratio * lr) or "constant" after warm-up
-    lr_min_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999  # the EMA's final (largest) decay
-    # EMA warm-up: None is (1 + step) / (10 + step); a number p is the power law
-    # 1 - (1 + step)^-p of ema-pytorch / diffusers' EMAModel (2/3 or 3/4); capped at ema_decay
-    ema_power: float | None = None
-    loss_weighting: str = "none"  # none | min-snr (Hang et al. 2023)
-    min_snr_gamma: float = 5.0
-    seed: int = 0
-    precision: str = "auto"  # auto | fp32 | bf16
-    device: str = "auto"  # auto | cpu | cuda
-    log_every: int = 50
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3  # newest training-state checkpoints kept on disk
-    subset: int | None = None  # train on the first N images only (tests, quick looks)
-    label_dropout: float = 0.1  # conditional models: share of labels replaced by "no label"
-    init: str | None = None  # fine-tune: start from this checkpoint's EMA weights (and layout)
-    # evaluation during training: every N steps, or at the listed steps (and at the end)
-    eval_every: int | tuple[int, ...] | None = None
-    eval_n: int = 2000  # samples per evaluation (pseudo-FID, default sampler, seed 0)
-    eval_raw: bool = False  # also evaluate the raw (non-EMA) weights, as a control
-
-    def __post_init__(self):
-        checks = [
-            (self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
-            (self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}"),
-            (self.epochs is None or self.steps is None, "give --epochs or --steps, not both"),
-            (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.lr_schedule in ("cosine", "constant"),
-             f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
-            (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
-            (self.precision in PRECISIONS,
-             f"--precision must be {_one_of(PRECISIONS)}, got {self.precision!r}"),
-            (self.device in DEVICES, f"--device must be {_one_of(DEVICES)}, got {self.device!r}"),
-            (self.log_every > 0, "log_every must be > 0"),
-            (self.checkpoint_every > 0, f"--checkpoint-every must be > 0, got "
-             f"{self.checkpoint_every}"),
-            (self.subset is None or self.subset > 0, "subset must be > 0"),
-            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
-            (0 <= self.label_dropout < 1,
-             f"--label-dropout must be in [0, 1), got {self.label_dropout}"),
-            (self.ema_power is None or self.ema_power > 0,
-             f"--ema-power must be > 0, got {self.ema_power}"),
-            (self.loss_weighting in LOSS_WEIGHTINGS,
-             f"--loss-weighting must be {_one_of(LOSS_WEIGHTINGS)}, got "
-             f"{self.loss_weighting!r}"),
-            (self.min_snr_gamma > 0, f"--min-snr-gamma must be > 0, got {self.min_snr_gamma}"),
-            (all(k > 0 for k in self.eval_steps(1)), "--eval-every must be > 0 (a step count "
-             "or a list of steps)"),
-            (self.eval_n >= 10, f"--eval-n must be >= 10, got {self.eval_n}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise MinidiffError(msg)
-        get_spec(self.dataset)
-
-    def eval_steps(self, total: int) -> list[int]:
-        """The steps after which the model is evaluated (none without ``eval_every``)."""
-        e = self.eval_every
-        if e is None:
-            return []
-        if isinstance(e, int):
-            return sorted({*range(e, total + 1, e), total}) if e > 0 else [e]
-        return sorted({*(k for k in e if k <= total), total})
-
-    def ema_decay_at(self, step: int) -> float:
-        """The EMA decay applied after optimizer step ``step`` (0-based)."""
-        return ema_decay_at(step, self.ema_decay, self.ema_power)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        if isinstance(d.get("eval_every"), list):
-            d = {**d, "eval_every": tuple(d["eval_every"])}
-        return cls(**d)
-
-
-def ema_decay_at(step: int, decay: float, power: float | None = None) -> float:
-    """The EMA decay after optimizer step ``step`` (0-based): the warm-up ``(1 + step) / (10 +
-    step)`` (``power`` None) or ``1 - (1 + step)^-power``, capped at ``decay``."""
-    warm = (1 + step) / (10 + step) if power is None else 1 - (1 + step) ** -power
-    return min(decay, warm)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -203,8 +97,27 @@ def model_config(preset: str, *, channels: tuple[int, ...] | None = None,
     return cfg
 
 
+def run_configs(preset: str, recipe: str | None = None, original: bool = False, *,
+                channels: tuple[int, ...] | None = None, conditional: bool = False,
+                schedule: str | None = None, prediction: str | None = None,
+                **given) -> tuple[UNetConfig, DiffusionConfig, TrainConfig]:
+    """The model, diffusion and training configs of ``minidiff train`` from its flags, None
+    meaning not given (``given``: :class:`TrainConfig` fields): :func:`model_config`,
+    :func:`diffusion_config`, :func:`train_config`. A run with ``init`` takes its layout from
+    that checkpoint, so it refuses ``channels`` and ``conditional``."""
+    if given.get("label_dropout") is not None and not conditional:
+        raise MinidiffError("--label-dropout applies to --conditional training only")
+    if given.get("init") and (conditional or channels):
+        raise MinidiffError("--init takes the model's layout from the checkpoint; drop "
+                            "--conditional / --channels")
+    cfg = train_config(recipe, original, **given)
+    return (model_config(preset, channels=channels, conditional=conditional, dataset=cfg.dataset),
+            diffusion_config(original, schedule=schedule, prediction=prediction), cfg)
+
+
 # What a fine-tuned run inherits from its --init checkpoint's config (and keeps on resume).
 CARRIED = ("storage", "pruned", "init_sha256")
+
 
 def drop_labels(y: torch.Tensor, p: float, null: int, generator=None) -> torch.Tensor:
     """Label dropout for classifier-free guidance: each of ``y: [N]`` becomes the ``null`` class

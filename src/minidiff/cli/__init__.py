@@ -1,9 +1,9 @@
 """``minidiff`` command line: a thin shell over the library.
 
-Each subcommand's handler ``cmd_<name>`` in :mod:`.models` or :mod:`.images` carries its
-parser's flags as decorators (:mod:`.common`). The parsers read only torch-free modules and
-each handler imports the library inside itself, so ``minidiff --help`` and ``--version`` never
-import torch (a test checks it). A user error ends as one line on stderr and a non-zero exit.
+Each subcommand's handler in :mod:`.commands` carries its parser's flags as decorators
+(:mod:`.common`) and imports the library inside itself, so ``minidiff --help`` and
+``--version`` never import torch (a test checks it). A user error ends as one line on stderr
+and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -14,35 +14,30 @@ import time
 
 from .. import __version__
 from ..errors import MinidiffError, os_error_message
-from . import images, models  # noqa: F401  (their @command s fill COMMANDS)
+from . import commands  # noqa: F401  (its @command s fill COMMANDS, in --help's order)
 from .common import COMMANDS, Parser, add_command
-
-# in the order `minidiff --help` lists them
-ORDER = ("data", "models", "train", "sample", "grid", "classifier", "eval", "demo", "bench",
-         "prune", "quantize", "distill", "study", "serve")
 
 
 def build_parser() -> Parser:
     p = Parser(prog="minidiff", description="Train, sample and inspect small DDPMs on MNIST.")
-    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("--version", action="version", version=__version__,
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", parser_class=Parser)
-    for name in ORDER:
-        add_command(sub, name, COMMANDS[name])
+    for name, handler in COMMANDS.items():
+        if " " not in name:  # sub-subcommands go under their group
+            add_command(sub, name, handler)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.version:
-        print(__version__)
-        return 0
     if args.command is None:
         parser.print_help()
         return 2
     t0 = time.perf_counter()
     try:
-        return args.handler(args)
+        return args.handler(args) or 0
     except MinidiffError as e:
         print(f"minidiff: error: {e}", file=sys.stderr)
         return 1

@@ -1,11 +1,13 @@
-"""How subcommands are declared (click-style decorators over argparse), one-line errors, checked
-value types, and the flags several subcommands share."""
+"""How subcommands are declared (click-style decorators over argparse), flags generated from a
+config's fields, one-line errors, checked value types, and the flags several subcommands share."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
-from ..settings import DATASET_NAMES, DEVICES, PRECISIONS
+from ..errors import MinidiffError
+from ..settings import DATASET_NAMES
 
 COMMANDS: dict = {}  # "name" (or "name sub" for a sub-subcommand) -> handler, set by @command
 
@@ -14,9 +16,6 @@ SHARED = {
     "checkpoint": dict(help="run folder, .safetensors file or shipped model name"),
     "--dataset": dict(choices=DATASET_NAMES, default="mnist"),
     "--data-dir": dict(help="folder holding the dataset's IDX files"),
-    "--precision": dict(choices=PRECISIONS, default="auto",
-                        help="auto: bf16 where the CPU/GPU runs it natively, else fp32"),
-    "--device": dict(choices=DEVICES, default="auto"),
     "--json": dict(action="store_true", help="print JSON"),
     "--no-progress": dict(action="store_true", help="no progress bar"),
 }
@@ -30,8 +29,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def command(name: str, help: str, *examples: str):
-    """Decorator: the function below, ``handler(args) -> exit status``, runs subcommand
-    ``name``; its ``--help`` ends in ``examples``."""
+    """Decorator: the function below, ``handler(args)``, runs subcommand ``name`` (exit status
+    0, or what it returns); its ``--help`` ends in ``examples``."""
     def register(handler):
         handler.help, handler.examples = help, examples
         COMMANDS[name] = handler
@@ -39,11 +38,21 @@ def command(name: str, help: str, *examples: str):
     return register
 
 
-def arg(*names: str, exclusive: str | None = None, **kw):
+def group(name: str, help: str, *examples: str) -> None:
+    """Subcommand ``name`` that only holds sub-subcommands (``"name sub"``); alone, it names
+    them."""
+    def choose(args):
+        subs = " or ".join(f"`minidiff {c}`" for c in COMMANDS if c.startswith(name + " "))
+        raise MinidiffError(f"choose a {name} command: {subs}")
+    command(name, help, *examples)(choose)
+
+
+def arg(*names: str, exclusive: str | None = None, section: str | None = None, **kw):
     """Decorator under :func:`command`, one per flag as in click: the subcommand takes
-    ``add_argument(*names, **kw)``; flags with the same ``exclusive`` key exclude each other."""
+    ``add_argument(*names, **kw)``; flags with the same ``exclusive`` key exclude each other,
+    and ``--help`` lists those of one ``section`` under that title."""
     def add(handler):
-        handler.args = [(names, exclusive, kw), *getattr(handler, "args", [])]  # bottom-up
+        handler.args = [(names, exclusive, section, kw), *getattr(handler, "args", [])]  # bottom-up
         return handler
     return add
 
@@ -57,6 +66,30 @@ def shared(*names: str):
     return add
 
 
+def options(config, *names: str, **kw):
+    """Decorator: the subcommand takes ``--name`` for each of these fields of the dataclass
+    ``config``, with the help, choices and type the field declares (:func:`settings.option`)
+    and its default shown. The flag's own default is None, so that :func:`given` holds only what
+    the user typed; ``kw`` go to every flag (``exclusive=...``)."""
+    def add(handler):
+        by_name = {f.name: f for f in fields(config)}
+        for f in (by_name[name] for name in reversed(names)):
+            meta = {"help": "", **f.metadata}
+            kind = meta.pop("type", f.type.split(" | ")[0])  # "int | None" -> "int"
+            if f.default is not None:
+                shown = f"default {f.default}"
+                meta["help"] = f"{meta['help']} ({shown})" if meta["help"] else shown
+            handler = arg("--" + f.name.replace("_", "-"), type=TYPES[kind], **meta, **kw)(handler)
+        return handler
+    return add
+
+
+def given(args, config) -> dict:
+    """The values of ``config``'s fields that the command line gave (None: not given)."""
+    return {f.name: getattr(args, f.name) for f in fields(config)
+            if getattr(args, f.name, None) is not None}
+
+
 def add_command(sub, name: str, handler) -> Parser:
     """Subcommand ``name``'s parser from its :func:`command` and :func:`arg` s, with the
     sub-subcommands ``"name sub"`` that :data:`COMMANDS` holds."""
@@ -65,11 +98,13 @@ def add_command(sub, name: str, handler) -> Parser:
     p = sub.add_parser(name.split()[-1], help=handler.help, epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.set_defaults(handler=handler)
-    groups = {}
-    for names, exclusive, kw in getattr(handler, "args", []):
+    groups = {}  # exclusive key or section title -> its argparse group
+    for names, exclusive, section, kw in getattr(handler, "args", []):
         if exclusive and exclusive not in groups:
             groups[exclusive] = p.add_mutually_exclusive_group()
-        (groups[exclusive] if exclusive else p).add_argument(*names, **kw)
+        if section and section not in groups:
+            groups[section] = p.add_argument_group(section)
+        groups.get(exclusive or section, p).add_argument(*names, **kw)
     children = [c for c in COMMANDS if c.startswith(name + " ")]
     if children:
         nested = p.add_subparsers(parser_class=Parser)
@@ -101,3 +136,7 @@ channels = _checked(lambda s: tuple(int(c) for c in s.split(",")), lambda ch: mi
 steps = _checked(lambda s: tuple(int(k) for k in s.split(",")) if "," in s else int(s),
                  lambda v: min(v if isinstance(v, tuple) else (v,)) > 0,
                  "a step count or comma-separated steps like 500,1000", "> 0")
+
+# a config field's flag type: by its annotation, or the `type` its metadata names
+TYPES = {"int": positive_int, "float": positive_float, "str": str, "nonneg_int": nonneg_int,
+         "number": float, "steps": steps}
