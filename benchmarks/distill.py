@@ -1,12 +1,15 @@
 """Distilled students beside the teacher's own few-step samplers (issue #17, item 3).
 
 Run: .venv/bin/python benchmarks/distill.py reduced=runs/reduced baseline=runs/baseline \
-         [--n 2000] [--time-n 10000] [--repeats 3] [--full-n 10000] [--runs runs/distill]
+         [--n 2000] [--time-n 10000] [--repeats 3] [--full-n 10000] [--runs runs/distill] \
+         [--student NAME:METHOD=RUN ...] [--shipped NAME=CHECKPOINT ...]
   -> benchmarks/results/distill.{json,md,png}
 
 For each teacher (NAME=CHECKPOINT), distils (or resumes) a progressive student down to 1 step
 (its rounds/ keep the 8-, 4- and 2-step students) and a consistency student (sampled at 1, 2,
-4, 8 steps), both with DistillConfig's defaults, into --runs/NAME-{progressive,consistency}.
+4, 8 steps), both with DistillConfig's defaults, into --runs/NAME-{progressive,consistency}
+(or measures the run a --student names: a run already distilled is read, not re-run).
+A --shipped student (e.g. reduced=reduced-2step) is measured at its own step count too.
 Every row then samples --n images with seed 0 (pseudo-FID against the MNIST test split) and
 times --time-n images (median of --repeats, in-process) at 1, 2, 4 and 8 network evaluations:
 the students, and DDIM, DPM-Solver++(2M) and SDE-DPM-Solver++(2M) on the teacher; DDPM-1000 at
@@ -43,6 +46,10 @@ ap.add_argument("--time-n", type=int, default=10000)
 ap.add_argument("--repeats", type=int, default=3)
 ap.add_argument("--full-n", type=int, default=10000)
 ap.add_argument("--runs", default="runs/distill", help="folder for the students")
+ap.add_argument("--student", nargs="*", default=[], metavar="NAME:METHOD=RUN",
+                help="this run as the teacher NAME's METHOD student instead of --runs/NAME-METHOD")
+ap.add_argument("--shipped", nargs="*", default=[], metavar="NAME=CHECKPOINT",
+                help="a shipped student of teacher NAME, sampled as its config says")
 ap.add_argument("--updates", type=int, help="DistillConfig.updates (default: its default)")
 ap.add_argument("--curves", default="results/study/curves.json",
                 help="the teachers' training (images seen, every stage) by NAME: a teacher "
@@ -65,6 +72,10 @@ ref = Reference("mnist", "test")
 
 def save():
     path.write_text(json.dumps(res, indent=2) + "\n")
+
+
+STUDENTS = dict(s.split("=", 1) for s in args.student)
+SHIPPED = dict(s.split("=", 1) for s in args.shipped)
 
 
 def measure(ckpt, sampler, steps, spacing, n, timing=True):
@@ -115,7 +126,7 @@ for spec in args.teachers:
     # distil (or resume) the two students; the cost is read back from their metrics.jsonl
     students = {}
     for method, steps in (("progressive", 1), ("consistency", 1)):
-        run = Path(args.runs) / f"{name}-{method}"
+        run = Path(STUDENTS.get(f"{name}:{method}", Path(args.runs) / f"{name}-{method}"))
         given = {"updates": args.updates} if args.updates else {}
         summary = distill(ckpt, run, DistillConfig(method=method, steps=steps, **given),
                           resume=(run / "config.json").is_file())
@@ -143,6 +154,14 @@ for spec in args.teachers:
               False),
              ("consistency", "ddpm", 2, "trailing", students["consistency"],
               args.full_n, False)]
+    if name in SHIPPED:
+        _, sconfig, sdigest = load_checkpoint(SHIPPED[name])
+        own = sconfig["sampling"]
+        if entry.get("shipped", {}).get("sha256") != sdigest:  # another student: measure anew
+            entry["rows"] = [r for r in entry["rows"] if r["model"] != "shipped"]
+        entry["shipped"] = {"checkpoint": SHIPPED[name], "sha256": sdigest}
+        jobs += [("shipped", own["sampler"], k, own["spacing"], SHIPPED[name], n_, n_ == args.n)
+                 for k in own["serves"] for n_ in (args.n, args.full_n)]
     done = {(r["model"], r["sampler"], r["steps"], r["n"]) for r in entry["rows"]}
     for model, sampler, steps, spacing, where, n, timing in jobs:
         if (model, sampler, steps, n) in done:
@@ -162,7 +181,8 @@ lines = [f"# Distilled students beside the teacher's few-step samplers ({env['da
          "DistillConfig's defaults; progressive's 8/4/2-step rows are its rounds' students.", ""]
 for name, entry in res["teachers"].items():
     ddpm = next((r for r in entry["rows"] if r["steps"] == 1000), None)
-    lines += [f"## {name} (`{entry['checkpoint']}`)", "",
+    shipped = f"; shipped student `{entry['shipped']['checkpoint']}`" if "shipped" in entry else ""
+    lines += [f"## {name} (`{entry['checkpoint']}`{shipped})", "",
               "| model | sampler | evaluations | n | pseudo-FID | vs DDPM-1000 | precision | "
               f"recall | s / {args.time_n} |", "|---|---|---|---|---|---|---|---|---|"]
     for r in entry["rows"]:
@@ -186,8 +206,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 fig, axes = plt.subplots(1, len(res["teachers"]), figsize=(5 * len(res["teachers"]), 4),
                          squeeze=False)
 for ax, (name, entry) in zip(axes[0], res["teachers"].items(), strict=True):
+    shipped = sorted({("shipped", r["sampler"]) for r in entry["rows"] if r["model"] == "shipped"})
     for model, sampler in [("teacher", s) for s in TEACHER_SAMPLERS] + [
-            ("progressive", "ddim"), ("consistency", "ddpm")]:
+            ("progressive", "ddim"), ("consistency", "ddpm"), *shipped]:
         pts = sorted((r["steps"], r["pseudo_fid"]) for r in entry["rows"]
                      if r["model"] == model and r["sampler"] == sampler and r["n"] == args.n)
         if pts:
