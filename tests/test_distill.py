@@ -194,3 +194,41 @@ def _as_v(eps_model, grid, x, t, index):
     eps = eps_model(x, t)
     x0 = (x - (1 - ab) ** 0.5 * eps) / ab ** 0.5
     return ab ** 0.5 * eps - (1 - ab) ** 0.5 * x0
+
+
+def test_a_later_rounds_teacher_is_the_previous_student_as_it_samples(tmp_path, monkeypatch):
+    """From an `eps`, conditional teacher: round 1's teacher is round 0's student (a `v` model
+    with the guidance distilled in), read with its own parameterisation and not guided again,
+    so its x0 is the one that student's own sampling computes (regression: read as `eps` and
+    guided twice, a 2-step student of `reduced-cond` drew noise)."""
+    from dataclasses import replace
+
+    from minidiff.diffusion import DiffusionConfig
+    from minidiff.samplers import predict_x0
+    from minidiff.train import TrainConfig, train
+    from tests.conftest import TINY
+
+    teacher = tmp_path / "cond-eps"
+    train(replace(TINY, num_classes=10), DiffusionConfig(prediction="eps"),
+          TrainConfig(steps=2, batch_size=8, subset=16, precision="fp32"), teacher,
+          progress=False)
+    seen = {}  # id of each round's teacher -> (teacher, schedule)
+    real = distill_mod.progressive_target
+
+    def spy(net, sched, x, i, y=None, clip=True):
+        seen.setdefault(id(net), (net, sched))
+        return real(net, sched, x, i, y, clip)
+
+    monkeypatch.setattr(distill_mod, "progressive_target", spy)
+    out = tmp_path / "student"
+    distill(teacher, out, DistillConfig(**TINY_RUN), progress=False)
+    (first, _), (later, sched) = seen.values()
+    assert isinstance(first, distill_mod.Guided) and not isinstance(later, distill_mod.Guided)
+    model, config, _ = load_checkpoint(out / "rounds" / "4-step")
+    own = Schedule.from_config(DiffusionConfig.from_dict(config["diffusion"])).respace(
+        len(sched), "trailing")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 1, 28, 28, generator=g), torch.arange(4)
+    i = torch.full((4,), len(sched) - 1)
+    torch.testing.assert_close(predict_x0(later, x, sched, i, y)[1],
+                               predict_x0(model, x, own, i, y)[1])

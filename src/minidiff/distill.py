@@ -236,13 +236,18 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
         r = min(max(step - 1, 0) // per_round, len(plan) - 1)
         return _student_config(tconfig, cfg, about, plan[r], step, conditional)
 
-    def round_teacher(r: int) -> torch.nn.Module:
-        """Round ``r``'s teacher, guided when conditional: the teacher, then each round's
-        student as written to rounds/ (so a resumed run reads what an unbroken one used)."""
-        net = teacher if r == 0 else load_checkpoint(out / "rounds" / f"{plan[r - 1]}-step",
-                                                     device)[0]
+    def round_teacher(r: int) -> tuple[torch.nn.Module, DiffusionConfig]:
+        """Round ``r``'s teacher and the diffusion config it is read with: the teacher (guided
+        when conditional), then each round's student as written to rounds/ (so a resumed run
+        reads what an unbroken one used), a `v` model whose guidance is already distilled in."""
+        if r == 0:
+            net, diffusion = teacher, tconfig["diffusion"]
+        else:
+            net, sconfig, _ = load_checkpoint(out / "rounds" / f"{plan[r - 1]}-step", device)
+            diffusion = sconfig["diffusion"]
         net = net.eval().requires_grad_(False)
-        return Guided(net, cfg.guidance) if conditional else net
+        guided = conditional and r == 0
+        return (Guided(net, cfg.guidance) if guided else net), DiffusionConfig.from_dict(diffusion)
 
     student = UNet(model_cfg).to(device)
     student.load_state_dict(teacher.state_dict())
@@ -277,11 +282,10 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
         while step < total:
             r, k = divmod(step, per_round)
             if r != current:  # a round's teacher and loss; a new round restarts the student
-                current, tnet = r, round_teacher(r)
-                loss_fn = DistillLoss(cfg, DiffusionConfig.from_dict(tconfig["diffusion"]),
-                                      plan[r])
+                current, (tnet, tdiffusion) = r, round_teacher(r)
+                loss_fn = DistillLoss(cfg, tdiffusion, plan[r])
                 if k == 0:
-                    start = tnet.model if conditional else tnet
+                    start = tnet.model if isinstance(tnet, Guided) else tnet
                     student.load_state_dict(start.state_dict())
                     ema.load_state_dict(start.state_dict())
                     opt = new_optimizer()
