@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("baseline", "fashion-reduced-cond", "pruned", "reduced", "reduced-2step",
-          "reduced-int8", "reduced-cond", "shallow")
+MODELS = ("baseline", "baseline-2step", "fashion-reduced-cond", "pruned", "reduced",
+          "reduced-2step", "reduced-int8", "reduced-cond", "shallow")
 MNIST = ("README.md", "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 TIMEOUT = 300  # seconds for any one command: a hang fails the test instead of stalling it
