@@ -178,7 +178,8 @@ lines = [f"# Distilled students beside the teacher's few-step samplers ({env['da
          f"{env['cpu']}, {env['threads']} threads, {PRECISION})", "",
          f"Pseudo-FID of {args.n} samples (seed 0) against the MNIST test split, and seconds for "
          f"{args.time_n} samples (median of {args.repeats}, in-process). Students: "
-         "DistillConfig's defaults; progressive's 8/4/2-step rows are its rounds' students.", ""]
+         "DistillConfig's defaults, or the runs --student names (updates in the last table); "
+         "progressive's 8/4/2-step rows are its rounds' students.", ""]
 for name, entry in res["teachers"].items():
     ddpm = next((r for r in entry["rows"] if r["steps"] == 1000), None)
     shipped = f"; shipped student `{entry['shipped']['checkpoint']}`" if "shipped" in entry else ""
