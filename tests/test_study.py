@@ -7,6 +7,7 @@ import pytest
 import minidiff.train as train_mod
 from minidiff.checkpoint import SHIPPED_DIR
 from minidiff.cli import main
+from minidiff.study import PRESETS
 
 REQUIRED = ("model", "params", "size_mb", "macs", "pseudo_fid", "kid", "precision", "recall",
             "ssim", "memorization", "latency_10k_s", "sampler", "steps")
@@ -73,7 +74,7 @@ def test_smoke_study_trains_at_equal_compute_and_plots_curves(smoke):
         assert flops == sorted(flops) and len(flops) >= 2, (m, flops)
     pruned = [p for p in points if p["model"] == "pruned"]
     assert pruned[0]["stage"] == "baseline" and pruned[0]["train_flops"] == end["baseline"]
-    assert pruned[-1]["epochs"] > pruned[0]["epochs"] == pytest.approx(1.25)  # of 256 images
+    assert pruned[-1]["epochs"] > pruned[0]["epochs"] == pytest.approx(PRESETS["smoke"].base_epochs)
     report = (smoke / "report.md").read_text()
     findings = [ln for ln in report.splitlines() if ln.startswith("- **At equal")]
     assert any("training compute" in ln for ln in findings)

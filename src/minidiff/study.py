@@ -86,9 +86,9 @@ class StudyConfig:
 
 PRESETS: dict[str, StudyConfig] = {
     # about a minute: a few steps on 256 images (tests, CI)
-    "smoke": StudyConfig("smoke", base_epochs=1.25, batch_size=32, subset=256, n=64,
+    "smoke": StudyConfig("smoke", base_epochs=1.0, batch_size=32, subset=256, n=64,
                          sampling=SamplingConfig(steps=2), checkpoint_every=50,
-                         original_recipe=False, equal_compute=True, eval_points=3, eval_n=32),
+                         original_recipe=False, equal_compute=True, eval_points=3, eval_n=16),
     # `long` at a tenth of its budget (34 min on a 2-core Xeon with native bf16)
     "quick": StudyConfig("quick", base_epochs=1.0, n=1000, original_recipe=False,
                          equal_compute=True, eval_points=6, eval_n=1000),
