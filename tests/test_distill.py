@@ -90,14 +90,15 @@ def test_a_step_count_the_student_cannot_serve_is_refused_in_one_line(students, 
 
 
 def test_a_typed_default_step_count_is_refused_too(students, tmp_path, capsys):
-    """`--steps 8`, typed, is refused for a 2-step student even though 8 is SamplingConfig's
-    default (#17); without --steps the student samples in its own 2 steps."""
+    """`--steps N` typed with N SamplingConfig's default is refused for a 2-step student
+    (#17); without --steps the student samples in its own 2 steps."""
     out = tmp_path / "s.npz"
     argv = ["sample", str(students["progressive"]), "--n", "2", "--out", str(out),
             "--no-progress"]
-    assert main([*argv, "--steps", str(SamplingConfig().steps)]) == 1
+    default = SamplingConfig().steps
+    assert main([*argv, "--steps", str(default)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "serves --steps 2, got 8; drop --steps" in err[0]
+    assert len(err) == 1 and f"serves --steps 2, got {default}; drop --steps" in err[0]
     assert not out.exists()
     assert main(argv) == 0
     sidecar = json.loads(out.with_suffix(".json").read_text())

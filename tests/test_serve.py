@@ -29,6 +29,7 @@ from minidiff.serve import (
     RequestError,
     create_app,
 )
+from minidiff.settings import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"reduced-cond": {"conditional": True, "num_classes": 10},
@@ -63,7 +64,7 @@ def test_every_field_is_validated(body, field):
 
 def test_defaults_and_conditional_guidance():
     r = GenerateRequest.parse({"model": "reduced-cond", "class": 7}, MODELS)
-    assert (r.steps, r.n, r.seed, r.cls, r.guidance) == (8, 16, 0, 7, 1.5)
+    assert (r.steps, r.n, r.seed, r.cls, r.guidance) == (SamplingConfig().steps, 16, 0, 7, 1.5)
     assert GenerateRequest.parse({"model": "reduced-cond"}, MODELS).guidance is None
 
 
@@ -74,13 +75,20 @@ def test_a_student_is_sampled_its_own_way_by_default():
     assert (r.sampler, r.steps, r.cls, r.guidance) == ("ddpm", 4, 3, None)
 
 
-def test_the_shipped_student_is_offered_and_sampled_in_its_own_steps():
+def test_the_shipped_students_are_offered_and_sampled_in_their_own_steps():
     pool = ModelPool()
     own = pool.info["reduced-2step"]["student"]
     assert (own["sampler"], own["steps"], own["serves"]) == ("ddim", 2, [2])
     res = pool.run(GenerateRequest.parse({"model": "reduced-2step", "n": 4}, pool.info))
     assert (res["sampler"], res["steps"], res["n"]) == ("ddim", 2, 4)
     assert pool.info["reduced"]["student"] is None
+    # the conditional student: guidance is built in, so a class is one pass per step
+    cond = pool.info["reduced-cond-2step"]
+    own = cond["student"]
+    assert cond["conditional"] and (own["steps"], own["guidance"]) == (2, 1.5)
+    res = pool.run(GenerateRequest.parse({"model": "reduced-cond-2step", "class": 7, "n": 2},
+                                         pool.info))
+    assert (res["sampler"], res["steps"], res["guidance"]) == ("ddim", 2, None)
 
 
 def test_one_request_is_bounded_in_time():

@@ -29,7 +29,7 @@ def test_names_are_the_registries():
 
 def test_defaults_are_the_chosen_sampler():
     d = SamplingConfig()
-    assert (d.sampler, d.steps, d.spacing, d.guidance) == ("dpmpp-sde", 8, "trailing", 1.5)
+    assert (d.sampler, d.steps, d.spacing, d.guidance) == ("dpmpp-sde", 20, "trailing", 1.5)
     assert SamplingConfig.from_dict(d.to_dict()) == d
 
 
