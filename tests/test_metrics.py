@@ -71,7 +71,7 @@ def _blurred(images, k):
 
 
 def test_fid_grows_with_noise_and_blur(ref, train_images):
-    real = train_images[:1000]
+    real = train_images[:500]
     by_noise = [frechet_distance(feats(ref, _noisy(real, s)), ref.features)
                 for s in (0.0, 0.1, 0.25, 0.5)]
     by_blur = [frechet_distance(feats(ref, _blurred(real, k)), ref.features) for k in (1, 3, 5)]
@@ -115,7 +115,7 @@ def test_class_balance_memorisation_and_confidence(ref, train_images):
     one_digit = evaluate_images(seven.repeat(300, 1, 1), ref)
     assert one_digit["class_max_dev"] == pytest.approx(0.9, abs=1e-6)
     copies = evaluate_images(train_images[:500], ref)
-    held_out = evaluate_images(ref.images[:2000], ref)
+    held_out = evaluate_images(ref.images[:1000], ref)  # memorisation 0.062, class dev 0.026
     assert copies["memorization"] > 0.99
     assert 0.02 < held_out["memorization"] < 0.09
     assert held_out["confidence"] > 0.95 and held_out["class_max_dev"] < 0.03
