@@ -7,7 +7,7 @@ import pytest
 import minidiff.train as train_mod
 from minidiff.checkpoint import SHIPPED_DIR
 from minidiff.cli import main
-from minidiff.study import PRESETS
+from minidiff.study import PRESETS, Study
 
 REQUIRED = ("model", "params", "size_mb", "macs", "pseudo_fid", "kid", "precision", "recall",
             "ssim", "memorization", "latency_10k_s", "sampler", "steps")
@@ -126,8 +126,6 @@ def test_unfinished_training_stage_resumes(smoke, tmp_path, monkeypatch):
     """A stage folder without stage.json (a killed run) is resumed, not restarted."""
     import shutil
 
-    from minidiff.study import PRESETS, Study
-
     out = tmp_path / "s"
     shutil.copytree(smoke, out)
     stage = next((out / "stages").glob("reduced-ft-*"))
@@ -140,8 +138,6 @@ def test_unfinished_training_stage_resumes(smoke, tmp_path, monkeypatch):
 
 def test_stage_stopped_before_its_first_checkpoint_starts_over(smoke, tmp_path, monkeypatch):
     import shutil
-
-    from minidiff.study import PRESETS, Study
 
     out = tmp_path / "s"
     shutil.copytree(smoke, out)
@@ -183,7 +179,6 @@ def test_long_stage_names_match_the_committed_study(tmp_path):
     from pathlib import Path
 
     from minidiff.original import RECIPES
-    from minidiff.study import PRESETS, Study
 
     root = Path(__file__).resolve().parents[1]
     rows = {r["model"]: r for r in json.loads((root / "results" / "study" / "results.json")

@@ -98,7 +98,6 @@ def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> tor
 
 
 @torch.no_grad()
-@torch.no_grad()
 def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor,
              batch_size: int = 1000) -> float:
     model.eval()
