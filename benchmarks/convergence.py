@@ -14,13 +14,26 @@ default sampler, seed 0) at a quarter, half, three quarters and all of the budge
 is today's 3-epoch pseudo-FID: the shipped model of the preset evaluated the same way. Finished
 runs are kept, so an interrupted benchmark continues where it stopped; results of earlier
 invocations are merged into the JSON.
+
+The curves were taken at 8 steps, the default sampler of their day. ``--rescore`` evaluates
+again, at today's default sampler (``SamplingConfig()``), the 3-epoch models the targets came
+from (read from git history, commit ``TARGET_COMMIT``) and the kept checkpoints (EMA weights)
+of the named variants' runs: -> benchmarks/results/convergence-rescored.{json,md}
+
+  .venv/bin/python benchmarks/convergence.py --preset reduced --rescore \
+      --variants v+lr2e-3+bs64+warmup50+cosine --seeds 0 1
 """
 
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -30,6 +43,7 @@ from minidiff.evaluation import Evaluator  # noqa: E402
 from minidiff.io import atomic_write_text  # noqa: E402
 from minidiff.original import DIFFUSION, TRAINING  # noqa: E402
 from minidiff.runtime import environment, resolve_device  # noqa: E402
+from minidiff.settings import SamplingConfig  # noqa: E402
 from minidiff.study import PRESETS as STUDY_PRESETS  # noqa: E402
 from minidiff.train import TrainConfig, train  # noqa: E402
 from minidiff.unet import PRESETS  # noqa: E402
@@ -60,6 +74,9 @@ NOTES = ["Train img/s is wall-clock information only (the x-axis is images seen)
          "warm-up `(1 + s) / (10 + s)` stays below 0.999 to the end, so the final decay never "
          "takes effect; it matters for the long runs of the study."]
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+# the last commit whose shipped models are the 3-epoch ones of the targets (583edd6 replaced them)
+TARGET_COMMIT = "e95e731"
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "convergence"
 
 
@@ -195,6 +212,96 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def old_shipped(preset: str, folder: Path) -> Path:
+    """The shipped ``preset`` of ``TARGET_COMMIT``, written to ``folder`` (needs git history)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        blob = subprocess.run(["git", "show", f"{TARGET_COMMIT}:src/minidiff/assets/models/"
+                               f"{preset}/{name}"], cwd=ROOT, capture_output=True, check=True)
+        (folder / name).write_bytes(blob.stdout)
+    return folder
+
+
+def rescore(preset: str, variants: list[str], seeds: list[int], eval_n: int) -> dict:
+    """The target model and every kept checkpoint of the runs, at today's default sampler."""
+    sampling, device = SamplingConfig(), resolve_device("auto")
+
+    def score(model, config) -> dict:
+        ev = Evaluator(DiffusionConfig.from_dict(config["diffusion"]), eval_n,
+                       sampling=sampling, device=device)
+        return {k: round(v, 4) for k, v in ev(model).items() if k != "n"}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, config, digest = load_checkpoint(old_shipped(preset, Path(tmp) / preset))
+        out = {"sampling": sampling.to_dict(), "eval_n": eval_n,
+               "target": {"commit": TARGET_COMMIT, "sha256": digest, **score(model, config)},
+               "runs": {}}
+    print(preset, "target", out["target"], flush=True)
+    for variant in variants:
+        bs = combine(variant)[1]["batch_size"]
+        for seed in seeds:
+            run_dir = RUNS / preset / f"{variant.replace('/', '')}-s{seed}"
+            model, config, _ = load_checkpoint(run_dir)
+            steps = config["train"]["steps"]
+            points = [{"step": steps, "images_seen": steps * bs, **score(model, config)}]
+            for ckpt in sorted((run_dir / "checkpoints").glob("step-*"), reverse=True):
+                step = int(ckpt.name.split("-")[1])
+                if step == steps:
+                    continue
+                tensors = load_file(ckpt / "state.safetensors")
+                model.load_state_dict({k[4:]: v for k, v in tensors.items() if k[:4] == "ema."})
+                with torch.no_grad():
+                    points.append({"step": step, "images_seen": step * bs,
+                                   **score(model, config)})
+            points.sort(key=lambda p: p["step"])
+            out["runs"][f"{variant}/s{seed}"] = points
+            print(preset, variant, seed, points, flush=True)
+    return out
+
+
+def rescored_markdown(res: dict) -> str:
+    env = res["environment"]
+    s = next(iter(res["presets"].values()))["sampling"]
+    lines = [
+        "# Convergence, re-scored at today's default sampler",
+        "",
+        "Commands: " + "; ".join(f"`{r['command']}`" for r in res["presets"].values())
+        + f". Machine: {env['cpu']} (capability {env['cpu_capability']}, bf16 native: "
+        f"{env['bf16_native']}), {env['threads']} threads, torch {env['torch']}; date "
+        f"{env['date']}.",
+        "",
+        "The curves of [convergence.md](convergence.md) were evaluated at 8 steps, the default "
+        "sampler of their day. The default is now "
+        f"{s['sampler']} {s['spacing']} {s['steps']} steps (`SamplingConfig()`, "
+        "[default_sampler-reduced.md](default_sampler-reduced.md)); here the targets (the "
+        f"shipped 3-epoch models of commit `{TARGET_COMMIT}`) and the kept checkpoints (EMA "
+        "weights) of the winning recipe are evaluated again at it: same n, seed 0, same "
+        "reference (MNIST test split). The goal: the new recipe reaches the target in at most "
+        "one third of the target's images seen.",
+        "",
+    ]
+    for preset, r in res["presets"].items():
+        tgt, images = r["target"], res["target_images"][preset]
+        old = res["eight_steps"][preset]
+        lines += [f"## `{preset}`", "",
+                  f"Target at the default sampler: **{tgt['pseudo_fid']:.3f}** (confidence "
+                  f"{tgt['confidence']:.3f}) after {images:,.0f} images; one third is "
+                  f"{images / 3:,.0f} images. At 8 steps ([convergence.md](convergence.md)): "
+                  f"target {old['target']:.3f}, the runs' last points "
+                  + ", ".join(f"{v:.3f}" for v in old["final"]) + ".", "",
+                  "| run | images seen | pseudo-FID | confidence | at or below target |",
+                  "|---|---|---|---|---|"]
+        for key, points in r["runs"].items():
+            for p in points:
+                ok = "yes" if p["pseudo_fid"] <= tgt["pseudo_fid"] else "no"
+                lines.append(f"| `{key}` | {p['images_seen']:,} | {p['pseudo_fid']:.3f} | "
+                             f"{p['confidence']:.3f} | {ok} |")
+        last = statistics.mean(points[-1]["pseudo_fid"] for points in r["runs"].values())
+        lines += ["", f"The runs' last point (mean) is {last / tgt['pseudo_fid']:.2f}x the target "
+                  f"here, {statistics.mean(old['final']) / old['target']:.2f}x at 8 steps.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=["reduced", "baseline"], required=True)
@@ -203,7 +310,27 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--images", type=int, default=60_000)
     ap.add_argument("--eval-n", type=int, default=2000)
+    ap.add_argument("--rescore", action="store_true",
+                    help="evaluate the target and the runs' checkpoints at today's default "
+                    "sampler (no training)")
     args = ap.parse_args()
+    if args.rescore:
+        path = RESULTS / "convergence-rescored.json"
+        res = json.loads(path.read_text()) if path.is_file() else {"presets": {}}
+        res["presets"][args.preset] = rescore(args.preset, args.variants, args.seeds,
+                                              args.eval_n)
+        res["presets"][args.preset]["command"] = ("python benchmarks/convergence.py "
+                                                  + " ".join(sys.argv[1:]))
+        res["environment"] = environment()
+        curves = json.loads((RESULTS / "convergence.json").read_text())
+        res["target_images"] = {p: t["images"] for p, t in curves["targets"].items()}
+        res["eight_steps"] = {p: {"target": curves["targets"][p]["pseudo_fid"], "final": [
+            r["final"] for r in curves["runs"].values() if r["preset"] == p
+            and r["variant"] in args.variants and r["images"] == 59_968]}
+            for p in res["presets"]}
+        atomic_write_text(path, json.dumps(res, indent=1) + "\n")
+        atomic_write_text(RESULTS / "convergence-rescored.md", rescored_markdown(res))
+        return
     for v in args.variants:
         combine(v)  # unknown names fail before any training
     RESULTS.mkdir(exist_ok=True)
