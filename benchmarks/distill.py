@@ -8,16 +8,19 @@ Run: .venv/bin/python benchmarks/distill.py reduced=runs/reduced baseline=runs/b
 For each teacher (NAME=CHECKPOINT), distils (or resumes) a progressive student down to 1 step
 (its rounds/ keep the 8-, 4- and 2-step students) and a consistency student (sampled at 1, 2,
 4, 8 steps), both with DistillConfig's defaults, into --runs/NAME-{progressive,consistency}
-(or measures the run a --student names: a run already distilled is read, not re-run).
-A --shipped student (e.g. reduced=reduced-2step) is measured at its own step count too.
+(or measures the run a --student names: a run already distilled is read, not re-run;
+a progressive run that stopped at 2 steps gives no 1-step row).
+An adversarial student is measured (at its own step count, also at --full-n) when
+--student NAME:adversarial=RUN names it. A --shipped student (e.g. reduced=reduced-2step) is
+measured at its own step count too.
 Every row then samples --n images with seed 0 (pseudo-FID against the MNIST test split) and
 times --time-n images (median of --repeats, in-process) at 1, 2, 4 and 8 network evaluations:
 the students, and DDIM, DPM-Solver++(2M) and SDE-DPM-Solver++(2M) on the teacher; DDPM-1000 at
---n is the reference row. The 2-step students and the teacher's default sampler are also
-scored at --full-n. Distillation cost: wall-clock hours (this machine) and training compute as
-a fraction of the teacher's (forward-pass equivalents per image: training 3, distillation 5 =
-the student's forward and backward plus two teacher or target forwards). Rows already in the
-JSON (same teacher digest, n, time-n, precision) are kept, so an interrupted run resumes.
+--n is the reference row (measured last: it costs about as much as all the others). The 2-step
+students and the teacher's default sampler are also scored at --full-n. Distillation cost:
+wall-clock hours (this machine) and training compute as a fraction of the teacher's
+(forward-pass equivalents per image, PER_IMAGE; training: 3). Rows already in the JSON (same
+teacher digest, n, time-n, precision) are kept, so an interrupted run resumes.
 """
 
 import argparse
@@ -116,6 +119,21 @@ def teacher_images(name, tconfig):
     return max(seen) if seen else tconfig["step"] * tconfig["train"]["batch_size"]
 
 
+# forward-pass equivalents per image of one update (training: 3): the student's forward and
+# backward, plus two teacher or target forwards (progressive, consistency) or one teacher
+# forward and the small discriminator (adversarial)
+PER_IMAGE = {"progressive": 5, "consistency": 5, "adversarial": 4}
+
+
+def progressive_student(run, k):
+    """The ``k``-step student of a progressive run: its own (last round's) model, an earlier
+    round's (``rounds/K-step``), or None when the run never distilled down to ``k`` steps."""
+    if json.loads((run / "config.json").read_text())["sampling"]["steps"] == k:
+        return run
+    earlier = run / "rounds" / f"{k}-step"
+    return earlier if earlier.is_dir() else None
+
+
 for spec in args.teachers:
     name, ckpt = spec.split("=", 1)
     _, tconfig, digest = load_checkpoint(ckpt)
@@ -123,9 +141,13 @@ for spec in args.teachers:
     if entry.get("sha256") != digest:
         entry = {"checkpoint": ckpt, "sha256": digest, "rows": [], "distill": {}}
     res["teachers"][name] = entry
-    # distil (or resume) the two students; the cost is read back from their metrics.jsonl
+    # distil (or resume) the two students, and read an adversarial one that --student names;
+    # the cost is read back from their metrics.jsonl
     students = {}
-    for method, steps in (("progressive", 1), ("consistency", 1)):
+    methods = [("progressive", 1), ("consistency", 1)]
+    if f"{name}:adversarial" in STUDENTS:
+        methods.append(("adversarial", 2))
+    for method, steps in methods:
         run = Path(STUDENTS.get(f"{name}:{method}", Path(args.runs) / f"{name}-{method}"))
         given = {"updates": args.updates} if args.updates else {}
         summary = distill(ckpt, run, DistillConfig(method=method, steps=steps, **given),
@@ -135,23 +157,27 @@ for spec in args.teachers:
             "run": str(run), "updates": summary["total"], "batch_size": cfg.batch_size,
             "teacher_steps": cfg.teacher_steps, "lr": cfg.lr,
             "hours": round(run_seconds(run / "metrics.jsonl") / 3600, 3),
-            "compute_vs_teacher": round(summary["total"] * cfg.batch_size * 5
+            "init": cfg.init,  # an adversarial student's start: its own cost is not included
+            "compute_vs_teacher": round(summary["total"] * cfg.batch_size * PER_IMAGE[method]
                                         / (teacher_images(name, tconfig) * 3), 3)}
         students[method] = run
         save()
-    jobs = [("teacher", "ddpm", 1000, "uniform", None, args.n, False)]
-    jobs += [("teacher", s, k, "trailing", None, args.n, True)
-             for s in TEACHER_SAMPLERS for k in EVALS]
-    prog = students["progressive"]
-    jobs += [("progressive", "ddim", k, "trailing",
-              prog if k == 1 else prog / "rounds" / f"{k}-step", args.n, True) for k in EVALS]
+    jobs = [("teacher", s, k, "trailing", None, args.n, True)
+            for s in TEACHER_SAMPLERS for k in EVALS]
+    prog = {k: progressive_student(students["progressive"], k) for k in EVALS}
+    jobs += [("progressive", "ddim", k, "trailing", prog[k], args.n, True)
+             for k in EVALS if prog[k]]
     jobs += [("consistency", "ddpm", k, "trailing", students["consistency"], args.n,
               True) for k in EVALS]
+    if "adversarial" in students:
+        adv = students["adversarial"]
+        serves = json.loads((adv / "config.json").read_text())["sampling"]["serves"]
+        jobs += [("adversarial", "ddpm", k, "trailing", adv, n_, n_ == args.n)
+                 for k in serves for n_ in (args.n, args.full_n)]
     default = SamplingConfig()
     jobs += [("teacher", default.sampler, default.steps, default.spacing, None, args.full_n,
               False),
-             ("progressive", "ddim", 2, "trailing", prog / "rounds" / "2-step", args.full_n,
-              False),
+             ("progressive", "ddim", 2, "trailing", prog[2], args.full_n, False),
              ("consistency", "ddpm", 2, "trailing", students["consistency"],
               args.full_n, False)]
     if name in SHIPPED:
@@ -162,6 +188,8 @@ for spec in args.teachers:
         entry["shipped"] = {"checkpoint": SHIPPED[name], "sha256": sdigest}
         jobs += [("shipped", own["sampler"], k, own["spacing"], SHIPPED[name], n_, n_ == args.n)
                  for k in own["serves"] for n_ in (args.n, args.full_n)]
+    # the reference row last: it costs as much as all the others together (1,000 evaluations)
+    jobs.append(("teacher", "ddpm", 1000, "uniform", None, args.n, False))
     done = {(r["model"], r["sampler"], r["steps"], r["n"]) for r in entry["rows"]}
     for model, sampler, steps, spacing, where, n, timing in jobs:
         if (model, sampler, steps, n) in done:
@@ -209,7 +237,8 @@ fig, axes = plt.subplots(1, len(res["teachers"]), figsize=(5 * len(res["teachers
 for ax, (name, entry) in zip(axes[0], res["teachers"].items(), strict=True):
     shipped = sorted({("shipped", r["sampler"]) for r in entry["rows"] if r["model"] == "shipped"})
     for model, sampler in [("teacher", s) for s in TEACHER_SAMPLERS] + [
-            ("progressive", "ddim"), ("consistency", "ddpm"), *shipped]:
+            ("progressive", "ddim"), ("consistency", "ddpm"), ("adversarial", "ddpm"),
+            *shipped]:
         pts = sorted((r["steps"], r["pseudo_fid"]) for r in entry["rows"]
                      if r["model"] == model and r["sampler"] == sampler and r["n"] == args.n)
         if pts:

@@ -1,6 +1,7 @@
 """Distillation: students are ordinary checkpoints sampled in their recorded number of network
 calls; the progressive and consistency targets checked against the exact Gaussian denoiser of
-test_samplers_gaussian.py; exact resume; refused step counts."""
+test_samplers_gaussian.py; the adversarial terms reach only their own player; exact resume;
+refused step counts."""
 
 import json
 
@@ -11,7 +12,14 @@ from minidiff import distill as distill_mod
 from minidiff.checkpoint import load_checkpoint
 from minidiff.cli import main
 from minidiff.diffusion import Schedule
-from minidiff.distill import DistillConfig, consistency_target, distill, progressive_target
+from minidiff.distill import (
+    Discriminator,
+    DistillConfig,
+    adversarial_losses,
+    consistency_target,
+    distill,
+    progressive_target,
+)
 from minidiff.errors import MinidiffError
 from minidiff.generation import generate, resolve_sampling
 from minidiff.samplers import sample_ddim
@@ -30,8 +38,8 @@ def teacher(tiny_run):
 
 @pytest.fixture(scope="module")
 def students(teacher):
-    runs = {"progressive": DistillConfig(**TINY_RUN),
-            "consistency": DistillConfig(method="consistency", **TINY_RUN)}
+    runs = {method: DistillConfig(method=method, **TINY_RUN)
+            for method in ("progressive", "consistency", "adversarial")}
     for name, cfg in runs.items():
         distill(teacher, teacher.parent / name, cfg, progress=False)
     return {name: teacher.parent / name for name in runs}
@@ -53,8 +61,8 @@ class Counting(torch.nn.Module):
         return self.model(x, t, y)
 
 
-@pytest.mark.parametrize("method,sampler", [("progressive", "ddim"),
-                                            ("consistency", "ddpm")])
+@pytest.mark.parametrize("method,sampler", [("progressive", "ddim"), ("consistency", "ddpm"),
+                                            ("adversarial", "ddpm")])
 def test_student_samples_in_its_recorded_network_calls(students, method, sampler):
     model, config, _ = load_checkpoint(students[method])
     assert config["diffusion"]["prediction"] == "v" and config["distill"]["method"] == method
@@ -105,26 +113,61 @@ def test_a_typed_default_step_count_is_refused_too(students, tmp_path, capsys):
     assert sidecar["steps"] == 2 and "chosen" not in sidecar  # a record, not a setting
 
 
+@pytest.mark.parametrize("method,rounds", [("progressive", 2), ("adversarial", 1)])
 def test_resume_after_interruption_matches_an_uninterrupted_run(teacher, students, tmp_path,
-                                                                monkeypatch):
+                                                                monkeypatch, method, rounds):
+    """Progressive: stopped mid-way through its second round; adversarial: its discriminator
+    and that player's optimizer state come back too."""
     out = tmp_path / "resumed"
     real = distill_mod.save_state
 
-    def stop_mid_second_round(folder, model, ema, opt, step, keep=3):
+    def stop_after_step_3(folder, model, ema, opt, step, keep=3):
         real(folder, model, ema, opt, step, keep)
         if step == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(distill_mod, "save_state", stop_mid_second_round)
+    monkeypatch.setattr(distill_mod, "save_state", stop_after_step_3)
     with pytest.raises(KeyboardInterrupt):
-        distill(teacher, out, DistillConfig(**TINY_RUN), progress=False)
+        distill(teacher, out, DistillConfig(method=method, **TINY_RUN), progress=False)
     monkeypatch.setattr(distill_mod, "save_state", real)
     distill(teacher, out, resume=True, progress=False)
-    a = load_checkpoint(students["progressive"])[0].state_dict()
+    a = load_checkpoint(students[method])[0].state_dict()
     b = load_checkpoint(out)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     logged = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-    assert len(logged) == 2  # one line per round's end, none repeated by the resume
+    assert len(logged) == rounds  # one line per round's end, none repeated by the resume
+
+
+def test_adversarial_terms_reach_only_their_own_player():
+    """One backward pass of the sum trains both players: the student's GAN term moves the
+    student's output and not the discriminator; the discriminator's term the reverse; the
+    distillation term pulls the output towards its target, weighted per row."""
+    torch.manual_seed(0)
+    disc = Discriminator()
+    pred = torch.randn(4, 1, 28, 28, requires_grad=True)
+    real, target = torch.rand(4, 1, 28, 28) * 2 - 1, torch.zeros(4, 1, 28, 28)
+    weight = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    terms = adversarial_losses(pred, real, target, weight, disc)
+    terms["gan"].backward(retain_graph=True)
+    assert pred.grad.abs().sum() > 0
+    assert all(p.grad is None for p in disc.parameters())
+    pred.grad = None
+    terms["disc"].backward(retain_graph=True)
+    assert pred.grad is None
+    assert all(p.grad is not None for p in disc.parameters())  # (the head's bias: exactly 0
+    assert sum(p.grad.abs().sum() for p in disc.parameters()) > 0  # while both hinges are open)
+    disc.zero_grad(set_to_none=True)
+    terms["distill"].backward()
+    torch.testing.assert_close(pred.grad[:2], 0.5 * pred.detach()[:2])  # d/dx: 2 x / 4 rows
+    assert pred.grad[2:].abs().sum() == 0 and all(p.grad is None for p in disc.parameters())
+
+
+def test_init_must_be_a_student_of_the_teachers_u_net(teacher, tmp_path):
+    with pytest.raises(MinidiffError, match="not the teacher's U-Net"):
+        distill(teacher, tmp_path / "s", DistillConfig(method="adversarial", init="reduced",
+                                                       **TINY_RUN), progress=False)
+    with pytest.raises(MinidiffError, match="--init is for --method adversarial"):
+        DistillConfig(init="reduced")
 
 
 # ------------------------------------------- targets against the exact Gaussian denoiser

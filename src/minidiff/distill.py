@@ -1,6 +1,6 @@
 """Few-step students distilled from a trained model (the teacher), with the teacher's U-Net.
 
-Two methods, both trained on real images noised by the forward process, both with a student
+Three methods, all trained on real images noised by the forward process, all with a student
 that predicts ``v`` (Salimans & Ho 2022), so every sampler reads it through
 :meth:`~minidiff.diffusion.Schedule.eps_x0`:
 
@@ -14,6 +14,13 @@ that predicts ``v`` (Salimans & Ho 2022), so every sampler reads it through
   Dhariwal 2023 recommend instead of an EMA target); at the lowest level the teacher's own x0
   is the target (the boundary condition). Sampled with DDPM's ancestral steps on the
   student's x0 (one step: the consistency jump) at any step count dividing the grid.
+- ``adversarial`` (after ADD, Sauer et al. 2023): on its own ``steps``-level grid, the student's
+  x0 is pulled towards the teacher's x0 of that output re-noised to a random level (score
+  distillation, weighted by alpha-bar so that low noise counts most) and judged by a small
+  convolutional discriminator against real images (hinge loss, spectral norm), so that what a
+  regression averages away (sharp strokes) is asked for directly. The student may start from
+  another checkpoint of the same U-Net (``init``, e.g. a progressive student to refine).
+  Sampled like consistency students, at exactly its step count.
 
 A conditional teacher is distilled with its classifier-free guidance (``guidance``) folded in
 (Meng et al. 2023, stage one): the student then needs one network pass per step instead of two.
@@ -66,6 +73,8 @@ def sampling_entry(cfg: DistillConfig, steps: int, guidance: float | None) -> di
     serves (progressive: exactly its own; consistency: every divisor of the grid)."""
     if cfg.method == "progressive":
         sampler, serves = "ddim", [steps]
+    elif cfg.method == "adversarial":  # trained on its own grid's levels only
+        sampler, serves = "ddpm", [steps]
     else:
         grid = cfg.teacher_steps
         # DDPM's ancestral step with the student's x0: at 1 step exactly the consistency model's
@@ -135,19 +144,62 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a - b).float().pow(2).flatten(1).sum(1) + c * c).sqrt() - c
 
 
+class Discriminator(torch.nn.Module):
+    """The adversarial method's judge: ``[N x C x H x W]`` images in [-1, 1] -> ``[N]`` scores,
+    three strided convolutions and a linear layer, each under spectral norm (Miyato et al. 2018)
+    to keep the GAN game stable without a gradient penalty. It sees no labels."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, width: int = 32):
+        super().__init__()
+        sn = torch.nn.utils.parametrizations.spectral_norm
+        act = torch.nn.LeakyReLU(0.2)
+        self.features = torch.nn.Sequential(
+            sn(torch.nn.Conv2d(in_channels, width, 4, 2, 1)), act,
+            sn(torch.nn.Conv2d(width, 2 * width, 4, 2, 1)), act,
+            sn(torch.nn.Conv2d(2 * width, 4 * width, 3, 2, 1)), act, torch.nn.Flatten())
+        with torch.no_grad():
+            n = self.features(torch.zeros(1, in_channels, image_size, image_size)).shape[1]
+        self.head = sn(torch.nn.Linear(n, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)).squeeze(1)
+
+
+def adversarial_losses(pred: torch.Tensor, real: torch.Tensor, target: torch.Tensor,
+                       weight: torch.Tensor, disc: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adversarial method's three terms for a batch of student outputs ``pred`` (x0,
+    with gradient), real images ``real`` and score-distillation targets ``target`` (no
+    gradient) weighted per row by ``weight: [N]``: ``distill``, the weighted squared distance
+    to the targets; ``gan``, the student's hinge term ``-D(pred)``, which reaches the student
+    only; ``disc``, the discriminator's hinge loss on real vs ``pred`` detached, which reaches
+    the discriminator only (so one backward pass of their sum trains both)."""
+    disc.requires_grad_(False)
+    gan = -disc(pred).float().mean()
+    disc.requires_grad_(True)
+    d_loss = (torch.relu(1 - disc(real).float()).mean()
+              + torch.relu(1 + disc(pred.detach()).float()).mean())
+    distill = (weight * (pred - target).float().pow(2).flatten(1).sum(1)).mean()
+    return {"distill": distill, "gan": gan, "disc": d_loss}
+
+
 class DistillLoss:
     """One batch's loss for a round whose student takes ``steps`` steps: progressive, the
     truncated-SNR weighted ``max(SNR, 1) |x0_student - x~|^2`` (Salimans & Ho 2022, sec. 4);
-    consistency, the pseudo-Huber distance to :func:`consistency_target`."""
+    consistency, the pseudo-Huber distance to :func:`consistency_target`; adversarial,
+    ``distill_weight * distill + gan + disc`` of :func:`adversarial_losses`."""
 
-    def __init__(self, cfg: DistillConfig, diffusion: DiffusionConfig, steps: int):
+    def __init__(self, cfg: DistillConfig, diffusion: DiffusionConfig, steps: int,
+                 disc: torch.nn.Module | None = None):
         base = Schedule.from_config(diffusion)
         if cfg.method == "progressive":  # the teacher's 2N-step grid; the student's is odd i
             self.sched = base.respace(2 * steps, SPACING)
+        elif cfg.method == "adversarial":  # the student's own grid; the teacher reads all T
+            self.sched, self.teacher_sched = base.respace(steps, SPACING), base
         else:
             self.sched = base.respace(cfg.teacher_steps, SPACING)
         self.student_sched = Schedule(self.sched.betas, self.sched.timesteps, "v")
         self.method, self.steps = cfg.method, steps
+        self.disc, self.distill_weight = disc, cfg.distill_weight
 
     def draw(self, x0: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Grid indices ``[N]`` (progressive: the student's, odd) and ``x_t`` for a batch."""
@@ -169,6 +221,16 @@ class DistillLoss:
             ab = gather(self.sched.alpha_bar, i, 1).view(-1)
             weight = (ab / (1 - ab)).clamp(min=1)
             return (weight * (pred - target).pow(2).flatten(1).mean(1)).mean()
+        if self.method == "adversarial":
+            full = self.teacher_sched
+            j = torch.randint(0, len(full), (len(x0),), device=x0.device, generator=generator)
+            noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+            with torch.no_grad():
+                _, target = predict_x0(teacher, q_sample(full, pred.detach(), j, noise), full, j,
+                                       y)
+            terms = adversarial_losses(pred, x0, target, gather(full.alpha_bar, j, 1).view(-1),
+                                       self.disc)
+            return self.distill_weight * terms["distill"] + terms["gan"] + terms["disc"]
         target = consistency_target(student, teacher, self.sched, self.student_sched, x, i, y)
         return pseudo_huber(pred, target).mean()
 
@@ -249,12 +311,29 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
         guided = conditional and r == 0
         return (Guided(net, cfg.guidance) if guided else net), DiffusionConfig.from_dict(diffusion)
 
+    init = None
+    if cfg.init:
+        init, iconfig, _ = load_checkpoint(cfg.init, device)
+        if iconfig.get("model") != tconfig.get("model"):
+            raise MinidiffError(f"--init {cfg.init}: not the teacher's U-Net (a student keeps "
+                                "its teacher's architecture); pass a student of this teacher "
+                                "or drop --init")
     student = UNet(model_cfg).to(device)
     student.load_state_dict(teacher.state_dict())
     ema = copy.deepcopy(student).eval().requires_grad_(False)
+    disc = None
+    if cfg.method == "adversarial":
+        torch.manual_seed(cfg.seed)
+        disc = Discriminator(model_cfg.in_channels, model_cfg.image_size).to(device)
+    # what a training checkpoint's "model." tensors hold: the student (and its discriminator)
+    trained = student if disc is None else torch.nn.ModuleDict({"student": student,
+                                                                  "disc": disc})
 
     def new_optimizer():
-        return torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
+        groups = [{"params": list(student.parameters())}]
+        if disc is not None:  # beta1 0.5, as usual for a GAN's players (Radford et al. 2016)
+            groups.append({"params": list(disc.parameters()), "betas": (0.5, 0.999)})
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
 
     opt = new_optimizer()
     metrics_path = out / "metrics.jsonl"
@@ -262,7 +341,7 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         clean_partial(out)
-        step = load_state(out, student, ema, opt)["step"]
+        step = load_state(out, trained, ema, opt)["step"]
         save_model(out, ema, config_at(step))  # re-sync the sampling pair with the state
         trim_log(metrics_path, step)
     else:
@@ -283,9 +362,10 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
             r, k = divmod(step, per_round)
             if r != current:  # a round's teacher and loss; a new round restarts the student
                 current, (tnet, tdiffusion) = r, round_teacher(r)
-                loss_fn = DistillLoss(cfg, tdiffusion, plan[r])
+                loss_fn = DistillLoss(cfg, tdiffusion, plan[r], disc)
                 if k == 0:
                     start = tnet.model if isinstance(tnet, Guided) else tnet
+                    start = init if init is not None and r == 0 else start
                     student.load_state_dict(start.state_dict())
                     ema.load_state_dict(start.state_dict())
                     opt = new_optimizer()
@@ -346,7 +426,7 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
             if round_done and r + 1 < len(plan):
                 save_model(out / "rounds" / f"{plan[r]}-step", ema, config_at(step))
             if step % cfg.checkpoint_every == 0 or round_done:
-                save_state(out, student, ema, opt, step, keep=cfg.keep_checkpoints)
+                save_state(out, trained, ema, opt, step, keep=cfg.keep_checkpoints)
                 save_model(out, ema, config_at(step))
     if bar is not None:
         bar.close()

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .errors import DataError, MinidiffError
 
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp", "dpmpp-sde")
-DISTILL_METHODS = ("progressive", "consistency")
+DISTILL_METHODS = ("progressive", "consistency", "adversarial")
 SPACINGS = ("uniform", "trailing", "quadratic")
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
@@ -260,6 +260,12 @@ class DistillConfig:
     # consistency: the noise levels of the teacher's DDIM solver grid
     teacher_steps: int = option(64, "progressive: the teacher's DDIM steps, halved each round; "
                                 "consistency: its solver grid")
+    # adversarial: the student's first weights (default: the teacher's), e.g. a progressive
+    # student to refine; and the weight of the score-distillation term beside the GAN loss
+    init: str | None = option(None, "adversarial: start the student from this checkpoint (same "
+                              "U-Net) instead of the teacher", metavar="CKPT")
+    distill_weight: float = option(1.0, "adversarial: weight of the teacher's score-distillation "
+                                   "loss beside the GAN loss", type="number")
     # optimizer steps in all (progressive: split evenly over its rounds); 2,000 per round
     # took `reduced` 64 -> 2 to pseudo-FID 1.42 (docs/distillation.md), 666 to 1.68
     updates: int = option(10000, "optimizer steps in all")
@@ -301,6 +307,10 @@ class DistillConfig:
             (min(self.log_every, self.checkpoint_every, self.keep_checkpoints) >= 1,
              "log_every, checkpoint_every and keep_checkpoints must be >= 1"),
             (self.subset is None or self.subset >= 1, "subset must be >= 1"),
+            (self.distill_weight >= 0, f"--distill-weight must be >= 0, got "
+             f"{self.distill_weight}"),
+            (self.init is None or self.method == "adversarial", "--init is for --method "
+             "adversarial (progressive and consistency start from the teacher)"),
         ])
         ratio = self.teacher_steps / self.steps
         if self.method == "progressive" and (ratio < 2 or 2 ** round(math.log2(ratio)) != ratio):
@@ -315,8 +325,8 @@ class DistillConfig:
 
     def rounds(self) -> list[int]:
         """The student's step count in each round: ``[32, 16, 8, 4, 2]`` for progressive
-        64 -> 2, ``[steps]`` for consistency (one round)."""
-        if self.method == "consistency":
+        64 -> 2, ``[steps]`` for consistency and adversarial (one round)."""
+        if self.method != "progressive":
             return [self.steps]
         n = round(math.log2(self.teacher_steps / self.steps))
         return [self.teacher_steps >> k for k in range(1, n + 1)]

@@ -258,7 +258,7 @@ def cmd_quantize(args):
     print(json.dumps(quantize_checkpoint(args.checkpoint, args.out, mode=args.mode)))
 
 
-@command("distill", "a few-step student of a checkpoint (progressive or consistency)",
+@command("distill", "a few-step student of a checkpoint (progressive, consistency, adversarial)",
          "minidiff distill runs/reduced --out runs/reduced-2step   # progressive 64 -> 2 steps",
          "minidiff distill runs/reduced --method consistency --steps 1 --out runs/reduced-cd",
          "minidiff distill runs/reduced --out runs/reduced-2step --resume",
@@ -266,8 +266,8 @@ def cmd_quantize(args):
 @arg("teacher", help="run folder, .safetensors file or shipped model name")
 @arg("--out", required=True, help="student run folder to create")
 @arg("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-@options(s.DistillConfig, "method", "steps", "teacher_steps", "updates", "batch_size", "lr",
-         "seed", "subset", "checkpoint_every")
+@options(s.DistillConfig, "method", "steps", "teacher_steps", "init", "distill_weight", "updates",
+         "batch_size", "lr", "seed", "subset", "checkpoint_every")
 @shared("--data-dir")
 @options(s.DistillConfig, "precision", "device")
 @shared("--no-progress")
