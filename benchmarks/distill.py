@@ -43,7 +43,7 @@ EVALS = (1, 2, 4, 8)
 TEACHER_SAMPLERS = ("ddim", "dpmpp", "dpmpp-sde")
 
 ap = argparse.ArgumentParser()
-ap.add_argument("teachers", nargs="+", metavar="NAME=CHECKPOINT")
+ap.add_argument("teachers", nargs="*", metavar="NAME=CHECKPOINT")
 ap.add_argument("--n", type=int, default=2000)
 ap.add_argument("--time-n", type=int, default=10000)
 ap.add_argument("--repeats", type=int, default=3)
@@ -58,6 +58,8 @@ ap.add_argument("--curves", default="results/study/curves.json",
                 help="the teachers' training (images seen, every stage) by NAME: a teacher "
                      "fine-tuned from another stage saw more than its own config's steps")
 ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+ap.add_argument("--report", action="store_true",
+                help="only write distill.md/png from the JSON (measure nothing)")
 args = ap.parse_args()
 
 out = Path(args.out)
@@ -134,7 +136,9 @@ def progressive_student(run, k):
     return earlier if earlier.is_dir() else None
 
 
-for spec in args.teachers:
+if not args.report:
+    res["command"] = ".venv/bin/python benchmarks/distill.py " + " ".join(sys.argv[1:])
+for spec in [] if args.report else args.teachers:
     name, ckpt = spec.split("=", 1)
     _, tconfig, digest = load_checkpoint(ckpt)
     entry = res["teachers"].get(name, {})
@@ -171,9 +175,9 @@ for spec in args.teachers:
               True) for k in EVALS]
     if "adversarial" in students:
         adv = students["adversarial"]
-        serves = json.loads((adv / "config.json").read_text())["sampling"]["serves"]
-        jobs += [("adversarial", "ddpm", k, "trailing", adv, n_, n_ == args.n)
-                 for k in serves for n_ in (args.n, args.full_n)]
+        own = json.loads((adv / "config.json").read_text())["sampling"]
+        jobs += [("adversarial", own["sampler"], k, own["spacing"], adv, n_, n_ == args.n)
+                 for k in own["serves"] for n_ in (args.n, args.full_n)]
     default = SamplingConfig()
     jobs += [("teacher", default.sampler, default.steps, default.spacing, None, args.full_n,
               False),
@@ -219,12 +223,12 @@ for name, entry in res["teachers"].items():
         lines.append(f"| {r['model']} | {r['sampler']} | {r['steps']} | {r['n']} | "
                      f"{r['pseudo_fid']:.3f} | {vs} | {r['precision']:.2f} | {r['recall']:.2f} | "
                      f"{r.get('seconds_time_n', '')} |")
-    lines += ["", "| method | updates | wall-clock hours | compute vs the teacher's training |",
-              "|---|---|---|---|"]
-    lines += [f"| {m} | {d['updates']} | {d['hours']} | {d['compute_vs_teacher']:.2f}x |"
-              for m, d in entry["distill"].items()]
+    lines += ["", "| method | updates | wall-clock hours | compute vs the teacher's training | "
+              "starts from (its cost not included) |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {d['updates']} | {d['hours']} | {d['compute_vs_teacher']:.2f}x | "
+              f"{d.get('init') or 'the teacher'} |" for m, d in entry["distill"].items()]
     lines.append("")
-lines.append("Command: `.venv/bin/python benchmarks/distill.py " + " ".join(sys.argv[1:]) + "`")
+lines.append(f"Command: `{res.get('command', '')}`")
 (out / "distill.md").write_text("\n".join(lines) + "\n")
 
 import matplotlib  # noqa: E402
@@ -237,7 +241,7 @@ fig, axes = plt.subplots(1, len(res["teachers"]), figsize=(5 * len(res["teachers
 for ax, (name, entry) in zip(axes[0], res["teachers"].items(), strict=True):
     shipped = sorted({("shipped", r["sampler"]) for r in entry["rows"] if r["model"] == "shipped"})
     for model, sampler in [("teacher", s) for s in TEACHER_SAMPLERS] + [
-            ("progressive", "ddim"), ("consistency", "ddpm"), ("adversarial", "ddpm"),
+            ("progressive", "ddim"), ("consistency", "ddpm"), ("adversarial", "ddim"),
             *shipped]:
         pts = sorted((r["steps"], r["pseudo_fid"]) for r in entry["rows"]
                      if r["model"] == model and r["sampler"] == sampler and r["n"] == args.n)

@@ -14,13 +14,12 @@ that predicts ``v`` (Salimans & Ho 2022), so every sampler reads it through
   Dhariwal 2023 recommend instead of an EMA target); at the lowest level the teacher's own x0
   is the target (the boundary condition). Sampled with DDPM's ancestral steps on the
   student's x0 (one step: the consistency jump) at any step count dividing the grid.
-- ``adversarial`` (after ADD, Sauer et al. 2023): on its own ``steps``-level grid, the student's
-  x0 is pulled towards the teacher's x0 of that output re-noised to a random level (score
-  distillation, weighted by alpha-bar so that low noise counts most) and judged by a small
-  convolutional discriminator against real images (hinge loss, spectral norm), so that what a
-  regression averages away (sharp strokes) is asked for directly. The student may start from
-  another checkpoint of the same U-Net (``init``, e.g. a progressive student to refine).
-  Sampled like consistency students, at exactly its step count.
+- ``adversarial`` (a distillation loss beside a GAN loss, as in ADD, Sauer et al. 2023): on its
+  own ``steps``-level grid, the student's x0 is held near the x0 its starting network (``init``,
+  typically a progressive student; else the teacher) predicts for the same input, and judged by
+  a small convolutional discriminator against real images (hinge loss, spectral norm), so that
+  what a regression averages away (sharp strokes) is asked for directly while each input keeps
+  its digit. Sampled with DDIM at exactly its step count.
 
 A conditional teacher is distilled with its classifier-free guidance (``guidance``) folded in
 (Meng et al. 2023, stage one): the student then needs one network pass per step instead of two.
@@ -74,7 +73,7 @@ def sampling_entry(cfg: DistillConfig, steps: int, guidance: float | None) -> di
     if cfg.method == "progressive":
         sampler, serves = "ddim", [steps]
     elif cfg.method == "adversarial":  # trained on its own grid's levels only
-        sampler, serves = "ddpm", [steps]
+        sampler, serves = "ddim", [steps]
     else:
         grid = cfg.teacher_steps
         # DDPM's ancestral step with the student's x0: at 1 step exactly the consistency model's
@@ -166,19 +165,19 @@ class Discriminator(torch.nn.Module):
 
 
 def adversarial_losses(pred: torch.Tensor, real: torch.Tensor, target: torch.Tensor,
-                       weight: torch.Tensor, disc: torch.nn.Module) -> dict[str, torch.Tensor]:
+                       disc: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adversarial method's three terms for a batch of student outputs ``pred`` (x0,
-    with gradient), real images ``real`` and score-distillation targets ``target`` (no
-    gradient) weighted per row by ``weight: [N]``: ``distill``, the weighted squared distance
-    to the targets; ``gan``, the student's hinge term ``-D(pred)``, which reaches the student
-    only; ``disc``, the discriminator's hinge loss on real vs ``pred`` detached, which reaches
-    the discriminator only (so one backward pass of their sum trains both)."""
+    with gradient), real images ``real`` and the starting network's x0 ``target`` (no
+    gradient): ``distill``, the mean squared distance per image to the targets; ``gan``, the
+    student's hinge term ``-D(pred)``, which reaches the student only; ``disc``, the
+    discriminator's hinge loss on real vs ``pred`` detached, which reaches the discriminator
+    only (so one backward pass of their sum trains both)."""
     disc.requires_grad_(False)
     gan = -disc(pred).float().mean()
     disc.requires_grad_(True)
     d_loss = (torch.relu(1 - disc(real).float()).mean()
               + torch.relu(1 + disc(pred.detach()).float()).mean())
-    distill = (weight * (pred - target).float().pow(2).flatten(1).sum(1)).mean()
+    distill = (pred - target).float().pow(2).flatten(1).sum(1).mean()
     return {"distill": distill, "gan": gan, "disc": d_loss}
 
 
@@ -193,8 +192,8 @@ class DistillLoss:
         base = Schedule.from_config(diffusion)
         if cfg.method == "progressive":  # the teacher's 2N-step grid; the student's is odd i
             self.sched = base.respace(2 * steps, SPACING)
-        elif cfg.method == "adversarial":  # the student's own grid; the teacher reads all T
-            self.sched, self.teacher_sched = base.respace(steps, SPACING), base
+        elif cfg.method == "adversarial":  # the student's own grid, read by its start too
+            self.sched = base.respace(steps, SPACING)
         else:
             self.sched = base.respace(cfg.teacher_steps, SPACING)
         self.student_sched = Schedule(self.sched.betas, self.sched.timesteps, "v")
@@ -221,15 +220,10 @@ class DistillLoss:
             ab = gather(self.sched.alpha_bar, i, 1).view(-1)
             weight = (ab / (1 - ab)).clamp(min=1)
             return (weight * (pred - target).pow(2).flatten(1).mean(1)).mean()
-        if self.method == "adversarial":
-            full = self.teacher_sched
-            j = torch.randint(0, len(full), (len(x0),), device=x0.device, generator=generator)
-            noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        if self.method == "adversarial":  # `teacher`: the network the student started from
             with torch.no_grad():
-                _, target = predict_x0(teacher, q_sample(full, pred.detach(), j, noise), full, j,
-                                       y)
-            terms = adversarial_losses(pred, x0, target, gather(full.alpha_bar, j, 1).view(-1),
-                                       self.disc)
+                _, target = predict_x0(teacher, x, self.sched, i, y)
+            terms = adversarial_losses(pred, x0, target, self.disc)
             return self.distill_weight * terms["distill"] + terms["gan"] + terms["disc"]
         target = consistency_target(student, teacher, self.sched, self.student_sched, x, i, y)
         return pseudo_huber(pred, target).mean()
@@ -298,19 +292,6 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
         r = min(max(step - 1, 0) // per_round, len(plan) - 1)
         return _student_config(tconfig, cfg, about, plan[r], step, conditional)
 
-    def round_teacher(r: int) -> tuple[torch.nn.Module, DiffusionConfig]:
-        """Round ``r``'s teacher and the diffusion config it is read with: the teacher (guided
-        when conditional), then each round's student as written to rounds/ (so a resumed run
-        reads what an unbroken one used), a `v` model whose guidance is already distilled in."""
-        if r == 0:
-            net, diffusion = teacher, tconfig["diffusion"]
-        else:
-            net, sconfig, _ = load_checkpoint(out / "rounds" / f"{plan[r - 1]}-step", device)
-            diffusion = sconfig["diffusion"]
-        net = net.eval().requires_grad_(False)
-        guided = conditional and r == 0
-        return (Guided(net, cfg.guidance) if guided else net), DiffusionConfig.from_dict(diffusion)
-
     init = None
     if cfg.init:
         init, iconfig, _ = load_checkpoint(cfg.init, device)
@@ -318,6 +299,22 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
             raise MinidiffError(f"--init {cfg.init}: not the teacher's U-Net (a student keeps "
                                 "its teacher's architecture); pass a student of this teacher "
                                 "or drop --init")
+
+    def round_teacher(r: int) -> tuple[torch.nn.Module, DiffusionConfig]:
+        """Round ``r``'s teacher and the diffusion config it is read with: the teacher (guided
+        when conditional), then each round's student as written to rounds/ (so a resumed run
+        reads what an unbroken one used), a `v` model whose guidance is already distilled in."""
+        if r == 0 and init is not None:  # adversarial: the start is what it is held near
+            net, diffusion = init, iconfig["diffusion"]
+        elif r == 0:
+            net, diffusion = teacher, tconfig["diffusion"]
+        else:
+            net, sconfig, _ = load_checkpoint(out / "rounds" / f"{plan[r - 1]}-step", device)
+            diffusion = sconfig["diffusion"]
+        net = net.eval().requires_grad_(False)
+        guided = conditional and r == 0 and init is None
+        return (Guided(net, cfg.guidance) if guided else net), DiffusionConfig.from_dict(diffusion)
+
     student = UNet(model_cfg).to(device)
     student.load_state_dict(teacher.state_dict())
     ema = copy.deepcopy(student).eval().requires_grad_(False)
@@ -365,7 +362,6 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
                 loss_fn = DistillLoss(cfg, tdiffusion, plan[r], disc)
                 if k == 0:
                     start = tnet.model if isinstance(tnet, Guided) else tnet
-                    start = init if init is not None and r == 0 else start
                     student.load_state_dict(start.state_dict())
                     ema.load_state_dict(start.state_dict())
                     opt = new_optimizer()
