@@ -168,10 +168,10 @@ def adversarial_losses(pred: torch.Tensor, real: torch.Tensor, target: torch.Ten
                        disc: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adversarial method's three terms for a batch of student outputs ``pred`` (x0,
     with gradient), real images ``real`` and the starting network's x0 ``target`` (no
-    gradient): ``distill``, the mean squared distance per image to the targets; ``gan``, the
-    student's hinge term ``-D(pred)``, which reaches the student only; ``disc``, the
-    discriminator's hinge loss on real vs ``pred`` detached, which reaches the discriminator
-    only (so one backward pass of their sum trains both)."""
+    gradient): ``distill``, the squared distance to the targets (summed over pixels, averaged
+    over images); ``gan``, the student's hinge term ``-D(pred)``, which reaches the student only;
+    ``disc``, the discriminator's hinge loss on real vs ``pred`` detached, which reaches the
+    discriminator only (so one backward pass of their sum trains both)."""
     disc.requires_grad_(False)
     gan = -disc(pred).float().mean()
     disc.requires_grad_(True)
@@ -269,6 +269,14 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
     if resume and tsha != saved["teacher"]["sha256"]:
         raise MinidiffError(f"{teacher_path} is not the teacher {out} was distilled from "
                             f"({saved['teacher']['path']}); pass that one to resume")
+    init = None
+    if cfg.init:
+        init, iconfig, _ = load_checkpoint(cfg.init, device)
+        if iconfig.get("model") != tconfig.get("model"):
+            raise MinidiffError(f"--init {cfg.init}: not the teacher's U-Net (a student keeps "
+                                "its teacher's architecture); pass a student of this teacher "
+                                "or drop --init")
+
     T = DiffusionConfig.from_dict(tconfig["diffusion"]).timesteps
     if cfg.teacher_steps > T:
         raise MinidiffError(f"--teacher-steps must be <= the teacher's T ({T}), got "
@@ -292,18 +300,11 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
         r = min(max(step - 1, 0) // per_round, len(plan) - 1)
         return _student_config(tconfig, cfg, about, plan[r], step, conditional)
 
-    init = None
-    if cfg.init:
-        init, iconfig, _ = load_checkpoint(cfg.init, device)
-        if iconfig.get("model") != tconfig.get("model"):
-            raise MinidiffError(f"--init {cfg.init}: not the teacher's U-Net (a student keeps "
-                                "its teacher's architecture); pass a student of this teacher "
-                                "or drop --init")
-
     def round_teacher(r: int) -> tuple[torch.nn.Module, DiffusionConfig]:
         """Round ``r``'s teacher and the diffusion config it is read with: the teacher (guided
-        when conditional), then each round's student as written to rounds/ (so a resumed run
-        reads what an unbroken one used), a `v` model whose guidance is already distilled in."""
+        when conditional) or, for an adversarial run with ``init``, that start; then each
+        round's student as written to rounds/ (so a resumed run reads what an unbroken one
+        used), a `v` model whose guidance is already distilled in."""
         if r == 0 and init is not None:  # adversarial: the start is what it is held near
             net, diffusion = init, iconfig["diffusion"]
         elif r == 0:
