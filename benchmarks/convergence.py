@@ -43,9 +43,9 @@ from minidiff.evaluation import Evaluator  # noqa: E402
 from minidiff.io import atomic_write_text  # noqa: E402
 from minidiff.original import DIFFUSION, TRAINING  # noqa: E402
 from minidiff.runtime import environment, resolve_device  # noqa: E402
-from minidiff.settings import SamplingConfig  # noqa: E402
+from minidiff.settings import SamplingConfig, TrainConfig  # noqa: E402
 from minidiff.study import PRESETS as STUDY_PRESETS  # noqa: E402
-from minidiff.train import TrainConfig, train  # noqa: E402
+from minidiff.train import train  # noqa: E402
 from minidiff.unet import PRESETS  # noqa: E402
 
 # name -> (what it changes, TrainConfig overrides, DiffusionConfig overrides)

@@ -28,7 +28,8 @@ def tiny_run(tmp_path_factory):
     """A run folder of TINY trained 2 steps (fp32), shared read-only by the tests that need
     any checkpoint: the CLI's, the distillation teacher."""
     from minidiff.diffusion import DiffusionConfig
-    from minidiff.train import TrainConfig, train
+    from minidiff.settings import TrainConfig
+    from minidiff.train import train
 
     out = tmp_path_factory.mktemp("tiny") / "run"
     train(TINY, DiffusionConfig(), TrainConfig(steps=2, batch_size=8, subset=16,

@@ -18,7 +18,8 @@ from minidiff.compress import (
 )
 from minidiff.diffusion import DiffusionConfig
 from minidiff.errors import MinidiffError
-from minidiff.train import TrainConfig, train
+from minidiff.settings import TrainConfig
+from minidiff.train import train
 from minidiff.unet import PRESETS, UNet, UNetConfig, count_macs, count_params, width_names
 
 FAST = dict(batch_size=32, subset=128, precision="fp32", device="cpu", warmup_steps=2,

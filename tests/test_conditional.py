@@ -10,8 +10,9 @@ from minidiff.cli import main
 from minidiff.diffusion import DiffusionConfig, Schedule
 from minidiff.errors import MinidiffError
 from minidiff.generation import Guided, generate, sample_to_file
-from minidiff.settings import SamplingConfig
-from minidiff.train import TrainConfig, drop_labels, train
+from minidiff.settings import SamplingConfig, TrainConfig
+from minidiff.train import train
+from minidiff.training_utils import drop_labels
 from minidiff.unet import UNet, UNetConfig
 
 COND = UNetConfig(channels=(8, 16), norm_groups=4, time_dim=16, num_classes=10)

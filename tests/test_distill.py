@@ -248,7 +248,8 @@ def test_a_later_rounds_teacher_is_the_previous_student_as_it_samples(tmp_path, 
 
     from minidiff.diffusion import DiffusionConfig
     from minidiff.samplers import predict_x0
-    from minidiff.train import TrainConfig, train
+    from minidiff.settings import TrainConfig
+    from minidiff.train import train
     from tests.conftest import TINY
 
     teacher = tmp_path / "cond-eps"

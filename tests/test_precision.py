@@ -14,7 +14,8 @@ from torch.utils._pytree import tree_leaves
 
 from minidiff import bench, runtime
 from minidiff.diffusion import DiffusionConfig
-from minidiff.train import TrainConfig, train
+from minidiff.settings import TrainConfig
+from minidiff.train import train
 
 AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
              "MKL_ENABLE_INSTRUCTIONS": "AVX2"}

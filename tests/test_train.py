@@ -8,7 +8,9 @@ from minidiff.checkpoint import load_checkpoint, load_state
 from minidiff.data import load_split, to_model_range
 from minidiff.diffusion import DiffusionConfig, DiffusionLoss, Schedule
 from minidiff.errors import CheckpointError, MinidiffError
-from minidiff.train import TrainConfig, lr_at, train, train_config
+from minidiff.settings import TrainConfig
+from minidiff.train import train, train_config
+from minidiff.training_utils import lr_at
 from minidiff.unet import UNet
 
 FAST = dict(batch_size=32, subset=256, precision="fp32", device="cpu", warmup_steps=5,

@@ -23,8 +23,8 @@ from .generation import load_samples, sample_to_file
 from .io import atomic_write_text
 from .metrics import MIN_SAMPLES, evaluate
 from .runtime import cpu_name, resolve_device, resolve_precision
-from .settings import SamplingConfig
-from .train import TrainConfig, train
+from .settings import SamplingConfig, TrainConfig
+from .train import train
 from .unet import PRESETS, UNet, count_params
 
 DEMO_PRESET = "reduced"

@@ -60,7 +60,7 @@ from .generation import Guided
 from .runtime import autocast_context, resolve_device, resolve_precision
 from .samplers import predict_x0
 from .settings import DistillConfig, ema_decay_at
-from .train import drop_labels, ema_update, lr_at, step_seed, trim_log
+from .training_utils import drop_labels, ema_update, lr_at, step_seed, trim_log
 from .unet import UNet
 
 SPACING = "trailing"  # the students' timesteps: nested when halved, and they start at T - 1
