@@ -23,10 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import RESULTS, resume_results  # noqa: E402
+
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
-from minidiff.generation import resolve_sampling, time_generation  # noqa: E402
-from minidiff.metrics import Reference, evaluate_images  # noqa: E402
-from minidiff.runtime import environment, resolve_precision  # noqa: E402
+from minidiff.evaluation import score  # noqa: E402
+from minidiff.metrics import Reference  # noqa: E402
+from minidiff.runtime import resolve_precision  # noqa: E402
 from minidiff.settings import SamplingConfig  # noqa: E402
 
 # (sampler, steps, spacing): DDPM-1000 is the reference; the rest are the stochastic few-step
@@ -50,16 +52,12 @@ ap.add_argument("--default-only", action="store_true",
                 help="score today's default alone (a model's quality as the demo reports it)")
 args = ap.parse_args()
 
-out = Path(__file__).resolve().parent / "results"
-out.mkdir(exist_ok=True)
+out = RESULTS
 path = out / f"{args.name}.json"
 model, config, digest = load_checkpoint(args.checkpoint)
-res = json.loads(path.read_text()) if path.is_file() else {}
 PRECISION = resolve_precision("auto", torch.device("cpu"))  # bf16 where native, else fp32
-if res.get("checkpoint_sha256") != digest or res.get("n") != args.n \
-        or res.get("precision") != PRECISION:
-    res = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest, "n": args.n,
-           "batch_size": 250, "precision": PRECISION, **environment(), "rows": []}
+res = resume_results(path, args.checkpoint, digest, args.n, PRECISION, batch_size=250)
+if not res["rows"]:
     old = out / "sampler_quality.json"
     if old.is_file():
         q = json.loads(old.read_text())
@@ -87,14 +85,8 @@ for name, steps, spacing in ORDER:
             continue
         cfg = SamplingConfig(name, steps, spacing, seed=seed, batch_size=250,
                              precision=PRECISION)
-        cfg, sched = resolve_sampling(cfg, config, torch.device("cpu"))
-        run = time_generation(model, sched, cfg, args.n)
-        images, seconds = run.result, run.seconds
-        m = evaluate_images(images, ref)
         row = {"sampler": name, "steps": steps, "spacing": spacing, "seed": seed,
-               "seconds": round(seconds, 1),
-               **{k: round(m[k], 4) for k in ("pseudo_fid", "kid", "precision", "recall",
-                                              "confidence")}}
+               **score(model, config, cfg, args.n, ref)}
         res["rows"].append(row)
         res["date"] = str(date.today())
         path.write_text(json.dumps(res, indent=2) + "\n")

@@ -20,6 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import RESULTS  # noqa: E402
+
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.generation import class_labels, resolve_sampling, time_generation  # noqa: E402
 from minidiff.metrics import Reference, evaluate_conditional, evaluate_images  # noqa: E402
@@ -34,8 +36,7 @@ ap.add_argument("checkpoint")
 ap.add_argument("--n", type=int, default=1000)
 args = ap.parse_args()
 
-out = Path(__file__).resolve().parent / "results"
-out.mkdir(exist_ok=True)
+out = RESULTS
 model, config, digest = load_checkpoint(args.checkpoint)
 dataset = config.get("train", {}).get("dataset", "mnist")
 ref = Reference(dataset, "test")

@@ -18,10 +18,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import RESULTS, resume_results  # noqa: E402
+
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
-from minidiff.generation import resolve_sampling, time_generation  # noqa: E402
-from minidiff.metrics import Reference, evaluate_images, floor  # noqa: E402
-from minidiff.runtime import environment, resolve_precision  # noqa: E402
+from minidiff.evaluation import score  # noqa: E402
+from minidiff.metrics import Reference, floor  # noqa: E402
+from minidiff.runtime import resolve_precision  # noqa: E402
 from minidiff.settings import SamplingConfig  # noqa: E402
 
 GRID = [("ddpm", 1000, {}), ("ddpm", 100, {}), ("ddpm", 50, {}), ("ddpm", 20, {}),
@@ -41,16 +43,11 @@ ap.add_argument("checkpoint")
 ap.add_argument("--n", type=int, default=1000)
 args = ap.parse_args()
 
-out = Path(__file__).resolve().parent / "results"
-out.mkdir(exist_ok=True)
+out = RESULTS
 path = out / "sampler_quality.json"
 model, config, digest = load_checkpoint(args.checkpoint)
-res = json.loads(path.read_text()) if path.is_file() else {}
 PRECISION = resolve_precision("auto", torch.device("cpu"))  # bf16 where native, else fp32
-if res.get("checkpoint_sha256") != digest or res.get("n") != args.n \
-        or res.get("precision") != PRECISION:
-    res = {"checkpoint": str(args.checkpoint), "checkpoint_sha256": digest, "n": args.n,
-           **environment(), "precision": PRECISION, "rows": []}
+res = resume_results(path, args.checkpoint, digest, args.n, PRECISION)
 ref = Reference("mnist", "test")
 res["floor_pseudo_fid"] = floor(ref, args.n)["pseudo_fid"]
 done = {(r["sampler"], r["steps"], r.get("eta"), r.get("spacing", "uniform"))
@@ -61,14 +58,8 @@ for name, steps, kw in GRID:
     if (name, steps, kw.get("eta"), spacing) in done:
         continue
     cfg = SamplingConfig(name, steps, spacing, batch_size=250, precision=PRECISION, **kw)
-    cfg, sched = resolve_sampling(cfg, config, torch.device("cpu"))
-    run = time_generation(model, sched, cfg, args.n)
-    images, seconds = run.result, run.seconds
-    m = evaluate_images(images, ref)
     row = {"sampler": name, "steps": steps, "eta": kw.get("eta"), "spacing": spacing,
-           "seconds": round(seconds, 1),
-           **{k: round(m[k], 4) for k in ("pseudo_fid", "kid", "precision", "recall",
-                                          "confidence")}}
+           **score(model, config, cfg, args.n, ref)}
     res["rows"].append(row)
     res["date"] = str(date.today())
     path.write_text(json.dumps(res, indent=2) + "\n")

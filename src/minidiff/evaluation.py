@@ -1,4 +1,5 @@
-"""Evaluation during training: the pseudo-FID of a model's samples, cheap enough to repeat.
+"""Evaluation during training: the pseudo-FID of a model's samples, cheap enough to repeat;
+and :func:`score`, one sampler setting's timed draw scored in full, as the benchmarks record it.
 
 ``minidiff train --eval-every`` and the convergence benchmark call an :class:`Evaluator` on the
 EMA weights every so often; it draws ``n`` images with a fixed seed and sampler (default:
@@ -15,7 +16,7 @@ import torch
 from .classifier import features_and_logits
 from .diffusion import DiffusionConfig
 from .generation import resolve_sampling, time_generation
-from .metrics import Reference, frechet_distance
+from .metrics import Reference, evaluate_images, frechet_distance
 from .settings import SamplingConfig
 
 # 8 steps of the default sampler: 0.4x the cost of today's 20-step default, and the setting of
@@ -45,3 +46,17 @@ class Evaluator:
         return {"pseudo_fid": frechet_distance(feats, self.ref.features),
                 "confidence": logits.softmax(1).max(1).values.mean().item(),
                 "n": self.n, "seconds": round(run.seconds, 2)}
+
+
+SCORES = ("pseudo_fid", "kid", "precision", "recall", "confidence")
+
+
+def score(model: torch.nn.Module, config: dict, cfg: SamplingConfig, n: int, ref: Reference,
+          device: torch.device | str = "cpu") -> dict:
+    """``{"seconds", "pseudo_fid", "kid", "precision", "recall", "confidence"}`` of ``n``
+    images drawn from ``model`` (``config``: its checkpoint's) with ``cfg``, the draw timed and
+    scored against ``ref``; rounded as the benchmarks' result files keep them."""
+    cfg, sched = resolve_sampling(cfg, config, torch.device(device))
+    run = time_generation(model, sched, cfg, n, device=device)
+    m = evaluate_images(run.result, ref)
+    return {"seconds": round(run.seconds, 1), **{k: round(m[k], 4) for k in SCORES}}

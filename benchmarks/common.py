@@ -1,0 +1,29 @@
+"""What the benchmark scripts share: where results go, and a results file to continue.
+
+Each script runs as a file (``.venv/bin/python benchmarks/NAME.py``), which puts this folder on
+``sys.path``; ``import common`` also puts the checkout's ``src`` there, so the scripts measure
+the checkout's minidiff, not an installed one.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from minidiff.runtime import environment  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS.mkdir(exist_ok=True)
+
+
+def resume_results(path: Path, checkpoint, digest: str, n: int, precision: str, **record) -> dict:
+    """The results in ``path`` when they were measured on the same checkpoint (``digest``),
+    ``n`` and ``precision``, so that a stopped run continues with its rows; else a fresh record
+    of these, ``record`` and the environment, with no rows."""
+    res = json.loads(path.read_text()) if path.is_file() else {}
+    if (res.get("checkpoint_sha256"), res.get("n"), res.get("precision")) != (digest, n,
+                                                                              precision):
+        res = {"checkpoint": str(checkpoint), "checkpoint_sha256": digest, "n": n,
+               "precision": precision, **record, **environment(), "rows": []}
+    return res
