@@ -13,8 +13,6 @@ from minidiff.settings import SamplingConfig
 
 def test_names_are_the_registries():
     from minidiff.data import DATASETS
-    from minidiff.diffusion import SCHEDULES, SPACINGS
-    from minidiff.runtime import DEVICES, PRECISIONS
     from minidiff.samplers import SAMPLERS
     from minidiff.study import PRESETS as STUDY
     from minidiff.unet import PRESETS
@@ -23,8 +21,30 @@ def test_names_are_the_registries():
     assert settings.DATASET_NAMES == tuple(DATASETS)
     assert settings.MODEL_PRESETS == tuple(PRESETS)
     assert settings.STUDY_PRESETS == tuple(STUDY)
-    assert (SPACINGS, SCHEDULES, PRECISIONS, DEVICES) == (
-        settings.SPACINGS, settings.SCHEDULES, settings.PRECISIONS, settings.DEVICES)
+
+
+def test_every_listed_choice_is_one_the_code_takes():
+    """The names without a registry of their own: each one a flag offers runs."""
+    import torch
+
+    from minidiff.diffusion import DiffusionConfig, Schedule
+    from minidiff.runtime import resolve_device, resolve_precision
+
+    spaced = {}
+    for schedule in settings.SCHEDULES:
+        sched = Schedule.from_config(DiffusionConfig(schedule=schedule))
+        assert len(sched) == 1000 and bool((sched.betas > 0).all())
+        for spacing in settings.SPACINGS:
+            spaced[schedule, spacing] = sched.respace(10, spacing).timesteps.tolist()
+            assert len(spaced[schedule, spacing]) == 10
+    assert len({tuple(v) for v in spaced.values()}) == len(settings.SPACINGS)  # all differ
+    cpu = torch.device("cpu")
+    assert {resolve_precision(p, cpu) for p in settings.PRECISIONS} <= {"fp32", "bf16"}
+    for name in settings.DEVICES:
+        try:
+            assert resolve_device(name).type in ("cpu", "cuda")
+        except MinidiffError as e:  # cuda on a machine without a GPU
+            assert name == "cuda" and "--device cpu" in str(e)
 
 
 def test_defaults_are_the_chosen_sampler():

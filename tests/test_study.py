@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import minidiff.train as train_mod
+import minidiff.study as study_mod
 from minidiff.checkpoint import SHIPPED_DIR
 from minidiff.cli import main
 from minidiff.study import PRESETS, Study
@@ -22,13 +22,13 @@ def smoke(tmp_path_factory):
 
 def spy_on_train(monkeypatch) -> list:
     """Record the ``resume`` flag of every training call (training still runs)."""
-    calls, real = [], train_mod.train
+    calls, real = [], study_mod.train
 
     def spy(*a, **k):
         calls.append(k.get("resume"))
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "train", spy)
+    monkeypatch.setattr(study_mod, "train", spy)
     return calls
 
 
@@ -114,7 +114,7 @@ def test_rerun_skips_finished_stages(smoke, monkeypatch, capsys):
     def no_training(*a, **k):
         raise AssertionError("a finished stage was trained again")
 
-    monkeypatch.setattr(train_mod, "train", no_training)
+    monkeypatch.setattr(study_mod, "train", no_training)
     before = (smoke / "results.json").read_text()
     assert main(["study", "--preset", "smoke", "--out", str(smoke), "--no-progress"]) == 0
     after = json.loads((smoke / "results.json").read_text())

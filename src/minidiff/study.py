@@ -30,13 +30,21 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .checkpoint import CHECKPOINTS
+from .checkpoint import CHECKPOINTS, load_checkpoint, resolve
+from .compress import prune_checkpoint, quantize_checkpoint
+from .data import load_split
 from .errors import MinidiffError
-from .io import atomic_write_text
+from .generation import resolve_sampling, save_samples, sidecar, time_generation
+from .io import atomic_write_text, save_grid
+from .metrics import evaluate
 from .original import EPOCHS, RECIPES
+from .recipes import diffusion_config, train_config
 from .report import write_report
 from .runtime import environment, resolve_device
 from .settings import SamplingConfig
+from .train import train
+from .unet import PRESETS as UNET
+from .unet import UNet, count_macs, count_params
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,6 @@ class StudyConfig:
         """From-scratch epochs of ``arch`` (``baseline``, ``reduced`` or ``shallow``)."""
         if not self.equal_compute or arch == "baseline":
             return self.base_epochs
-        from .unet import PRESETS as UNET
-        from .unet import UNet, count_macs
 
         macs = {a: count_macs(UNet(UNET[a])) for a in ("baseline", arch)}
         return round(self.base_epochs * macs["baseline"] / macs[arch], 4)
@@ -136,14 +142,10 @@ class Study:
     @functools.cached_property
     def train_images(self) -> int:
         """Images per epoch (the subset, or the dataset's training split)."""
-        from .data import load_split
-
         return self.cfg.subset or len(load_split(self.cfg.dataset, "train", self.data_dir)[0])
 
     def eval_every(self, epochs: float, points: int) -> tuple[int, ...] | None:
         """``points`` log-spaced steps of a stage of ``epochs`` (halving back from its end)."""
-        from .train import train_config
-
         if points <= 0:
             return None
         bs = train_config(None, self.cfg.original_recipe, batch_size=self.cfg.batch_size)
@@ -155,8 +157,6 @@ class Study:
               lr: float | None, depends: str = ""):
         """A training stage's folder and configs: ``(folder, train_config, diffusion_config,
         settings)``; the folder's name hashes ``settings``."""
-        from .train import diffusion_config, train_config
-
         c = self.cfg
         points = min(3, c.eval_points) if init else c.eval_points
         tcfg = train_config(None, c.original_recipe, dataset=c.dataset, epochs=epochs,
@@ -173,9 +173,6 @@ class Study:
     def train(self, name: str, preset: str, *, init: Path | None = None, epochs: float,
               lr: float | None, depends: str = "") -> Path:
         """Train (or fine-tune from ``init``) into a stage folder; resumes a stopped stage."""
-        from .train import train
-        from .unet import PRESETS as UNET
-
         folder, tcfg, diffusion, settings = self.stage(name, preset, init=init, epochs=epochs,
                                                        lr=lr, depends=depends)
         if self._done(folder):
@@ -195,8 +192,6 @@ class Study:
         return folder
 
     def prune(self, source: Path) -> Path:
-        from .compress import prune_checkpoint
-
         c = self.cfg
         settings = {"stage": "prune", "structured": c.structured,
                     "unstructured": c.unstructured, "after": source.name}
@@ -213,8 +208,6 @@ class Study:
         return folder
 
     def quantize(self, source: Path, mode: str) -> Path:
-        from .compress import quantize_checkpoint
-
         settings = {"stage": f"quantize-{mode}", "after": source.name}
         folder = self._folder(f"quantize-{mode}", settings)
         if self._done(folder):
@@ -227,12 +220,6 @@ class Study:
 
     def evaluate(self, model_name: str, checkpoint: Path) -> dict:
         """Sample ``n`` images (timed, after a warm-up batch) and evaluate them -> one row."""
-        from .checkpoint import load_checkpoint, resolve
-        from .generation import resolve_sampling, save_samples, sidecar, time_generation
-        from .io import save_grid
-        from .metrics import evaluate
-        from .unet import count_macs, count_params
-
         c, s = self.cfg, self.cfg.sampling
         settings = {"stage": "eval", "model": model_name, "n": c.n, "sampler": s.sampler,
                     "steps": s.steps, "spacing": s.spacing, "seed": s.seed,
@@ -363,7 +350,6 @@ def export(study_dir: str | Path, dest: str | Path, *, fp16_tolerance: float = 0
     under their row names: ``baseline``, ``pruned``, ``reduced``, ``shallow`` in fp16 storage
     when the study's own fp16 row stayed within ``fp16_tolerance`` (relative pseudo-FID) of its
     float row, else as trained; and the int8 model as evaluated. Returns the names written."""
-    from .compress import quantize_checkpoint
 
     study_dir, dest = Path(study_dir), Path(dest)
     try:

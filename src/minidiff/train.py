@@ -12,7 +12,6 @@ import copy
 import json
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,69 +26,13 @@ from .checkpoint import (
     save_state,
 )
 from .compress import apply_masks, masks_of
-from .data import epoch_order, get_spec, load_split, to_model_range
+from .data import epoch_order, load_split, to_model_range
 from .diffusion import DiffusionConfig, DiffusionLoss, Schedule
 from .errors import MinidiffError
-from .original import DIFFUSION, RECIPES, TRAINING
 from .runtime import autocast_context, bf16_native, resolve_device, resolve_precision
 from .settings import TrainConfig
 from .training_utils import drop_labels, ema_update, lr_at, step_seed, trim_log
-from .unet import PRESETS, UNet, UNetConfig, count_macs
-
-
-def train_config(recipe: str | None = None, original: bool = False, **given) -> TrainConfig:
-    """A :class:`TrainConfig` from command-line values, None meaning not given. A fine-tuning
-    ``recipe`` (:data:`minidiff.original.RECIPES`, with ``init``) supplies the lr unless one is
-    given, and its epochs unless epochs or steps are. ``original``: start from the recipe before
-    the convergence benchmark (:data:`minidiff.original.TRAINING`) instead of the defaults."""
-    given = {k: v for k, v in given.items() if v is not None}
-    if recipe and not given.get("init"):
-        raise MinidiffError("--recipe is a fine-tuning recipe: give --init CKPT too")
-    r = dict(RECIPES[recipe]) if recipe else {}
-    if "steps" in given:
-        r.pop("epochs", None)
-    return TrainConfig(**{**(TRAINING if original else {}), **r, **given})
-
-
-def diffusion_config(original: bool = False, **given) -> DiffusionConfig:
-    """A :class:`DiffusionConfig` from command-line values, None meaning not given;
-    ``original``: the recipe before the convergence benchmark (eps-prediction)."""
-    given = {k: v for k, v in given.items() if v is not None}
-    return DiffusionConfig(**{**(DIFFUSION if original else {}), **given})
-
-
-def model_config(preset: str, *, channels: tuple[int, ...] | None = None,
-                 conditional: bool = False, dataset: str = "mnist") -> UNetConfig:
-    """The U-Net of ``preset``, with ``channels`` as its widths if given and, if
-    ``conditional``, a class embedding for ``dataset``'s classes."""
-    cfg = PRESETS[preset]
-    if channels:
-        try:
-            cfg = replace(cfg, channels=tuple(channels))
-        except ValueError as e:
-            raise MinidiffError(f"--channels: {e}") from None
-    if conditional:
-        cfg = replace(cfg, num_classes=len(get_spec(dataset).classes))
-    return cfg
-
-
-def run_configs(preset: str, recipe: str | None = None, original: bool = False, *,
-                channels: tuple[int, ...] | None = None, conditional: bool = False,
-                schedule: str | None = None, prediction: str | None = None,
-                **given) -> tuple[UNetConfig, DiffusionConfig, TrainConfig]:
-    """The model, diffusion and training configs of ``minidiff train`` from its flags, None
-    meaning not given (``given``: :class:`TrainConfig` fields): :func:`model_config`,
-    :func:`diffusion_config`, :func:`train_config`. A run with ``init`` takes its layout from
-    that checkpoint, so it refuses ``channels`` and ``conditional``."""
-    if given.get("label_dropout") is not None and not conditional:
-        raise MinidiffError("--label-dropout applies to --conditional training only")
-    if given.get("init") and (conditional or channels):
-        raise MinidiffError("--init takes the model's layout from the checkpoint; drop "
-                            "--conditional / --channels")
-    cfg = train_config(recipe, original, **given)
-    return (model_config(preset, channels=channels, conditional=conditional, dataset=cfg.dataset),
-            diffusion_config(original, schedule=schedule, prediction=prediction), cfg)
-
+from .unet import UNet, UNetConfig, count_macs
 
 # What a fine-tuned run inherits from its --init checkpoint's config (and keeps on resume).
 CARRIED = ("storage", "pruned", "init_sha256")

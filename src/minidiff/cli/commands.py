@@ -74,7 +74,8 @@ def cmd_models(args):
 @options(s.TrainConfig, "precision", "device")
 @shared("--no-progress")
 def cmd_train(args):
-    from ..train import run_configs, train
+    from ..recipes import run_configs
+    from ..train import train
 
     model, diffusion, cfg = run_configs(args.preset, args.recipe, args.original_recipe,
                                         channels=args.channels, conditional=args.conditional,
