@@ -9,11 +9,11 @@ Every variant changes one thing of today's recipe (``today``: the recipe the shi
 models were trained with, ``minidiff.original.TRAINING`` / ``DIFFUSION``, now
 ``minidiff train --original-recipe``) or combines the winners, and every one sees the same
 number of images (default 60,000: one third of the shipped models' 3 epochs). Each run is
-evaluated during training (``--eval-every``: pseudo-FID of n samples of the EMA weights, the
-default sampler, seed 0) at a quarter, half, three quarters and all of the budget. The target
-is today's 3-epoch pseudo-FID: the shipped model of the preset evaluated the same way. Finished
-runs are kept, so an interrupted benchmark continues where it stopped; results of earlier
-invocations are merged into the JSON.
+evaluated during training (``--eval-every``: pseudo-FID of n samples of the EMA weights, 8
+steps of the default sampler, seed 0) at a quarter, half, three quarters and all of the budget.
+The target is today's 3-epoch pseudo-FID: the shipped model of the preset evaluated the same
+way. Finished runs are kept, so an interrupted benchmark continues where it stopped; results of
+earlier invocations are merged into the JSON.
 
 The curves were taken at 8 steps, the default sampler of their day. ``--rescore`` evaluates
 again, at today's default sampler (``SamplingConfig()``), the 3-epoch models the targets came
@@ -146,10 +146,11 @@ def markdown(res: dict) -> str:
         f"{env['bf16_native']}), {env['threads']} threads, torch "
         f"{env['torch']}; date {env['date']}.",
         "",
-        f"Each point: pseudo-FID of n = {res['eval_n']} samples of the EMA weights (default "
-        "sampler, seed 0) against the MNIST test split (`minidiff train --eval-every`). Every "
-        "variant sees the same number of images. The target is today's 3-epoch model "
-        "evaluated the same way; \"reached at\" is the first evaluated point at or below it.",
+        f"Each point: pseudo-FID of n = {res['eval_n']} samples of the EMA weights (8 steps "
+        "of the default sampler, seed 0) against the MNIST test split (`minidiff train "
+        "--eval-every`). Every variant sees the same number of images. The target is today's "
+        "3-epoch model evaluated the same way; \"reached at\" is the first evaluated point at "
+        "or below it.",
         "",
     ]
     for preset, tgt in res["targets"].items():

@@ -1,4 +1,4 @@
-"""Distilled students beside the teacher's own few-step samplers (issue #17, item 3).
+"""Distilled students beside the teacher's own few-step samplers.
 
 Run: .venv/bin/python benchmarks/distill.py reduced=runs/reduced baseline=runs/baseline \
          [--n 2000] [--time-n 10000] [--repeats 3] [--full-n 10000] [--runs runs/distill] \
@@ -33,11 +33,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
-from minidiff.distill import DistillConfig, distill  # noqa: E402
+from minidiff.distill import distill  # noqa: E402
 from minidiff.generation import resolve_sampling, time_generation  # noqa: E402
 from minidiff.metrics import Reference, evaluate_images  # noqa: E402
 from minidiff.runtime import environment, resolve_precision  # noqa: E402
-from minidiff.settings import SamplingConfig  # noqa: E402
+from minidiff.settings import DistillConfig, SamplingConfig  # noqa: E402
 
 EVALS = (1, 2, 4, 8)
 TEACHER_SAMPLERS = ("ddim", "dpmpp", "dpmpp-sde")
@@ -87,7 +87,7 @@ def measure(ckpt, sampler, steps, spacing, n, timing=True):
     """pseudo-FID etc. of n images (seed 0) and the median seconds for time_n of them."""
     model, config, _ = load_checkpoint(ckpt)
     # every row names its sampler and steps: a student's own defaults would replace the ones
-    # equal to SamplingConfig's (steps 8), so its "sampling" entry is set aside here
+    # equal to SamplingConfig's, so its "sampling" entry is set aside here
     config = {k: v for k, v in config.items() if k != "sampling"}
     cfg = SamplingConfig(sampler, steps, spacing, precision=PRECISION, seed=0, guidance=None)
     cfg, sched = resolve_sampling(cfg, config, torch.device("cpu"))
@@ -95,7 +95,7 @@ def measure(ckpt, sampler, steps, spacing, n, timing=True):
     row = {k: round(m[k], 4) for k in ("pseudo_fid", "precision", "recall")}
     if timing:
         row["seconds_time_n"] = round(time_generation(model, sched, cfg, args.time_n,
-                                                      warmup=min(256, args.time_n),
+                                                      warmup=min(cfg.batch_size, args.time_n),
                                                       repeats=args.repeats).seconds, 2)
     return row
 

@@ -14,7 +14,6 @@ from minidiff.cli import main
 from minidiff.diffusion import Schedule
 from minidiff.distill import (
     Discriminator,
-    DistillConfig,
     adversarial_losses,
     consistency_target,
     distill,
@@ -23,7 +22,7 @@ from minidiff.distill import (
 from minidiff.errors import MinidiffError
 from minidiff.generation import generate, resolve_sampling
 from minidiff.samplers import sample_ddim
-from minidiff.settings import SamplingConfig
+from minidiff.settings import DistillConfig, SamplingConfig
 from tests.test_samplers_gaussian import FULL, FULL_V, oracle
 
 # four updates over two rounds (8 -> 4 -> 2 steps): the hand-over between rounds is exercised
@@ -99,7 +98,8 @@ def test_a_step_count_the_student_cannot_serve_is_refused_in_one_line(students, 
 
 def test_a_typed_default_step_count_is_refused_too(students, tmp_path, capsys):
     """`--steps N` typed with N SamplingConfig's default is refused for a 2-step student
-    (#17); without --steps the student samples in its own 2 steps."""
+    (the SamplingConfig records what was typed); without --steps the student samples in its
+    own 2 steps."""
     out = tmp_path / "s.npz"
     argv = ["sample", str(students["progressive"]), "--n", "2", "--out", str(out),
             "--no-progress"]

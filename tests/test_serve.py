@@ -64,7 +64,8 @@ def test_every_field_is_validated(body, field):
 
 def test_defaults_and_conditional_guidance():
     r = GenerateRequest.parse({"model": "reduced-cond", "class": 7}, MODELS)
-    assert (r.steps, r.n, r.seed, r.cls, r.guidance) == (SamplingConfig().steps, 16, 0, 7, 1.5)
+    d = SamplingConfig()
+    assert (r.steps, r.n, r.seed, r.cls, r.guidance) == (d.steps, 16, 0, 7, d.guidance)
     assert GenerateRequest.parse({"model": "reduced-cond"}, MODELS).guidance is None
 
 

@@ -102,7 +102,7 @@ def sample_seconds_diffusers(net: DiffusersEps, sampler: str, steps: int, n: int
     cls_name, kw = DIFFUSERS_SCHEDULERS[sampler]
     sched = getattr(diffusers, cls_name)(num_train_timesteps=1000, beta_schedule="linear",
                                          beta_start=1e-4, beta_end=0.02,
-                                         timestep_spacing="trailing", **kw)
+                                         timestep_spacing="trailing", **kw)  # = DEFAULT.spacing
     gen = torch.Generator().manual_seed(0)
 
     def run():

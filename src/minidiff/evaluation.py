@@ -17,11 +17,7 @@ from .classifier import features_and_logits
 from .diffusion import DiffusionConfig
 from .generation import resolve_sampling, time_generation
 from .metrics import Reference, evaluate_images, frechet_distance
-from .settings import SamplingConfig
-
-# 8 steps of the default sampler: 0.4x the cost of today's 20-step default, and the setting of
-# every committed curve (convergence benchmark, study), so that new curves compare with them
-EVAL_SAMPLING = SamplingConfig(steps=8)
+from .settings import EVAL_N, EVAL_SAMPLING, SamplingConfig
 
 
 class Evaluator:
@@ -29,7 +25,7 @@ class Evaluator:
     unconditional draw of ``n`` images from ``model`` (a conditional model is sampled with the
     "no label" class)."""
 
-    def __init__(self, diffusion: DiffusionConfig, n: int = 2000, dataset: str = "mnist",
+    def __init__(self, diffusion: DiffusionConfig, n: int = EVAL_N, dataset: str = "mnist",
                  sampling: SamplingConfig | None = None, device: torch.device | str = "cpu",
                  data_dir=None):
         self.n, self.device = n, torch.device(device)

@@ -41,7 +41,7 @@ from .original import EPOCHS, RECIPES
 from .recipes import diffusion_config, train_config
 from .report import write_report
 from .runtime import environment, resolve_device
-from .settings import SamplingConfig
+from .settings import EVAL_N, EVAL_SAMPLING, SamplingConfig
 from .train import train
 from .unet import PRESETS as UNET
 from .unet import UNet, count_macs, count_params
@@ -67,9 +67,9 @@ class StudyConfig:
     structured: float = 0.1
     unstructured: float = 0.3
     n: int = 1000  # samples per model for the metrics (and the timing)
-    # how every model is sampled: 8 steps of the default sampler, the default when the committed
-    # results were made (the default is 20 since 2026-11-28), so a re-run reproduces them
-    sampling: SamplingConfig = SamplingConfig(steps=8)
+    # how every model is sampled (8 steps, the default when the committed results were made),
+    # so a re-run reproduces them
+    sampling: SamplingConfig = EVAL_SAMPLING
     seed: int = 0  # training and metrics
     checkpoint_every: int = 500
     # equal compute: reduced and shallow train the baseline's FLOPs (epochs x MACs ratio) instead
@@ -78,7 +78,7 @@ class StudyConfig:
     # evaluation during training: this many log-spaced points per from-scratch stage (halving
     # back from the end), at most 3 per fine-tuning stage; pseudo-FID of eval_n samples
     eval_points: int = 0
-    eval_n: int = 2000
+    eval_n: int = EVAL_N
 
     def epochs_of(self, arch: str) -> float:
         """From-scratch epochs of ``arch`` (``baseline``, ``reduced`` or ``shallow``)."""
