@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +21,7 @@ from .errors import MinidiffError
 from .generation import load_samples, sample_to_file
 from .io import atomic_write_text
 from .metrics import MIN_SAMPLES, evaluate
-from .runtime import cpu_name, resolve_device, resolve_precision
+from .runtime import environment_line, resolve_device, resolve_precision, timed
 from .settings import SamplingConfig, TrainConfig
 from .train import train
 from .unet import PRESETS, UNet, count_params
@@ -54,22 +53,15 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, n: int 
                                 f"({saved.get('steps')} steps); pass --force to start over or "
                                 "another --out")
 
-    timings = {}
-    t0 = time.perf_counter()
-    summary = train(PRESETS[DEMO_PRESET], DiffusionConfig(), cfg, out, data_dir=data_dir,
-                    resume=resume, preset=DEMO_PRESET)
-    timings["train"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    meta = sample_to_file(out, out / "samples.npz", DEMO_SAMPLING, n=n,
-                          grid=str(out / "grid.png"))
-    timings["sample"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    metrics = evaluate(torch.from_numpy(load_samples(out / "samples.npz")), "mnist", "test",
-                       data_dir)
+    timings = {}  # each step's wall time, one call each
+    timings["train"], _, summary = timed(lambda: train(
+        PRESETS[DEMO_PRESET], DiffusionConfig(), cfg, out, data_dir=data_dir, resume=resume,
+        preset=DEMO_PRESET))
+    timings["sample"], _, meta = timed(lambda: sample_to_file(
+        out, out / "samples.npz", DEMO_SAMPLING, n=n, grid=str(out / "grid.png")))
+    timings["eval"], _, metrics = timed(lambda: evaluate(
+        torch.from_numpy(load_samples(out / "samples.npz")), "mnist", "test", data_dir))
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    timings["eval"] = time.perf_counter() - t0
     rows = "\n".join(
         f"| `{k}` | {metrics[k]:.4f} | {metrics['floor'][k]:.4f} |"
         for k in ("pseudo_fid", "kid", "precision", "recall", "ssim", "class_max_dev",
@@ -85,7 +77,7 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, n: int 
     report = f"""# minidiff demo
 
 Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}
-Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}
+Machine: {environment_line()}
 Command: `minidiff demo` ({resumed})
 
 | step | what | time |

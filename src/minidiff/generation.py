@@ -118,6 +118,10 @@ def generate(model, sched: Schedule, n: int, *, sampler: str = "ddpm", seed: int
     ``torch.compile`` (falling back to eager if that fails); results then match eager ones up
     to floating-point rounding, not bit for bit. With labels ``y: [n]`` and ``guidance``, a
     class-conditional model is sampled with classifier-free guidance of that scale.
+
+    The defaults are the reference draw (DDPM in fp32 on the schedule given), not the user's
+    sampling defaults: those are :class:`~minidiff.settings.SamplingConfig`'s, which
+    :func:`time_generation` and :func:`sample_to_file` apply.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -211,7 +215,7 @@ def load_labels(path: str | Path, n: int, num_classes: int = 10) -> np.ndarray |
     return labels
 
 
-def sampling_schedule(config: dict, steps: int | None, spacing: str = "uniform"):
+def sampling_schedule(config: dict, steps: int | None, spacing: str):
     """The respaced schedule a checkpoint's ``config`` is sampled with -> ``(sched, steps)``;
     ``steps=None`` means all T."""
     diff_cfg = DiffusionConfig.from_dict(config["diffusion"])

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .classifier import features_and_logits, load_classifier
+from .classifier import features_and_logits, load_classifier, weights_path
 from .data import load_split
 from .errors import MinidiffError
 from .io import atomic_write_text, cache_dir
@@ -145,8 +145,6 @@ def ssim_mean(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _cache_key(dataset: str, reference: str) -> str:
-    from .classifier import weights_path
-
     card = json.loads(weights_path(dataset).with_suffix(".json").read_text())
     return hashlib.sha256(f"{dataset}|{reference}|{card['sha256']}".encode()).hexdigest()[:16]
 

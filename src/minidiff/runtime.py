@@ -27,6 +27,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from . import __version__
 from .errors import MinidiffError
 from .settings import DEVICES, PRECISIONS, check_choice
 
@@ -121,8 +122,6 @@ def cpu_class() -> str:
 
 def environment(device: torch.device | None = None) -> dict:
     """What every result records about where it was measured."""
-    from . import __version__
-
     device = device or torch.device("cpu")
     env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
            "cpu": cpu_name(), "cpu_capability": cpu_capability(),

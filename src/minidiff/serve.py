@@ -20,6 +20,11 @@ queued request would wait up to ``max_seconds`` per request ahead of it, past it
 patience, with nothing on the page to say why. 503 rather than 429 because the limit is the
 server's capacity, not this client's rate (429 means "you sent too many"; the busy request may
 be another tab's first).
+
+The module imports torch and the model code only where models are loaded and sampled
+(:class:`ModelPool`), so that request validation (:class:`GenerateRequest`) and the page load
+without them; Starlette and uvicorn, the ``serve`` extra, only in :func:`create_app` and
+:func:`serve`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from importlib import resources
 
 import numpy as np
 
+from .errors import MinidiffError
+from .io import grid_png
 from .settings import SAMPLER_NAMES, SamplingConfig
 
 MAX_IMAGES = 64
@@ -134,8 +141,6 @@ class GenerateRequest:
 
 def _png(images: np.ndarray, nrow: int) -> str:
     """uint8 ``[N x H x W]`` -> a base64 PNG grid, as `minidiff grid` draws it."""
-    from .io import grid_png
-
     return base64.b64encode(grid_png(images, nrow=nrow)).decode()
 
 
@@ -276,8 +281,6 @@ def serve(host: str = "127.0.0.1", port: int = 7860, max_seconds: float = 60.0) 
     from importlib.util import find_spec
 
     if find_spec("starlette") is None or find_spec("uvicorn") is None:
-        from .errors import MinidiffError
-
         raise MinidiffError("minidiff serve needs its extra: pip install 'minidiff[serve]'")
     import uvicorn
 

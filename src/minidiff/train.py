@@ -29,6 +29,7 @@ from .compress import apply_masks, masks_of
 from .data import epoch_order, load_split, to_model_range
 from .diffusion import DiffusionConfig, DiffusionLoss, Schedule
 from .errors import MinidiffError
+from .evaluation import Evaluator
 from .runtime import autocast_context, bf16_native, resolve_device, resolve_precision
 from .settings import TrainConfig
 from .training_utils import drop_labels, ema_update, lr_at, step_seed, trim_log
@@ -140,8 +141,6 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
     eval_at = set(cfg.eval_steps(total)) if world.main else set()
     evaluator, train_s = None, 0.0
     if eval_at:
-        from .evaluation import Evaluator
-
         evaluator = Evaluator(diff_cfg, cfg.eval_n, cfg.dataset, device=device,
                               data_dir=data_dir)
         flops_per_image = 6 * count_macs(model, (1, model_cfg.in_channels,
