@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import RESULTS  # noqa: E402
 
-from minidiff.checkpoint import load_checkpoint  # noqa: E402
+from minidiff.checkpoint import dataset_of, load_checkpoint  # noqa: E402
 from minidiff.generation import class_labels, resolve_sampling, time_generation  # noqa: E402
 from minidiff.metrics import Reference, evaluate_conditional, evaluate_images  # noqa: E402
 from minidiff.runtime import environment, resolve_precision  # noqa: E402
@@ -38,7 +38,7 @@ args = ap.parse_args()
 
 out = RESULTS
 model, config, digest = load_checkpoint(args.checkpoint)
-dataset = config.get("train", {}).get("dataset", "mnist")
+dataset = dataset_of(config)
 ref = Reference(dataset, "test")
 # `minidiff sample`'s sampling (precision auto: bf16 where native), in batches of 250
 PRECISION = resolve_precision("auto", torch.device("cpu"))

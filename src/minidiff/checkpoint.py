@@ -36,6 +36,12 @@ MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 STATE_FILE, STATE_JSON = "state.safetensors", "state.json"
 
 
+def dataset_of(config: dict) -> str:
+    """The dataset a checkpoint's ``config`` was trained on (one written before datasets had
+    names: MNIST)."""
+    return config.get("train", {}).get("dataset", "mnist")
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

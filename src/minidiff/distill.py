@@ -48,6 +48,7 @@ from . import __version__
 from .checkpoint import (
     CONFIG_FILE,
     clean_partial,
+    dataset_of,
     load_checkpoint,
     load_state,
     save_model,
@@ -213,8 +214,7 @@ class DistillLoss:
     def __call__(self, student, teacher, x0: torch.Tensor, y=None, generator=None):
         """Mean loss over ``x0: [N x C x H x W]`` in [-1, 1]."""
         i, x = self.draw(x0, generator)
-        t = self.sched.timesteps.to(x.device)[i]
-        _, pred = self.student_sched.eps_x0(student(x, t, y), x, i)
+        _, pred = predict_x0(student, x, self.student_sched, i, y, clip=False)
         if self.method == "progressive":
             target = progressive_target(teacher, self.sched, x, i, y)
             ab = gather(self.sched.alpha_bar, i, 1).view(-1)
@@ -287,7 +287,7 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
     precision = resolve_precision(cfg.precision, device)
     model_cfg = teacher.config
     conditional = bool(model_cfg.num_classes)
-    dataset = tconfig.get("train", {}).get("dataset", "mnist")
+    dataset = dataset_of(tconfig)
     images, labels = load_split(dataset, "train", data_dir)
     if cfg.subset:
         images, labels = images[:cfg.subset], labels[:cfg.subset]

@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import dataset_of, load_checkpoint
 from .diffusion import DiffusionConfig, Schedule
 from .errors import MinidiffError
 from .io import atomic_write_bytes, atomic_write_text, save_grid
@@ -385,7 +385,7 @@ def sample_to_file(checkpoint, out, cfg: SamplingConfig | None = None, *, n: int
     if bar is not None:
         bar.close()
     meta = sidecar(cfg, n, checkpoint, digest, run.seconds,
-                   config.get("train", {}).get("dataset", "mnist"), compile=compile,
+                   dataset_of(config), compile=compile,
                    device=str(dev), **({} if labels is None else {"class": classes}))
     save_samples(out, images.numpy(), meta, None if labels is None else labels.numpy())
     if grid:

@@ -61,6 +61,7 @@ def predict_x0(model, x, sched: Schedule, i, y=None, clip: bool = True):
         eps = (x - ab ** 0.5 * x0) / (1 - ab) ** 0.5  # keep eps consistent with the clipped x0
     return eps, x0
 
+
 @torch.no_grad()
 def sample_ddim(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
                 eta: float = 0.0, clip_denoised: bool = True):
@@ -76,6 +77,7 @@ def sample_ddim(model, x, sched: Schedule, *, y=None, generator=None, callback=N
         if callback is not None:
             callback({"i": i, "t": int(sched.timesteps[i]), "x": x, "x0": x0})
     return x.clamp(-1, 1)
+
 
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
@@ -104,6 +106,7 @@ def sample_dpmpp_2m(model, x, sched: Schedule, *, y=None, generator=None, callba
             callback({"i": i, "t": int(sched.timesteps[i]), "x": x, "x0": x0})
     return x.clamp(-1, 1)
 
+
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
                         clip_denoised: bool = True):
@@ -131,6 +134,7 @@ def sample_dpmpp_2m_sde(model, x, sched: Schedule, *, y=None, generator=None, ca
         if callback is not None:
             callback({"i": i, "t": int(sched.timesteps[i]), "x": x, "x0": x0})
     return x.clamp(-1, 1)
+
 
 SAMPLERS: dict[str, Callable] = {"ddpm": sample_ddpm, "ddim": sample_ddim,
                                  "dpmpp": sample_dpmpp_2m, "dpmpp-sde": sample_dpmpp_2m_sde}

@@ -158,7 +158,7 @@ class ModelPool:
             self.info[name] = self._describe(name)
 
     def _describe(self, name: str) -> dict:
-        from .checkpoint import resolve
+        from .checkpoint import dataset_of, resolve
         from .unet import count_params
 
         model, config = self._load(name)
@@ -166,7 +166,7 @@ class ModelPool:
         return {"params": count_params(model), "size_mb": round(size / 2**20, 2),
                 "conditional": bool(model.config.num_classes),
                 "num_classes": model.config.num_classes or 0,
-                "dataset": config.get("train", {}).get("dataset", "mnist"),
+                "dataset": dataset_of(config),
                 "student": config.get("sampling")}
 
     def _load(self, name: str):
