@@ -80,6 +80,10 @@ def test_sample_writes_npz_sidecar_and_grid(run_dir, tmp_path, capsys):
              "--out", str(tmp_path / "t.npz"), "--no-progress"]
     assert main(again) == 0
     assert np.array_equal(np.load(tmp_path / "t.npz")["images"], images)  # same seed
+    capsys.readouterr()
+    assert main(["grid", str(out), "--out", str(tmp_path / "g.jpg")]) == 1
+    assert "the grid must be a .png file" in one_error_line(capsys)
+    assert not (tmp_path / "g.jpg").exists()
 
 
 def test_existing_out_needs_resume(run_dir, capsys):

@@ -356,7 +356,8 @@ def sample_to_file(checkpoint, out, cfg: SamplingConfig | None = None, *, n: int
 
     ``classes`` (a conditional model only): one class id ("7") or "all" for a balanced set of
     ``n / num_classes`` per class, sorted by class, sampled with ``cfg.guidance``; the labels go
-    into the .npz and the grid shows one class per row.
+    into the .npz and the grid shows one class per row. A guidance chosen without ``classes``
+    is refused: there is nothing to guide towards.
     """
     cfg = cfg or SamplingConfig()
     out = Path(out)
@@ -366,6 +367,8 @@ def sample_to_file(checkpoint, out, cfg: SamplingConfig | None = None, *, n: int
         raise MinidiffError(f"--grid {grid}: the grid must be a .png file")
     if n < 1:
         raise MinidiffError(f"--n must be >= 1, got {n}")
+    if classes is None and cfg.given("guidance") and cfg.guidance is not None:
+        raise MinidiffError("--guidance needs --class (a digit or all)")
     dev = resolve_device(device)
     model, config, digest = load_checkpoint(checkpoint, dev)
     cfg, sched = resolve_sampling(cfg, config, dev)

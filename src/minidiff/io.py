@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import MinidiffError
+
 # Shipped with the package (wheel or checkout alike): classifiers, models, MNIST, the web page.
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -81,5 +83,7 @@ def grid_png(images, nrow: int | None = None, pad: int = 2, scale: int = 2) -> b
 
 def save_grid(images, path: str | os.PathLike, nrow: int | None = None, pad: int = 2,
               scale: int = 2) -> None:
-    """Save uint8 images ``[N x H x W]`` as one PNG grid (see :func:`grid_png`)."""
+    """Save uint8 images ``[N x H x W]`` as one PNG grid (see :func:`grid_png`) to a .png."""
+    if Path(path).suffix.lower() != ".png":
+        raise MinidiffError(f"{path}: the grid must be a .png file")
     atomic_write_bytes(path, grid_png(images, nrow, pad, scale))
