@@ -28,7 +28,7 @@ from common import RESULTS, resume_results  # noqa: E402
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.evaluation import score  # noqa: E402
 from minidiff.metrics import Reference  # noqa: E402
-from minidiff.runtime import resolve_precision  # noqa: E402
+from minidiff.runtime import environment_line, resolve_precision  # noqa: E402
 from minidiff.settings import SamplingConfig  # noqa: E402
 
 # (sampler, steps, spacing): DDPM-1000 is the reference; the rest are the stochastic few-step
@@ -124,7 +124,7 @@ res.update(summary=summary, seeds=args.seeds, choice=choice)
 path.write_text(json.dumps(res, indent=2) + "\n")
 
 lines = [f"# Default sampler: fewest steps within {TOLERANCE:.0%} of DDPM-1000 "
-         f"({res['date']}, {res['cpu']}, {res['threads']} threads, {res['precision']})", "",
+         f"({environment_line(res)}; {res['precision']})", "",
          f"Checkpoint `{res['checkpoint']}` (sha256 {digest[:12]}...), "
          f"{args.n} samples per seed, seeds {', '.join(map(str, args.seeds))}, batch 250, "
          "pseudo-FID against the MNIST test split (lower is better). Every sampler here takes "

@@ -36,7 +36,7 @@ from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.distill import distill  # noqa: E402
 from minidiff.generation import resolve_sampling, time_generation  # noqa: E402
 from minidiff.metrics import Reference, evaluate_images  # noqa: E402
-from minidiff.runtime import environment, resolve_precision  # noqa: E402
+from minidiff.runtime import environment, environment_line, resolve_precision  # noqa: E402
 from minidiff.settings import DistillConfig, SamplingConfig  # noqa: E402
 
 EVALS = (1, 2, 4, 8)
@@ -206,8 +206,8 @@ for spec in [] if args.report else args.teachers:
 
 # ------------------------------------------------------------------------------ report
 env = res["environment"]
-lines = [f"# Distilled students beside the teacher's few-step samplers ({env['date']}, "
-         f"{env['cpu']}, {env['threads']} threads, {PRECISION})", "",
+lines = [f"# Distilled students beside the teacher's few-step samplers "
+         f"({environment_line(env)}; {PRECISION})", "",
          f"Pseudo-FID of {args.n} samples (seed 0) against the MNIST test split, and seconds for "
          f"{args.time_n} samples (median of {args.repeats}, in-process). Students: "
          "DistillConfig's defaults, or the runs --student names (updates in the last table); "

@@ -20,7 +20,7 @@ os.environ["MINIDIFF_CACHE"] = tempfile.mkdtemp()  # start cold
 
 from minidiff.data import load_split  # noqa: E402
 from minidiff.metrics import Reference, evaluate_images  # noqa: E402
-from minidiff.runtime import environment  # noqa: E402
+from minidiff.runtime import environment, environment_line  # noqa: E402
 
 images = load_split("mnist", "train")[0][:10000]
 t0 = time.perf_counter()
@@ -42,7 +42,7 @@ out = Path(__file__).resolve().parent / "results"
 out.mkdir(exist_ok=True)
 (out / "eval_speed.json").write_text(json.dumps(result, indent=2) + "\n")
 (out / "eval_speed.md").write_text(
-    f"# Evaluation speed ({result['date']}, {result['cpu']}, {result['threads']} threads)\n\n"
+    f"# Evaluation speed ({environment_line(result)})\n\n"
     f"| what | seconds |\n|---|---|\n"
     f"| build the reference cache once (10k test features + test-to-train NN threshold) | "
     f"{result['reference_cache_build_s']} |\n"

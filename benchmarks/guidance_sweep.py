@@ -25,7 +25,7 @@ from common import RESULTS  # noqa: E402
 from minidiff.checkpoint import dataset_of, load_checkpoint  # noqa: E402
 from minidiff.generation import class_labels, resolve_sampling, time_generation  # noqa: E402
 from minidiff.metrics import Reference, evaluate_conditional, evaluate_images  # noqa: E402
-from minidiff.runtime import environment, resolve_precision  # noqa: E402
+from minidiff.runtime import environment, environment_line, resolve_precision  # noqa: E402
 from minidiff.settings import SamplingConfig  # noqa: E402
 
 SCALES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -67,8 +67,7 @@ best = (min(ok, key=lambda r: r["pseudo_fid"]) if ok
 res["choice"] = best["guidance"]
 (out / "guidance_sweep.json").write_text(json.dumps(res, indent=2) + "\n")
 
-lines = [f"# Classifier-free guidance sweep ({res['date']}, {res['cpu']}, {res['threads']} "
-         f"threads, {res['precision']})", "",
+lines = [f"# Classifier-free guidance sweep ({environment_line(res)}; {res['precision']})", "",
          f"Checkpoint `{res['checkpoint']}` (sha256 {digest[:12]}...), {args.n} samples per "
          f"scale ({args.n // 10} per class), `{cfg.sampler}` {cfg.steps} steps "
          f"({cfg.spacing}), seed 0; {dataset} test split as reference. Accuracy: the share "

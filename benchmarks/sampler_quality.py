@@ -23,7 +23,7 @@ from common import RESULTS, resume_results  # noqa: E402
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.evaluation import score  # noqa: E402
 from minidiff.metrics import Reference, floor  # noqa: E402
-from minidiff.runtime import resolve_precision  # noqa: E402
+from minidiff.runtime import environment_line, resolve_precision  # noqa: E402
 from minidiff.settings import SamplingConfig  # noqa: E402
 
 GRID = [("ddpm", 1000, {}), ("ddpm", 100, {}), ("ddpm", 50, {}), ("ddpm", 20, {}),
@@ -67,8 +67,7 @@ for name, steps, kw in GRID:
 
 base = next(r for r in res["rows"] if r["sampler"] == "ddpm" and r["steps"] == 1000
             and r.get("spacing", "uniform") == "uniform")
-lines = [f"# Sampler quality vs steps ({res['date']}, {res['cpu']}, {res['threads']} threads, "
-         f"{res['precision']})", "",
+lines = [f"# Sampler quality vs steps ({environment_line(res)}; {res['precision']})", "",
          f"Checkpoint `{res['checkpoint']}` (sha256 {digest[:12]}...; `runs/demo` is what "
          f"`make demo` trains), {args.n} samples per row, "
          f"seed 0, against the MNIST test split. Real-data floor at n = {args.n}: pseudo-FID "
