@@ -95,7 +95,7 @@ def measure(ckpt, sampler, steps, spacing, n, timing=True):
     row = {k: round(m[k], 4) for k in ("pseudo_fid", "precision", "recall")}
     if timing:
         row["seconds_time_n"] = round(time_generation(model, sched, cfg, args.time_n,
-                                                      warmup=min(cfg.batch_size, args.time_n),
+                                                      warmup=min(256, args.time_n),
                                                       repeats=args.repeats).seconds, 2)
     return row
 

@@ -162,6 +162,8 @@ def test_eval_cli_prints_table_with_floor_and_writes_json(tmp_path, capsys, ref)
 def test_score_is_a_seeded_draw_scored_in_full(tiny_run, ref):
     """evaluation.score (the benchmarks' row): the keys they record, the same numbers for the
     same seed, other ones for another seed."""
+    from dataclasses import replace
+
     from minidiff.checkpoint import load_checkpoint
     from minidiff.evaluation import SCORES, score
     from minidiff.settings import SamplingConfig
@@ -169,7 +171,7 @@ def test_score_is_a_seeded_draw_scored_in_full(tiny_run, ref):
     model, config, _ = load_checkpoint(tiny_run)
     cfg = SamplingConfig(steps=2, precision="fp32", batch_size=16)
     a, b = (score(model, config, cfg, 32, ref) for _ in range(2))
-    other = score(model, config, SamplingConfig(steps=2, precision="fp32", seed=1), 32, ref)
+    other = score(model, config, replace(cfg, seed=1), 32, ref)
     assert set(a) == {"seconds", *SCORES} and a["pseudo_fid"] > 0  # seconds: 0.0 when fast
     assert {k: a[k] for k in SCORES} == {k: b[k] for k in SCORES}
     assert other["pseudo_fid"] != a["pseudo_fid"]

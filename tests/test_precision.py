@@ -129,3 +129,13 @@ def test_default_sampling_batch_follows_the_precision(monkeypatch):
         assert (cfg.precision, cfg.batch_size) == (prec, BATCH_BY_PRECISION[prec])
         assert resolve_sampling(SamplingConfig(batch_size=7), config, cpu)[0].batch_size == 7
     assert BATCH_BY_PRECISION == {"bf16": 256, "fp32": 128}
+
+
+def test_environment_line_names_the_cpu_class_and_reads_older_records():
+    from minidiff.runtime import environment, environment_line
+
+    env = environment()
+    line = environment_line(env)
+    assert env["cpu_capability"] in line and "bf16 " in line and f"{env['threads']} threads" in line
+    old = {"date": "2026-11-27", "cpu": "AMD EPYC", "threads": 2}  # a record before the class
+    assert environment_line(old) == "2026-11-27, AMD EPYC, 2 threads"

@@ -38,6 +38,8 @@ def test_every_listed_choice_is_one_the_code_takes():
             spaced[schedule, spacing] = sched.respace(10, spacing).timesteps.tolist()
             assert len(spaced[schedule, spacing]) == 10
     assert len({tuple(v) for v in spaced.values()}) == len(settings.SPACINGS)  # all differ
+    betas = [Schedule.from_config(DiffusionConfig(schedule=s)).betas for s in settings.SCHEDULES]
+    assert all(not torch.equal(a, b) for a, b in zip(betas, betas[1:], strict=False))
     cpu = torch.device("cpu")
     assert {resolve_precision(p, cpu) for p in settings.PRECISIONS} <= {"fp32", "bf16"}
     for name in settings.DEVICES:

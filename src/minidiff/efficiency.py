@@ -8,7 +8,7 @@ import torch
 
 from .checkpoint import load_checkpoint, resolve
 from .generation import resolve_sampling, time_generation
-from .runtime import environment, resolve_device
+from .runtime import cpu_name, environment, resolve_device
 from .settings import SamplingConfig
 from .unet import count_macs, count_params
 
@@ -43,6 +43,6 @@ def efficiency(checkpoint, cfg: SamplingConfig | None = None, *, time_n: int = 2
         "timed_seconds": round(seconds, 2),
         "seconds_per_10k": round(seconds * 10000 / time_n, 1),
         "seconds_per_10k_is": "measured" if time_n == 10000 else f"extrapolated from {time_n}",
-        "device": dev.type,
         **environment(dev),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
     }

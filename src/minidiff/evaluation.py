@@ -3,8 +3,8 @@ and :func:`score`, one sampler setting's timed draw scored in full, as the bench
 
 ``minidiff train --eval-every`` and the convergence benchmark call an :class:`Evaluator` on the
 EMA weights every so often; it draws ``n`` images with a fixed seed and sampler (default:
-:data:`EVAL_SAMPLING`) and scores them against the reference split, so successive points of one
-run differ only by the weights.
+:data:`~minidiff.settings.EVAL_SAMPLING`) and scores them against the reference split, so
+successive points of one run differ only by the weights.
 """
 
 from __future__ import annotations

@@ -135,10 +135,11 @@ def environment(device: torch.device | None = None) -> dict:
 
 def environment_line(env: dict | None = None) -> str:
     """:func:`environment` as the one line a report prints under its title."""
-    env = env or environment()
-    return (f"{env['date']}, {env['cpu']} ({env['cpu_capability']}, bf16 "
-            f"{'native' if env['bf16_native'] else 'emulated'}), {env['threads']} threads, "
-            f"torch {env['torch']}")
+    env = env or environment()  # a record from before a field existed prints without it
+    cls = "" if "cpu_capability" not in env else (
+        f" ({env['cpu_capability']}, bf16 {'native' if env.get('bf16_native') else 'emulated'})")
+    torch_ = f", torch {env['torch']}" if "torch" in env else ""
+    return f"{env['date']}, {env['cpu']}{cls}, {env['threads']} threads{torch_}"
 
 
 class Timing(NamedTuple):
