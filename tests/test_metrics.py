@@ -157,8 +157,6 @@ def test_eval_cli_prints_table_with_floor_and_writes_json(tmp_path, capsys, ref)
     assert len(res["class_histogram"]) == 10 and abs(sum(res["class_histogram"]) - 1) < 1e-3
 
 
-
-
 def test_score_is_a_seeded_draw_scored_in_full(tiny_run, ref):
     """evaluation.score (the benchmarks' row): the keys they record, the same numbers for the
     same seed, other ones for another seed."""
