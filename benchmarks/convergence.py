@@ -6,7 +6,7 @@ Run: .venv/bin/python benchmarks/convergence.py --preset reduced [--variants tod
   -> benchmarks/results/convergence.{json,md,png}
 
 Every variant changes one thing of today's recipe (``today``: the recipe the shipped 3-epoch
-models were trained with, ``minidiff.original.TRAINING`` / ``DIFFUSION``, now
+models were trained with, ``minidiff.study.reference.TRAINING`` / ``DIFFUSION``, now
 ``minidiff train --original-recipe``) or combines the winners, and every one sees the same
 number of images (default 60,000: one third of the shipped models' 3 epochs). Each run is
 evaluated during training (``--eval-every``: pseudo-FID of n samples of the EMA weights, 8
@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.diffusion import DiffusionConfig  # noqa: E402
 from minidiff.evaluation import Evaluator  # noqa: E402
-from minidiff.io import atomic_write_text  # noqa: E402
-from minidiff.original import DIFFUSION, TRAINING  # noqa: E402
+from minidiff.files import atomic_write_text  # noqa: E402
 from minidiff.runtime import environment, resolve_device  # noqa: E402
 from minidiff.settings import SamplingConfig, TrainConfig  # noqa: E402
 from minidiff.study import PRESETS as STUDY_PRESETS  # noqa: E402
+from minidiff.study.reference import DIFFUSION, TRAINING  # noqa: E402
 from minidiff.train import train  # noqa: E402
 from minidiff.unet import PRESETS  # noqa: E402
 

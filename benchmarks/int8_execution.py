@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.compress import calibration_inputs  # noqa: E402
 from minidiff.diffusion import DiffusionConfig, Schedule  # noqa: E402
-from minidiff.io import atomic_write_text  # noqa: E402
+from minidiff.files import atomic_write_text  # noqa: E402
 from minidiff.runtime import environment, timed  # noqa: E402
 
 

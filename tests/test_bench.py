@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from minidiff import bench
+from minidiff.apps import bench
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from minidiff.cli import main
+from minidiff.apps.cli import main
 from minidiff.settings import SamplingConfig
 
 
@@ -134,7 +134,7 @@ def test_help_and_version_start_without_torch(flag):
     assert p.returncode == 0 and p.stdout.strip()
     imported = {line.rsplit("|", 1)[1].strip() for line in p.stderr.splitlines()
                 if line.startswith("import time:")}
-    assert {"minidiff.cli", "minidiff.settings"} <= imported
+    assert {"minidiff.apps.cli", "minidiff.settings"} <= imported
     assert not [m for m in imported if m.split(".")[0] == "torch"]
 
 
@@ -157,5 +157,5 @@ def test_train_recipe_flags_reach_the_run_config(tmp_path, capsys):
     assert main(["train", "--channels", "8,16", "--steps", "1", "--subset", "8",
                  "--original-recipe", "--no-progress", "--out", str(tmp_path / "o")]) == 0
     t = json.loads((tmp_path / "o" / "config.json").read_text())["train"]
-    from minidiff.original import TRAINING
+    from minidiff.study.reference import TRAINING
     assert {k: t[k] for k in TRAINING} == TRAINING

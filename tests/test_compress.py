@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from minidiff.apps.cli import main
 from minidiff.checkpoint import decode_state, encode_state, load_checkpoint, save_model
-from minidiff.cli import main
 from minidiff.compress import (
     output_error,
     prunable_weights,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from minidiff.cli import main
+from minidiff.apps.cli import main
 from minidiff.diffusion import DiffusionConfig, Schedule
 from minidiff.errors import MinidiffError
 from minidiff.generation import Guided, generate, sample_to_file

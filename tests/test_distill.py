@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from minidiff import distill as distill_mod
+from minidiff.apps.cli import main
 from minidiff.checkpoint import load_checkpoint
-from minidiff.cli import main
 from minidiff.diffusion import Schedule
 from minidiff.distill import (
     Discriminator,

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from minidiff import data as mdata
-from minidiff import io as mio
-from minidiff.cli import main
+from minidiff import files as mio
+from minidiff.apps.cli import main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 TINY = ["--preset", "reduced", "--channels", "8,16", "--batch-size", "8", "--subset", "16",

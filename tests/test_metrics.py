@@ -38,7 +38,7 @@ def feats(ref, images):
 def test_shipped_classifier_meets_its_target_and_card(ref, tmp_path, capsys):
     """`minidiff classifier evaluate` (one pass over the 10,000 test images, ~8 s) reproduces
     the card's accuracy, prints it and writes it as JSON."""
-    from minidiff.cli import main
+    from minidiff.apps.cli import main
 
     out = tmp_path / "acc.json"
     assert main(["classifier", "evaluate", "--json", str(out)]) == 0
@@ -140,7 +140,7 @@ def test_tampered_classifier_is_refused(tmp_path, monkeypatch):
 
 
 def test_eval_cli_prints_table_with_floor_and_writes_json(tmp_path, capsys, ref):
-    from minidiff.cli import main
+    from minidiff.apps.cli import main
     from minidiff.generation import save_samples
 
     samples = tmp_path / "s.npz"

@@ -12,7 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from minidiff import bench, runtime
+from minidiff import runtime
+from minidiff.apps import bench
 from minidiff.diffusion import DiffusionConfig
 from minidiff.settings import TrainConfig
 from minidiff.train import train
@@ -73,8 +74,8 @@ def test_auto_is_bf16_exactly_where_native(monkeypatch):
 
 
 def test_no_default_path_runs_bf16(no_native_bf16, tiny_cfg, tmp_path, monkeypatch):
-    from minidiff import demo, serve
-    from minidiff.cli import main
+    from minidiff.apps import demo, serve
+    from minidiff.apps.cli import main
     from minidiff.generation import sample_to_file
     from minidiff.metrics import MIN_SAMPLES
     from minidiff.settings import SamplingConfig

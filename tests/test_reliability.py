@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minidiff import io as mio
-from minidiff.cli import main
+from minidiff import files as mio
+from minidiff.apps.cli import main
 
 # A tiny model trained on 64 images: each step takes milliseconds, so a run of 200 steps that
 # checkpoints every step spends most of its time writing files -- where a kill hurts most.

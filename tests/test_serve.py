@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from minidiff.serve import (
+from minidiff.apps.serve import (
     BUSY,
     MAX_BODY_BYTES,
     GenerateRequest,

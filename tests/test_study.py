@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-import minidiff.study as study_mod
+import minidiff.study.pipeline as study_mod
+from minidiff.apps.cli import main
 from minidiff.checkpoint import SHIPPED_DIR
-from minidiff.cli import main
 from minidiff.study import PRESETS, Study
 
 REQUIRED = ("model", "params", "size_mb", "macs", "pseudo_fid", "kid", "precision", "recall",
@@ -86,7 +86,7 @@ def test_smoke_study_trains_at_equal_compute_and_plots_curves(smoke):
 
 
 def test_value_at_interpolates_log_log():
-    from minidiff.report import value_at
+    from minidiff.study.report import value_at
 
     pts = [{"model": "m", "x": 10, "pseudo_fid": 8.0}, {"model": "m", "x": 1000, "pseudo_fid": 2.0}]
     assert value_at(pts, "m", "x", 100) == pytest.approx(4.0)  # halfway in log-log
@@ -154,7 +154,7 @@ def test_readme_table_is_the_committed_results_json():
     """The README's study table is generated from results/study/results.json, not typed."""
     from pathlib import Path
 
-    from minidiff.report import readme_table
+    from minidiff.study.report import readme_table
 
     root = Path(__file__).resolve().parents[1]
     rows = json.loads((root / "results" / "study" / "results.json").read_text())
@@ -178,7 +178,7 @@ def test_long_stage_names_match_the_committed_study(tmp_path):
     training default or preset would otherwise orphan them silently (hours of retraining)."""
     from pathlib import Path
 
-    from minidiff.original import RECIPES
+    from minidiff.study.reference import RECIPES
 
     root = Path(__file__).resolve().parents[1]
     rows = {r["model"]: r for r in json.loads((root / "results" / "study" / "results.json")

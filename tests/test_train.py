@@ -8,8 +8,8 @@ from minidiff.checkpoint import load_checkpoint, load_state
 from minidiff.data import load_split, to_model_range
 from minidiff.diffusion import DiffusionConfig, DiffusionLoss, Schedule
 from minidiff.errors import CheckpointError, MinidiffError
-from minidiff.recipes import train_config
 from minidiff.settings import TrainConfig
+from minidiff.study.recipes import train_config
 from minidiff.train import train
 from minidiff.training_utils import lr_at
 from minidiff.unet import UNet

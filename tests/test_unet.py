@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from minidiff.original import STUDY
-from minidiff.unet import PRESETS, UNet, UNetConfig, count_macs, count_params, preset_table
+from minidiff.study.reference import STUDY
+from minidiff.study.report import preset_table
+from minidiff.unet import PRESETS, UNet, UNetConfig, count_macs, count_params
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

@@ -28,7 +28,7 @@ from safetensors.torch import save as st_save
 from . import __version__
 from .diffusion import DiffusionConfig
 from .errors import CheckpointError
-from .io import ASSETS, atomic_write_bytes, atomic_write_text
+from .files import ASSETS, atomic_write_bytes, atomic_write_text
 from .unet import UNet, UNetConfig
 
 SHIPPED_DIR = ASSETS / "models"

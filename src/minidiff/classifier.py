@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from .data import epoch_order, load_split
 from .errors import MinidiffError
-from .io import ASSETS, atomic_write_bytes, atomic_write_text
+from .files import ASSETS, atomic_write_bytes, atomic_write_text
 
 FEATURE_DIM = 128
 

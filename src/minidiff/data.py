@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
-from .io import ASSETS, atomic_write_bytes, atomic_write_text, cache_dir
+from .files import ASSETS, atomic_write_bytes, atomic_write_text, cache_dir
 
 PACKAGED_DIR = ASSETS / "data"
 SYSTEM_DIR = Path("/usr/share/datasets")

@@ -21,7 +21,7 @@ import torch
 from .checkpoint import dataset_of, load_checkpoint
 from .diffusion import DiffusionConfig, Schedule
 from .errors import MinidiffError
-from .io import atomic_write_bytes, atomic_write_text, save_grid
+from .files import atomic_write_bytes, atomic_write_text, save_grid
 from .runtime import Timing, autocast_context, resolve_device, resolve_precision, timed
 from .samplers import SAMPLERS
 from .settings import BATCH_BY_PRECISION, SamplingConfig

@@ -33,7 +33,7 @@ from torch import nn
 from .classifier import features_and_logits, load_classifier, weights_path
 from .data import load_split
 from .errors import MinidiffError
-from .io import atomic_write_text, cache_dir
+from .files import atomic_write_text, cache_dir
 
 KEYS = ("pseudo_fid", "kid", "precision", "recall", "ssim", "ssim_nearest", "class_histogram",
         "class_max_dev", "confidence", "memorization", "n")

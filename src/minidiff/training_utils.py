@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_write_text
+from .files import atomic_write_text
 from .settings import DistillConfig, TrainConfig
 
 

@@ -24,8 +24,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .original import STUDY
-
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -266,19 +264,3 @@ def count_macs(model: nn.Module, shape: tuple[int, ...] | None = None) -> int:
     with counter, torch.no_grad():
         model(x, t)
     return counter.get_total_flops() // 2
-
-
-def preset_rows() -> list[dict]:
-    """Each preset's channels, parameters (and the study's count) and MACs per image."""
-    nets = {name: UNet(cfg) for name, cfg in PRESETS.items()}
-    return [{"preset": name, "channels": list(net.config.channels), "params": count_params(net),
-             "study_params": STUDY[name]["params"], "macs_per_image": count_macs(net)}
-            for name, net in nets.items()]
-
-
-def preset_table(rows: list[dict]) -> str:
-    """:func:`preset_rows` as the table `minidiff models` prints."""
-    lines = [f"{'preset':<10} {'channels':<15} {'params':>10} {'study':>10} {'MACs/image':>12}"]
-    lines += [f"{r['preset']:<10} {str(tuple(r['channels'])):<15} {r['params']:>10,} "
-              f"{r['study_params']:>10,} {r['macs_per_image'] / 1e6:>10.1f} M" for r in rows]
-    return "\n".join(lines)

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CONFIG_FILE
-from .diffusion import DiffusionConfig
-from .errors import MinidiffError
-from .generation import load_samples, sample_to_file
-from .io import atomic_write_text
-from .metrics import MIN_SAMPLES, evaluate
-from .runtime import environment_line, resolve_device, resolve_precision, timed
-from .settings import SamplingConfig, TrainConfig
-from .train import train
-from .unet import PRESETS, UNet, count_params
+from ..checkpoint import CONFIG_FILE
+from ..diffusion import DiffusionConfig
+from ..errors import MinidiffError
+from ..files import atomic_write_text
+from ..generation import load_samples, sample_to_file
+from ..metrics import MIN_SAMPLES, evaluate
+from ..runtime import environment_line, resolve_device, resolve_precision, timed
+from ..settings import SamplingConfig, TrainConfig
+from ..train import train
+from ..unet import PRESETS, UNet, count_params
 
 DEMO_PRESET = "reduced"
 DEMO_TRAIN = TrainConfig(checkpoint_every=250)  # the default recipe; steps below

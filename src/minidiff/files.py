@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import MinidiffError
@@ -52,6 +55,32 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive advisory lock on ``folder/.lock`` (the folder is created) while the
+    block runs, so two commands never write one run folder at once. The OS releases the lock
+    when the process ends, crash or SIGKILL included, so a stale lock file blocks nobody; the
+    file records the holder's pid for the error a second writer gets."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise MinidiffError(f"{folder} is in use by process {holder}; wait for it to "
+                                "finish (or stop it) and run the command again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def grid_png(images, nrow: int | None = None, pad: int = 2, scale: int = 2) -> bytes:

@@ -12,8 +12,8 @@ import os
 import sys
 import time
 
-from .. import __version__
-from ..errors import MinidiffError, os_error_message
+from ... import __version__
+from ...errors import MinidiffError, os_error_message
 from . import commands  # noqa: F401  (its @command s fill COMMANDS, in --help's order)
 from .common import COMMANDS, Parser, add_command
 

@@ -38,9 +38,9 @@ from importlib import resources
 
 import numpy as np
 
-from .errors import MinidiffError
-from .io import grid_png
-from .settings import SAMPLER_NAMES, SamplingConfig
+from ..errors import MinidiffError
+from ..files import grid_png
+from ..settings import SAMPLER_NAMES, SamplingConfig
 
 MAX_IMAGES = 64
 MAX_STEPS = 1000
@@ -148,7 +148,7 @@ class ModelPool:
     """Loads the shipped models once and samples one request at a time."""
 
     def __init__(self, max_seconds: float = 60.0):
-        from .checkpoint import shipped_models
+        from ..checkpoint import shipped_models
 
         self.max_seconds = max_seconds
         self.lock = threading.Lock()
@@ -158,8 +158,8 @@ class ModelPool:
             self.info[name] = self._describe(name)
 
     def _describe(self, name: str) -> dict:
-        from .checkpoint import dataset_of, resolve
-        from .unet import count_params
+        from ..checkpoint import dataset_of, resolve
+        from ..unet import count_params
 
         model, config = self._load(name)
         size = resolve(name)[0].stat().st_size
@@ -171,7 +171,7 @@ class ModelPool:
 
     def _load(self, name: str):
         if name not in self._models:
-            from .checkpoint import load_checkpoint
+            from ..checkpoint import load_checkpoint
 
             model, config, _ = load_checkpoint(name)
             self._models[name] = (model, config)
@@ -189,7 +189,7 @@ class ModelPool:
     def _sample(self, req: GenerateRequest) -> dict:
         import torch
 
-        from .generation import resolve_sampling, time_generation, to_uint8
+        from ..generation import resolve_sampling, time_generation, to_uint8
 
         model, config = self._load(req.model)
         cfg, sched = resolve_sampling(req.sampling(), config, torch.device("cpu"))

@@ -15,11 +15,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .diffusion import DiffusionConfig, DiffusionLoss, Schedule
-from .errors import MinidiffError
-from .generation import time_generation, to_uint8
-from .io import atomic_write_text
-from .runtime import (
+from ..diffusion import DiffusionConfig, DiffusionLoss, Schedule
+from ..errors import MinidiffError
+from ..files import atomic_write_text
+from ..generation import time_generation, to_uint8
+from ..runtime import (
     autocast_context,
     cpu_bf16_native,
     environment,
@@ -27,8 +27,8 @@ from .runtime import (
     resolve_precision,
     timed,
 )
-from .settings import SAMPLER_NAMES, SamplingConfig
-from .unet import PRESETS, UNet, count_macs, count_params
+from ..settings import SAMPLER_NAMES, SamplingConfig
+from ..unet import PRESETS, UNet, count_macs, count_params
 
 DEFAULT = SamplingConfig()  # `minidiff sample`'s sampler, steps and spacing
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from ..errors import MinidiffError
-from ..settings import DATASET_NAMES
+from ...errors import MinidiffError
+from ...settings import DATASET_NAMES
 
 COMMANDS: dict = {}  # "name" (or "name sub" for a sub-subcommand) -> handler, set by @command
 

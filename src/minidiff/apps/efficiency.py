@@ -6,11 +6,11 @@ import resource
 
 import torch
 
-from .checkpoint import load_checkpoint, resolve
-from .generation import resolve_sampling, time_generation
-from .runtime import cpu_name, environment, resolve_device
-from .settings import SamplingConfig
-from .unet import count_macs, count_params
+from ..checkpoint import load_checkpoint, resolve
+from ..generation import resolve_sampling, time_generation
+from ..runtime import cpu_name, environment, resolve_device
+from ..settings import SamplingConfig
+from ..unet import count_macs, count_params
 
 
 def efficiency(checkpoint, cfg: SamplingConfig | None = None, *, time_n: int = 256,

@@ -11,8 +11,9 @@ import math
 import shutil
 from pathlib import Path
 
-from .io import atomic_write_text
-from .original import EPOCHS, RECIPES, STUDY
+from ..files import atomic_write_text
+from ..unet import PRESETS, UNet, count_macs, count_params
+from .reference import EPOCHS, RECIPES, STUDY
 
 FIGURES = "figures"
 
@@ -332,3 +333,19 @@ def write_report(out: str | Path, rows: list[dict], curves: list[dict] | None = 
     atomic_write_text(path, "\n".join(lines) + "\n")
     atomic_write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
     return path
+
+
+def preset_rows() -> list[dict]:
+    """Each preset's channels, parameters (and the study's count) and MACs per image."""
+    nets = {name: UNet(cfg) for name, cfg in PRESETS.items()}
+    return [{"preset": name, "channels": list(net.config.channels), "params": count_params(net),
+             "study_params": STUDY[name]["params"], "macs_per_image": count_macs(net)}
+            for name, net in nets.items()]
+
+
+def preset_table(rows: list[dict]) -> str:
+    """:func:`preset_rows` as the table `minidiff models` prints."""
+    lines = [f"{'preset':<10} {'channels':<15} {'params':>10} {'study':>10} {'MACs/image':>12}"]
+    lines += [f"{r['preset']:<10} {str(tuple(r['channels'])):<15} {r['params']:>10,} "
+              f"{r['study_params']:>10,} {r['macs_per_image'] / 1e6:>10.1f} M" for r in rows]
+    return "\n".join(lines)

@@ -30,21 +30,21 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .checkpoint import CHECKPOINTS, load_checkpoint, resolve
-from .compress import prune_checkpoint, quantize_checkpoint
-from .data import load_split
-from .errors import MinidiffError
-from .generation import resolve_sampling, save_samples, sidecar, time_generation
-from .io import atomic_write_text, save_grid
-from .metrics import evaluate
-from .original import EPOCHS, RECIPES
+from ..checkpoint import CHECKPOINTS, load_checkpoint, resolve
+from ..compress import prune_checkpoint, quantize_checkpoint
+from ..data import load_split
+from ..errors import MinidiffError
+from ..files import atomic_write_text, save_grid
+from ..generation import resolve_sampling, save_samples, sidecar, time_generation
+from ..metrics import evaluate
+from ..runtime import environment, resolve_device
+from ..settings import EVAL_N, EVAL_SAMPLING, SamplingConfig
+from ..train import train
+from ..unet import PRESETS as UNET
+from ..unet import UNet, count_macs, count_params
 from .recipes import diffusion_config, train_config
+from .reference import EPOCHS, RECIPES
 from .report import write_report
-from .runtime import environment, resolve_device
-from .settings import EVAL_N, EVAL_SAMPLING, SamplingConfig
-from .train import train
-from .unet import PRESETS as UNET
-from .unet import UNet, count_macs, count_params
 
 
 @dataclass(frozen=True)

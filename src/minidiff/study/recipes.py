@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .data import get_spec
-from .diffusion import DiffusionConfig
-from .errors import MinidiffError
-from .original import DIFFUSION, RECIPES, TRAINING
-from .settings import TrainConfig
-from .unet import PRESETS, UNetConfig
+from ..data import get_spec
+from ..diffusion import DiffusionConfig
+from ..errors import MinidiffError
+from ..settings import TrainConfig
+from ..unet import PRESETS, UNetConfig
+from .reference import DIFFUSION, RECIPES, TRAINING
 
 
 def train_config(recipe: str | None = None, original: bool = False, **given) -> TrainConfig:

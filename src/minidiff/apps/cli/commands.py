@@ -8,9 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from .. import settings as s
-from ..errors import MinidiffError
-from ..original import RECIPES
+from ... import settings as s
+from ...errors import MinidiffError
+from ...study.reference import RECIPES
 from . import common as c
 from .common import arg, command, given, group, options, shared
 
@@ -24,7 +24,7 @@ group("data", "list or fetch datasets", "minidiff data list",
 @arg("--data-dir", help="folder searched first")
 @shared("--json")
 def cmd_data_list(args):
-    from ..data import dataset_status, status_table
+    from ...data import dataset_status, status_table
 
     rows = [dataset_status(name, args.data_dir) for name in s.DATASET_NAMES]
     print(json.dumps(rows, indent=2) if args.json else status_table(rows))
@@ -34,7 +34,7 @@ def cmd_data_list(args):
 @arg("name", choices=s.DATASET_NAMES)
 @arg("--dest", help="target folder (default: the cache's data/NAME)")
 def cmd_data_fetch(args):
-    from ..data import fetch
+    from ...data import fetch
 
     print(f"{args.name}: downloaded and verified in {fetch(args.name, args.dest)}")
 
@@ -42,7 +42,7 @@ def cmd_data_fetch(args):
 @command("models", "model presets with parameters and MACs", "minidiff models")
 @shared("--json")
 def cmd_models(args):
-    from ..unet import preset_rows, preset_table
+    from ...study.report import preset_rows, preset_table
 
     rows = preset_rows()
     print(json.dumps(rows, indent=2) if args.json else preset_table(rows))
@@ -74,8 +74,8 @@ def cmd_models(args):
 @options(s.TrainConfig, "precision", "device")
 @shared("--no-progress")
 def cmd_train(args):
-    from ..recipes import run_configs
-    from ..train import train
+    from ...study.recipes import run_configs
+    from ...train import train
 
     model, diffusion, cfg = run_configs(args.preset, args.recipe, args.original_recipe,
                                         channels=args.channels, conditional=args.conditional,
@@ -101,7 +101,7 @@ def cmd_train(args):
 @shared("--no-progress")
 @arg("--compile", action="store_true", help="through torch.compile (pays off in long runs)")
 def cmd_sample(args):
-    from ..generation import sample_to_file
+    from ...generation import sample_to_file
 
     print(json.dumps(sample_to_file(args.checkpoint, args.out, S.from_flags(**given(args, S)),
                                     n=args.n, classes=args.classes, device=args.device,
@@ -116,8 +116,8 @@ def cmd_sample(args):
 @arg("--n", type=c.positive_int, default=100, help="at most this many (default %(default)s)")
 @arg("--nrow", type=c.positive_int, help="images per row (default ~sqrt n)")
 def cmd_grid(args):
-    from ..generation import load_samples
-    from ..io import save_grid
+    from ...files import save_grid
+    from ...generation import load_samples
 
     images = load_samples(args.samples)[: args.n]
     save_grid(images, args.out, nrow=args.nrow)
@@ -133,7 +133,7 @@ group("classifier", "train or evaluate the metrics' feature classifier",
 @arg("--epochs", type=c.positive_int, help="default: the recipe's")
 @arg("--out", help="folder for weights + card (default: the package's assets)")
 def cmd_classifier_train(args):
-    from ..classifier import retrain
+    from ...classifier import retrain
 
     path, card = retrain(args.dataset, epochs=args.epochs, data_dir=args.data_dir, out=args.out)
     print(f"{args.dataset}: test accuracy {card['test_accuracy']:.4f}; wrote {path}")
@@ -143,8 +143,8 @@ def cmd_classifier_train(args):
 @shared("--dataset", "--data-dir")
 @arg("--json", metavar="OUT", help="also write {\"test_accuracy\": ...} here")
 def cmd_classifier_evaluate(args):
-    from ..classifier import shipped_accuracy
-    from ..io import atomic_write_text
+    from ...classifier import shipped_accuracy
+    from ...files import atomic_write_text
 
     acc, n, card = shipped_accuracy(args.dataset, args.data_dir)
     print(f"{args.dataset} classifier: test accuracy {acc:.4f} on {n} images "
@@ -167,7 +167,7 @@ def cmd_classifier_evaluate(args):
 @arg("--time-n", type=c.positive_int, default=256, section="with --model", help="samples timed, "
      "scaled to 10,000 (default %(default)s)")
 def cmd_eval(args):
-    from ..io import atomic_write_text
+    from ...files import atomic_write_text
 
     if args.model:
         from ..efficiency import efficiency
@@ -175,14 +175,14 @@ def cmd_eval(args):
         res = efficiency(args.model, S.from_flags(**given(args, S)), time_n=args.time_n)
         print("\n".join(f"{k:<22} {v}" for k, v in res.items()))
     elif args.real:
-        from ..metrics import Reference, floor, metrics_table
+        from ...metrics import Reference, floor, metrics_table
 
         res = floor(Reference(args.dataset or "mnist", args.reference, args.data_dir), args.n)
         print(f"real-data floor: {args.n} real images vs the {args.reference} split")
         print(metrics_table(res, label="real"))
     elif args.samples:
-        from ..generation import read_samples
-        from ..metrics import evaluate, metrics_table
+        from ...generation import read_samples
+        from ...metrics import evaluate, metrics_table
 
         images, labels, meta = read_samples(args.samples)
         res = evaluate(images, args.dataset or meta.get("dataset") or "mnist", args.reference,
@@ -238,7 +238,7 @@ def cmd_bench(args):
      "(magnitude)")
 @arg("--out", required=True, help="folder to write the pruned model to")
 def cmd_prune(args):
-    from ..compress import prune_checkpoint
+    from ...compress import prune_checkpoint
 
     print(json.dumps(prune_checkpoint(args.checkpoint, args.out, structured=args.structured,
                                       unstructured=args.unstructured)))
@@ -250,7 +250,7 @@ def cmd_prune(args):
 @arg("--mode", choices=["int8", "fp16"], default="int8")
 @arg("--out", required=True, help="folder to write the stored model to")
 def cmd_quantize(args):
-    from ..compress import quantize_checkpoint
+    from ...compress import quantize_checkpoint
 
     print(json.dumps(quantize_checkpoint(args.checkpoint, args.out, mode=args.mode)))
 
@@ -269,7 +269,7 @@ def cmd_quantize(args):
 @options(s.DistillConfig, "precision", "device")
 @shared("--no-progress")
 def cmd_distill(args):
-    from ..distill import distill
+    from ...distill import distill
 
     summary = distill(args.teacher, args.out, s.DistillConfig(**given(args, s.DistillConfig)),
                       data_dir=args.data_dir, resume=args.resume, progress=not args.no_progress)
@@ -289,7 +289,7 @@ def cmd_distill(args):
      "src/minidiff/assets/models)")
 @shared("--dataset", "--data-dir", "--no-progress")
 def cmd_study(args):
-    from ..study import export, run_study, summary_lines
+    from ...study.pipeline import export, run_study, summary_lines
 
     if args.only and args.export:
         raise MinidiffError("--export needs the whole study: run it again without --only")
