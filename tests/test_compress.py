@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from minidiff.apps.cli import main
-from minidiff.checkpoint import decode_state, encode_state, load_checkpoint, save_model
+from minidiff.checkpoint import load_checkpoint, save_model
+from minidiff.codec import decode_state, encode_state
 from minidiff.compress import (
     output_error,
     prunable_weights,

@@ -9,7 +9,8 @@ import torch
 from minidiff.apps.cli import main
 from minidiff.diffusion import DiffusionConfig, Schedule
 from minidiff.errors import MinidiffError
-from minidiff.generation import Guided, generate, sample_to_file
+from minidiff.generation import generate, sample_to_file
+from minidiff.guidance import Guided
 from minidiff.settings import SamplingConfig, TrainConfig
 from minidiff.train import train
 from minidiff.training_utils import drop_labels

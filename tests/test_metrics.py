@@ -141,7 +141,7 @@ def test_tampered_classifier_is_refused(tmp_path, monkeypatch):
 
 def test_eval_cli_prints_table_with_floor_and_writes_json(tmp_path, capsys, ref):
     from minidiff.apps.cli import main
-    from minidiff.generation import save_samples
+    from minidiff.samplefiles import save_samples
 
     samples = tmp_path / "s.npz"
     save_samples(samples, ref.images[:200].numpy(), {"dataset": "mnist"})

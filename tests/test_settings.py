@@ -74,7 +74,7 @@ def test_each_bad_field_is_one_line(kw, msg):
 
 
 def test_sidecars_old_and_new_read_back(tmp_path):
-    from minidiff.generation import read_sidecar, save_samples
+    from minidiff.samplefiles import read_sidecar, save_samples
 
     # what `minidiff sample` wrote before SamplingConfig: no eta, no guidance without --class
     old = {"n": 4, "sampler": "ddpm", "steps": 10, "spacing": "uniform", "seed": 3,

@@ -57,7 +57,7 @@ from .checkpoint import (
 from .data import epoch_order, load_split, to_model_range
 from .diffusion import DiffusionConfig, Schedule, gather, q_sample
 from .errors import MinidiffError
-from .generation import Guided
+from .guidance import Guided
 from .runtime import autocast_context, resolve_device, resolve_precision
 from .samplers import predict_x0
 from .settings import DistillConfig, ema_decay_at

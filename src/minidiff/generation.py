@@ -9,102 +9,28 @@ PNG grid).
 
 from __future__ import annotations
 
-import io
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from .checkpoint import dataset_of, load_checkpoint
 from .diffusion import DiffusionConfig, Schedule
 from .errors import MinidiffError
-from .files import atomic_write_bytes, atomic_write_text, save_grid
-from .runtime import Timing, autocast_context, resolve_device, resolve_precision, timed
+from .files import save_grid
+from .guidance import Guided
+from .runtime import (
+    CompiledOrEager,
+    Timing,
+    autocast_context,
+    resolve_device,
+    resolve_precision,
+    timed,
+)
+from .samplefiles import save_samples, sidecar
 from .samplers import SAMPLERS
 from .settings import BATCH_BY_PRECISION, SamplingConfig
-
-
-class Guided(torch.nn.Module):
-    """Classifier-free guidance (Ho & Salimans 2022) around a class-conditional noise predictor:
-    ``eps = eps(x, t, null) + scale * (eps(x, t, y) - eps(x, t, null))``, both terms from one
-    forward pass over the ``2N`` batch. ``scale`` 0 is unconditional, 1 plain conditional, > 1
-    trades diversity for class fidelity. Works with every sampler (they only see a model)."""
-
-    def __init__(self, model: torch.nn.Module, scale: float):
-        super().__init__()
-        self.model, self.scale = model, float(scale)
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def forward(self, x, t, y=None):
-        """``x: [N x C x H x W]``, ``t: [N]``, ``y: [N]`` -> guided ``eps: [N x C x H x W]``."""
-        if y is None:
-            return self.model(x, t, None)
-        null = torch.full_like(y, self.model.config.num_classes)
-        eps_c, eps_u = self.model(torch.cat([x, x]), torch.cat([t, t]),
-                                  torch.cat([y, null])).float().chunk(2)
-        return eps_u + self.scale * (eps_c - eps_u)
-
-
-class CompiledOrEager(torch.nn.Module):
-    """``torch.compile`` of a noise predictor that falls back to eager execution, once and with a
-    note, when compiling fails on this machine (no C++ compiler, unsupported backend...) or when
-    its first output disagrees with eager's.
-
-    The first compiled call is checked against the eager network on the same input: seen here,
-    Inductor's AVX2 code for this U-Net returned NaN on an AVX-512 CPU told to dispatch AVX2
-    (``ATEN_CPU_CAPABILITY=avx2``), so a wrong compiled kernel must cost one check, never a
-    grid of broken images. The graph is compiled for the first batch size seen; smaller batches
-    (a last partial one) are padded to it inside ``forward`` so they reuse that graph.
-    """
-
-    TOLERANCE = 0.05  # relative RMS difference; bf16 autocast alone stays near 1e-2
-
-    def __init__(self, model: torch.nn.Module, warn: Callable[[str], None] | None = None):
-        super().__init__()
-        self.model, self.warn, self.failed, self.batch = model, warn, False, None
-        self.checked = False
-        self.compiled = torch.compile(model, dynamic=False)
-
-    def _fall_back(self, why: str) -> None:
-        self.failed = True
-        (self.warn or print)(f"note: torch.compile {why}; running eagerly")
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def forward(self, x, t, y=None):
-        if not self.failed:
-            n = x.shape[0]
-            self.batch = self.batch or n
-            pad = self.batch - n
-            if pad > 0:
-                x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
-                t = torch.cat([t, t[:1].expand(pad)])
-                y = None if y is None else torch.cat([y, y[:1].expand(pad)])
-            try:
-                out = self.compiled(x, t, y)
-            except Exception as e:  # compiler back-ends raise many types; eager is always right
-                msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                self._fall_back(f"failed ({msg})")
-                return self.model(x[:n], t[:n], None if y is None else y[:n])
-            if self.checked:
-                return out[:n]
-            self.checked = True
-            ref = self.model(x, t, y)
-            err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
-            if torch.isfinite(out).all() and err.item() <= self.TOLERANCE:
-                return out[:n]
-            self._fall_back(f"disagreed with eager execution (relative difference "
-                            f"{err.item():.3g})")
-            return ref[:n]
-        return self.model(x, t, y)
 
 
 def generate(model, sched: Schedule, n: int, *, sampler: str = "ddpm", seed: int = 0,
@@ -150,69 +76,6 @@ def generate(model, sched: Schedule, n: int, *, sampler: str = "ddpm", seed: int
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Images in ``[-1, 1]`` -> uint8 in ``[0, 255]`` (round to nearest)."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def save_samples(path: str | Path, images: np.ndarray, meta: dict,
-                 labels: np.ndarray | None = None) -> None:
-    """Write ``images`` (uint8 ``[N x H x W]``) to ``path`` (.npz) and ``meta`` (the sidecar:
-    see :func:`sidecar`) to the .json beside it, both atomically."""
-    path = Path(path)
-    buf = io.BytesIO()
-    arrays = {"images": np.asarray(images, dtype=np.uint8)}
-    if labels is not None:
-        arrays["labels"] = np.asarray(labels, dtype=np.int64)
-    np.savez_compressed(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
-
-
-def load_samples(path: str | Path, image_size: int = 28) -> np.ndarray:
-    """Read and validate a sample file -> uint8 ``[N x H x W]``.
-
-    Accepts the ``.npz`` written by ``minidiff sample`` (key ``images``) with shape
-    ``[N x H x W]`` or ``[N x 1 x H x W]``; anything else is a :class:`MinidiffError` that says
-    what is wrong. Never unpickles (``allow_pickle=False``).
-    """
-    path = Path(path)
-    fix = "pass an .npz written by `minidiff sample`"
-    if not path.is_file():
-        raise MinidiffError(f"{path}: no such sample file; {fix}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "images" not in z.files:
-                raise MinidiffError(f"{path}: no 'images' array (found {z.files}); {fix}")
-            images = z["images"]
-    except MinidiffError:
-        raise
-    except (OSError, ValueError, EOFError) as e:
-        first = str(e).splitlines()[0]
-        raise MinidiffError(f"{path}: not a readable .npz ({first}); {fix}") from None
-    if images.ndim == 4 and images.shape[1] == 1:
-        images = images[:, 0]
-    if images.ndim != 3 or images.shape[1:] != (image_size, image_size) or len(images) == 0:
-        raise MinidiffError(f"{path}: images have shape {list(images.shape)}, expected "
-                            f"[N x {image_size} x {image_size}] with N >= 1; {fix}")
-    if images.dtype.kind == "f" and not np.isfinite(images).all():
-        raise MinidiffError(f"{path}: images contain NaN or Inf; the sampler diverged, "
-                            "regenerate the file")
-    if images.dtype != np.uint8:
-        raise MinidiffError(f"{path}: images are {images.dtype}, expected uint8 in 0..255; {fix}")
-    return images
-
-
-def load_labels(path: str | Path, n: int, num_classes: int = 10) -> np.ndarray | None:
-    """The ``labels`` array of a conditional sample file (validated against its ``n`` images),
-    or None when the file has none."""
-    with np.load(path, allow_pickle=False) as z:
-        if "labels" not in z.files:
-            return None
-        labels = z["labels"]
-    if labels.shape != (n,) or labels.dtype.kind not in "iu" or labels.min() < 0 \
-            or labels.max() >= num_classes:
-        raise MinidiffError(f"{path}: 'labels' must be {n} class ids in 0..{num_classes - 1} "
-                            f"(got shape {list(labels.shape)}, dtype {labels.dtype}); "
-                            "regenerate it with `minidiff sample --class`")
-    return labels
 
 
 def sampling_schedule(config: dict, steps: int | None, spacing: str):
@@ -309,43 +172,6 @@ def class_labels(classes: str | None, n: int, num_classes: int | None, checkpoin
         raise MinidiffError(f"--class must be all or a class id in 0..{num_classes - 1}, got "
                             f"{classes!r}")
     return torch.full((n,), int(classes), dtype=torch.long)
-
-
-def sidecar(cfg: SamplingConfig, n: int, checkpoint, digest: str, seconds: float,
-            dataset: str, **extra) -> dict:
-    """A sample file's JSON sidecar: ``n``, every field of the (resolved) ``cfg``, where the
-    images came from and how long they took, then ``extra``."""
-    return {"n": n, **cfg.to_dict(), **extra, "checkpoint": str(checkpoint),
-            "checkpoint_sha256": digest, "seconds": round(seconds, 3), "dataset": dataset}
-
-
-def read_sidecar(samples: str | Path) -> dict:
-    """The JSON sidecar beside a sample file, ``{}`` when there is none or it is unreadable.
-
-    Sidecars written before :class:`SamplingConfig` lacked ``eta`` when it was unused and
-    ``guidance`` without ``--class``; both are filled in as None, so that every sidecar reads
-    back with ``SamplingConfig.from_dict``.
-    """
-    path = Path(samples).with_suffix(".json")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(meta, dict):
-        return {}
-    meta.setdefault("eta", None)
-    if "class" not in meta:
-        meta.setdefault("guidance", None)
-    return meta
-
-
-def read_samples(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """A sample file as tensors: images uint8 ``[N x H x W]``, the requested labels ``[N]`` of
-    a conditional one (else None), and its sidecar (:func:`read_sidecar`)."""
-    images = load_samples(path)
-    labels = load_labels(path, len(images))
-    return (torch.from_numpy(images), None if labels is None else torch.from_numpy(labels),
-            read_sidecar(path))
 
 
 def sample_to_file(checkpoint, out, cfg: SamplingConfig | None = None, *, n: int = 64,

@@ -19,9 +19,10 @@ from ..checkpoint import CONFIG_FILE
 from ..diffusion import DiffusionConfig
 from ..errors import MinidiffError
 from ..files import atomic_write_text
-from ..generation import load_samples, sample_to_file
+from ..generation import sample_to_file
 from ..metrics import MIN_SAMPLES, evaluate
 from ..runtime import environment_line, resolve_device, resolve_precision, timed
+from ..samplefiles import load_samples
 from ..settings import SamplingConfig, TrainConfig
 from ..train import train
 from ..unet import PRESETS, UNet, count_params

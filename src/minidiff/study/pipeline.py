@@ -35,9 +35,10 @@ from ..compress import prune_checkpoint, quantize_checkpoint
 from ..data import load_split
 from ..errors import MinidiffError
 from ..files import atomic_write_text, save_grid
-from ..generation import resolve_sampling, save_samples, sidecar, time_generation
+from ..generation import resolve_sampling, time_generation
 from ..metrics import evaluate
 from ..runtime import environment, resolve_device
+from ..samplefiles import save_samples, sidecar
 from ..settings import EVAL_N, EVAL_SAMPLING, SamplingConfig
 from ..train import train
 from ..unet import PRESETS as UNET

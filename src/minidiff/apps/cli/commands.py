@@ -117,7 +117,7 @@ def cmd_sample(args):
 @arg("--nrow", type=c.positive_int, help="images per row (default ~sqrt n)")
 def cmd_grid(args):
     from ...files import save_grid
-    from ...generation import load_samples
+    from ...samplefiles import load_samples
 
     images = load_samples(args.samples)[: args.n]
     save_grid(images, args.out, nrow=args.nrow)
@@ -181,8 +181,8 @@ def cmd_eval(args):
         print(f"real-data floor: {args.n} real images vs the {args.reference} split")
         print(metrics_table(res, label="real"))
     elif args.samples:
-        from ...generation import read_samples
         from ...metrics import evaluate, metrics_table
+        from ...samplefiles import read_samples
 
         images, labels, meta = read_samples(args.samples)
         res = evaluate(images, args.dataset or meta.get("dataset") or "mnist", args.reference,
