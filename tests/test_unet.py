@@ -51,3 +51,15 @@ def test_preset_table_has_a_header_and_one_line_per_row():
     header, line = preset_table(rows).splitlines()
     assert header.split() == ["preset", "channels", "params", "study", "MACs/image"]
     assert line.split() == ["reduced", "(16,", "32)", "634,123", "634,000", "12.5", "M"]
+
+
+def test_block_structure_follows_the_nominal_layout(tiny_cfg):
+    """The first block sees raw pixels (no norm in front); a block that changes width has a
+    1x1 skip conv, one that keeps it an identity skip; pruning keeps both (same keys)."""
+    keys = set(UNet(tiny_cfg).state_dict())
+    assert "down_blocks.0.pre.0.weight" not in keys and "down_blocks.1.pre.0.weight" in keys
+    assert {"down_blocks.0.skip.weight", "down_blocks.1.skip.weight"} <= keys
+    assert "mid.0.skip.weight" not in keys and "mid.0.pre.0.weight" in keys
+    pruned = UNetConfig(**{**tiny_cfg.to_dict(), "widths": {"mid.0.conv1": 8,
+                                                            "down_blocks.1.conv1": 8}})
+    assert set(UNet(pruned).state_dict()) == keys

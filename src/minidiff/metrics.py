@@ -35,8 +35,6 @@ from .data import load_split
 from .errors import MinidiffError
 from .files import atomic_write_text, cache_dir
 
-KEYS = ("pseudo_fid", "kid", "precision", "recall", "ssim", "ssim_nearest", "class_histogram",
-        "class_max_dev", "confidence", "memorization", "n")
 MIN_SAMPLES = 10
 
 

@@ -126,26 +126,24 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ResBlock(nn.Module):
-    """Two 3x3 convs with GroupNorm + SiLU, time embedding added in between, 1x1 skip if needed.
+    """Two 3x3 convs with GroupNorm + SiLU, time embedding added in between, and a skip path.
 
-    ``c_mid`` (default ``c_out``) is the first conv's width, which pruning may shrink on its
-    own; ``skip_conv`` (default ``c_in != c_out``) keeps a pruned block's skip type fixed.
+    ``c_mid`` is the first conv's width, which pruning may shrink on its own. ``skip_conv`` (a
+    1x1 conv, else the identity) and ``pre`` (GroupNorm + SiLU in front of the first conv) follow
+    the nominal layout, not the pruned widths, so that a pruned block keeps the structure and the
+    state_dict keys of the block it was cut from.
     """
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, groups: int, dropout: float = 0.0,
-                 c_mid: int | None = None, skip_conv: bool | None = None, pre: bool | None = None):
+                 *, c_mid: int, skip_conv: bool, pre: bool):
         super().__init__()
-        c_mid = c_mid or c_out
         # The first block sees raw pixels: no norm/activation in front of its first conv.
-        self.pre = (nn.Sequential(nn.GroupNorm(groups, c_in), nn.SiLU())
-                    if (c_in >= groups if pre is None else pre) else nn.Identity())
+        self.pre = nn.Sequential(nn.GroupNorm(groups, c_in), nn.SiLU()) if pre else nn.Identity()
         self.conv1 = nn.Conv2d(c_in, c_mid, 3, padding=1)
         self.emb = nn.Linear(emb_dim, c_mid)
         self.norm2 = nn.GroupNorm(groups, c_mid)
         self.drop = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_mid, c_out, 3, padding=1)
-        if skip_conv is None:
-            skip_conv = c_in != c_out
         self.skip = nn.Conv2d(c_in, c_out, 1) if skip_conv else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
