@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from minidiff.diffusion import DiffusionConfig, DiffusionLoss, Schedule, make_betas, q_sample
+from minidiff.settings import SPACINGS
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
@@ -64,15 +65,32 @@ def test_config_round_trip_and_validation():
         DiffusionConfig(schedule="sigmoid")
 
 
-@pytest.mark.parametrize("spacing", ["uniform", "trailing", "quadratic"])
+@pytest.mark.parametrize("spacing", SPACINGS)
 def test_spacings_give_increasing_timesteps_with_consistent_alpha_bar(spacing):
     full = Schedule.from_config(DiffusionConfig())
     r = full.respace(20, spacing)
     ts = r.timesteps
     assert len(r) == 20 and bool((ts[1:] > ts[:-1]).all())
     assert torch.allclose(r.alpha_bar, full.alpha_bar[ts], rtol=1e-12)
-    assert ts[-1] == {"uniform": 999, "trailing": 999, "quadratic": 800}[spacing]
-    assert ts[0] == {"uniform": 0, "trailing": 49, "quadratic": 0}[spacing]
+    assert ts[-1] == {"quadratic": 800}.get(spacing, 999)
+    first = {"uniform": 0, "trailing": 49, "quadratic": 0, "karras": 2, "logsnr": 1}
+    assert ts[0] == first[spacing]
+
+
+@pytest.mark.parametrize("spacing", ["karras", "logsnr"])
+def test_noise_level_spacings_follow_their_rule_and_fit_any_step_count(spacing):
+    """Between the first step (from the last timestep) and the end, the kept timesteps' log
+    sigma is evenly spaced (logsnr) or its sigma^(1/7) is (karras), up to rounding to a
+    timestep; at any step count, even all T, the timesteps are distinct and end at T - 1."""
+    full = Schedule.from_config(DiffusionConfig())
+    ab = full.respace(12, spacing).alpha_bar
+    log_sigma = 0.5 * ((1 - ab).log() - ab.log())
+    u = log_sigma[:-1] if spacing == "logsnr" else (log_sigma[:-1] / 7).exp()
+    gaps = u[1:] - u[:-1]
+    assert float(gaps.max() / gaps.min()) < 1.6, gaps  # rounding to timesteps near t = 0
+    for steps in (1, 2, 3, 50, 500, 999, 1000):
+        ts = full.respace(steps, spacing).timesteps
+        assert len(ts) == steps and ts[-1] == 999 and bool((ts[1:] > ts[:-1]).all())
 
 
 def test_quadratic_spacing_is_denser_at_low_noise_and_never_repeats():

@@ -55,12 +55,38 @@ def test_deterministic_samplers_transport_noise_to_the_gaussian(name, steps, kw,
 
 
 def test_convergence_orders():
-    """Halving the step size halves DDIM's error (first order) and cuts DPM-Solver++(2M)'s
-    by more than four (second order): a wrong coefficient would break either ratio."""
-    err = {(n, k): abs(run(n, k).std().item() - EXACT_STD) for n in ("ddim", "dpmpp")
-           for k in (100, 200)}
-    assert 1.5 < err["ddim", 100] / err["ddim", 200] < 2.5, err
-    assert err["dpmpp", 100] > 4 * err["dpmpp", 200], err
+    """Halving the step size halves DDIM's error (first order), cuts DPM-Solver++(2M)'s by
+    more than four (second order) and UniPC-2's by more than six (its corrector adds an order:
+    ~8 in the limit): a wrong coefficient would break a ratio."""
+    err = {(n, k): abs(run(n, k).std().item() - EXACT_STD) for n in ("ddim", "dpmpp", "unipc")
+           for k in (80, 160)}
+    assert 1.5 < err["ddim", 80] / err["ddim", 160] < 2.5, err
+    assert 4 < err["dpmpp", 80] / err["dpmpp", 160] < 6, err
+    assert err["unipc", 80] > 6 * err["unipc", 160], err
+    assert err["unipc", 160] < err["dpmpp", 160], err
+
+
+def test_unipc_predictor_alone_is_dpmpp_2m():
+    """UniP-2 with B(h) = e^h - 1 is DPM-Solver++(2M)'s update: the two differ only by the
+    corrector, so on one step (no point to correct yet, then straight to x0) they agree, and on
+    more steps they differ."""
+    x = noise()[:500]
+    for steps, same in ((1, True), (2, True), (10, False)):
+        a = SAMPLERS["unipc"](oracle, x, FULL.respace(steps), clip_denoised=False)
+        b = SAMPLERS["dpmpp"](oracle, x, FULL.respace(steps), clip_denoised=False)
+        assert torch.allclose(a, b, atol=1e-6) == same, steps
+
+
+@pytest.mark.parametrize("spacing", ["karras", "logsnr"])
+def test_noise_level_spacings_cut_the_few_step_error(spacing):
+    """Spacing the 8 steps by noise level (Karras rho 7, or even in log-SNR) resolves the low
+    noise where this narrow Gaussian is decided: DPM-Solver++(2M)'s error falls by more than
+    five against uniform timesteps."""
+    def err(sp):
+        out = SAMPLERS["dpmpp"](oracle, Z, FULL.respace(8, sp), clip_denoised=False)
+        return abs(out.std().item() - EXACT_STD)
+
+    assert err(spacing) < 0.2 * err("uniform")
 
 
 def test_ddim_with_eta_one_and_all_steps_is_ddpm():

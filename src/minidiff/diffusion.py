@@ -115,8 +115,12 @@ class Schedule:
 
         ``uniform``: evenly spaced from the first to the last timestep. ``trailing``: evenly
         spaced ending at the last timestep (Lin et al. 2024, table 2). ``quadratic``: denser at
-        low noise, ``t_k = floor((k * sqrt(0.8 T) / (S - 1))^2)`` (Song et al. 2021, DDIM, C.2),
-        a repeated timestep moved to the next free one.
+        low noise, ``t_k = floor((k * sqrt(0.8 T) / (S - 1))^2)`` (Song et al. 2021, DDIM, C.2).
+        ``karras``: ``sigma = sqrt((1 - ab) / ab)`` spaced as ``sigma_k^(1/rho)`` uniform with
+        rho = 7 (Karras et al. 2022, eq. 5). ``logsnr``: uniform in log-SNR, i.e. in
+        ``log sigma`` (Lu et al. 2022, DPM-Solver, sec. 3.3). Both map each sigma to the nearest
+        timestep in ``log sigma`` and start at the last timestep (pure noise). A repeated
+        timestep is moved to the next free one: it would be a zero-length step.
         """
         T = len(self)
         if not 1 <= steps <= T:
@@ -129,16 +133,55 @@ class Schedule:
             idx = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
         elif spacing == "trailing":
             idx = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round().long() - 1).flip(0)
-        else:
+        elif spacing == "quadratic":
             idx = (torch.linspace(0, math.sqrt(0.8 * T), steps, dtype=torch.float64) ** 2).long()
-            # Near t = 0 the squares repeat (from ~30 steps of 1000 on); a repeated timestep
-            # would be a zero-length step, so move it to the next free one.
-            for k in range(1, steps):
-                idx[k] = max(idx[k], idx[k - 1] + 1)
-            assert idx[-1] <= T - 1
+            idx = _distinct(idx)
+        else:
+            idx = _distinct(self._log_sigma_spaced(steps, 7.0 if spacing == "karras" else 1.0),
+                            top=T - 1)
+        assert idx[-1] <= T - 1
         ab = self.alpha_bar[idx]
         ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
         return Schedule(1.0 - ab / ab_prev, self.timesteps[idx], self.prediction)
+
+
+    def _log_sigma_spaced(self, steps: int, rho: float) -> torch.Tensor:
+        """``steps`` timesteps, in increasing order, whose ``sigma^(1/rho)`` is evenly spaced
+        from the last timestep's noise level down to the first's (rho 1: even in log sigma).
+        The grid has ``steps + 1`` points and its lowest stands for the clean data that the last
+        step lands on, so no network evaluation is spent at ``t = 0``."""
+        log_sigma = 0.5 * (torch.log1p(-self.alpha_bar) - torch.log(self.alpha_bar))
+        # A schedule whose alpha_bar reaches ~0 (cosine: SNR 1e-9 at T) would spend steps where
+        # the image is already pure noise; clip the top at log-SNR -5.1 as diffusers does for
+        # cosine, and let the first step start from the last timestep whatever its sigma.
+        hi, lo = min(log_sigma[-1].item(), 2.55), log_sigma[0].item()
+        if steps == 1:
+            return torch.tensor([len(self) - 1])
+        ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)[1:]
+        if rho == 1.0:
+            target = lo + ramp * (hi - lo)
+        else:
+            s_lo, s_hi = math.exp(lo / rho), math.exp(hi / rho)
+            target = rho * torch.log(s_lo + ramp * (s_hi - s_lo))
+        # nearest timestep in log sigma (log_sigma increases with the index)
+        pos = torch.searchsorted(log_sigma, target).clamp(1, len(self) - 1)
+        below = (target - log_sigma[pos - 1]) < (log_sigma[pos] - target)
+        idx = torch.where(below, pos - 1, pos)
+        idx[-1] = len(self) - 1
+        return idx
+
+
+def _distinct(idx: torch.Tensor, top: int | None = None) -> torch.Tensor:
+    """Increasing timesteps with each repeat moved to the next free one (a repeated timestep
+    would be a zero-length step); with ``top``, none above it (crowded ones move down)."""
+    idx = idx.clone()
+    for k in range(1, len(idx)):
+        idx[k] = max(idx[k], idx[k - 1] + 1)
+    if top is not None:
+        idx[-1] = min(idx[-1], top)
+        for k in range(len(idx) - 2, -1, -1):
+            idx[k] = min(idx[k], idx[k + 1] - 1)
+    return idx
 
 
 def gather(coef: torch.Tensor, i: torch.Tensor, ndim: int) -> torch.Tensor:

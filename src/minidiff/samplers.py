@@ -4,9 +4,10 @@ Every sampler is ``sampler(model, x, sched, *, y=None, generator=None, callback=
 where ``x: [N x C x H x W]`` is the starting noise ``x_T``, ``sched`` a (possibly respaced)
 :class:`~minidiff.diffusion.Schedule`, and the result lies in ``[-1, 1]``. A sampler reads the
 network's output only through ``sched.eps_x0``, so it serves eps- and v-prediction alike.
-Adding a sampler means writing one function here and adding it to :data:`SAMPLERS` (and its name to
-:data:`minidiff.settings.SAMPLER_NAMES`, which the command line offers without importing torch).
-The batched driver that runs them is :func:`minidiff.generation.generate`.
+Adding a sampler means writing one function here under ``@register("name")`` and adding the
+name to :data:`minidiff.settings.SAMPLER_NAMES`, the one list of names (the command line offers it
+without importing torch); ``register`` refuses a name that list lacks. The batched driver that
+runs them is :func:`minidiff.generation.generate`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,31 @@ from typing import Callable
 import torch
 
 from .diffusion import Schedule, gather
+from .settings import SAMPLER_NAMES
+
+SAMPLERS: dict[str, Callable] = {}
+"""Name -> sampler, filled by :func:`register` in :data:`~minidiff.settings.SAMPLER_NAMES`'s
+order."""
 
 
+def register(name: str) -> Callable[[Callable], Callable]:
+    """Register a sampler under ``name``, which :data:`~minidiff.settings.SAMPLER_NAMES` must
+    list (that list is what ``--sampler`` offers)."""
+    if name not in SAMPLER_NAMES or name in SAMPLERS:
+        raise ValueError(f"sampler {name!r}: add it to settings.SAMPLER_NAMES, once")
+
+    def add(fn: Callable) -> Callable:
+        SAMPLERS[name] = fn
+        return fn
+    return add
+
+
+def half_log_snr(ab: float) -> float:
+    """``lambda = log(alpha / sigma)`` of a cumulative ``alpha_bar`` (DPM-Solver's time)."""
+    return 0.5 * (math.log(ab) - math.log1p(-ab))
+
+
+@register("ddpm")
 @torch.no_grad()
 def sample_ddpm(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
                 clip_denoised: bool = True):
@@ -62,6 +86,7 @@ def predict_x0(model, x, sched: Schedule, i, y=None, clip: bool = True):
     return eps, x0
 
 
+@register("ddim")
 @torch.no_grad()
 def sample_ddim(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
                 eta: float = 0.0, clip_denoised: bool = True):
@@ -79,17 +104,16 @@ def sample_ddim(model, x, sched: Schedule, *, y=None, generator=None, callback=N
     return x.clamp(-1, 1)
 
 
+@register("dpmpp")
 @torch.no_grad()
 def sample_dpmpp_2m(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
                     clip_denoised: bool = True):
     """DPM-Solver++(2M), Lu et al. 2022, Algorithm 2: multistep, data prediction, no noise."""
-    def lam(ab):  # half log-SNR, lambda = log(alpha / sigma)
-        return 0.5 * (torch.log(ab) - torch.log1p(-ab)).item()
-
+    lam = half_log_snr
     x0_prev, h_prev = None, None
     for i in reversed(range(len(sched))):
         _, x0 = predict_x0(model, x, sched, i, y, clip_denoised)
-        ab, ab_next = sched.alpha_bar[i], sched.alpha_bar_prev[i]
+        ab, ab_next = sched.alpha_bar[i].item(), sched.alpha_bar_prev[i].item()
         if i == 0:  # the next "time" is clean data (sigma = 0): the update reduces to x0
             x = x0
         else:
@@ -99,14 +123,15 @@ def sample_dpmpp_2m(model, x, sched: Schedule, *, y=None, generator=None, callba
             else:  # second-order multistep correction from the previous x0 prediction
                 r = h_prev / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            sig_ratio = ((1 - ab_next) / (1 - ab)).sqrt().item()
-            x = sig_ratio * x - ab_next.sqrt().item() * math.expm1(-h) * d
+            sig_ratio = ((1 - ab_next) / (1 - ab)) ** 0.5
+            x = sig_ratio * x - ab_next ** 0.5 * math.expm1(-h) * d
             x0_prev, h_prev = x0, h
         if callback is not None:
             callback({"i": i, "t": int(sched.timesteps[i]), "x": x, "x0": x0})
     return x.clamp(-1, 1)
 
 
+@register("dpmpp-sde")
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
                         clip_denoised: bool = True):
@@ -114,9 +139,7 @@ def sample_dpmpp_2m_sde(model, x, sched: Schedule, *, y=None, generator=None, ca
     midpoint rule): the multistep data-prediction solver of the reverse SDE. Each step injects
     fresh noise, which corrects an imperfect noise predictor the way DDPM's steps do.
     """
-    def lam(ab):  # half log-SNR, lambda = log(alpha / sigma)
-        return 0.5 * (math.log(ab) - math.log1p(-ab))
-
+    lam = half_log_snr
     x0_prev, h_prev = None, None
     for i in reversed(range(len(sched))):
         _, x0 = predict_x0(model, x, sched, i, y, clip_denoised)
@@ -136,5 +159,69 @@ def sample_dpmpp_2m_sde(model, x, sched: Schedule, *, y=None, generator=None, ca
     return x.clamp(-1, 1)
 
 
-SAMPLERS: dict[str, Callable] = {"ddpm": sample_ddpm, "ddim": sample_ddim,
-                                 "dpmpp": sample_dpmpp_2m, "dpmpp-sde": sample_dpmpp_2m_sde}
+
+@register("unipc")
+@torch.no_grad()
+def sample_unipc(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
+                 clip_denoised: bool = True):
+    """UniPC-2 with B(h) = e^h - 1 (bh2), Zhao et al. 2023, Algorithms 1-2 in data prediction:
+    a second-order multistep predictor (UniP, here the same update as DPM-Solver++(2M)) and a
+    corrector (UniC) that refines each point reached with the network output taken there for
+    the next step, so it costs no evaluation. First order at the first and the last step, as
+    diffusers' ``UniPCMultistepScheduler`` does by default."""
+    step = None  # the step that led to x, for the corrector
+    for i in reversed(range(len(sched))):
+        _, x0 = predict_x0(model, x, sched, i, y, clip_denoised)
+        if step is not None:
+            x = step.corrected(x0)
+        ab, ab_next = sched.alpha_bar[i].item(), sched.alpha_bar_prev[i].item()
+        if i == 0:  # to clean data (sigma = 0): every order reduces to x0
+            x = x0
+        else:
+            step = _UniStep(x, ab, ab_next, x0, step)
+            x = step.predicted()
+        if callback is not None:
+            callback({"i": i, "t": int(sched.timesteps[i]), "x": x, "x0": x0})
+    return x.clamp(-1, 1)
+
+
+class _UniStep:
+    """One UniPC step from ``x`` (at ``alpha_bar = ab``, data prediction ``x0``) to ``ab_next``,
+    second order when the previous step's ``x0`` is known (Zhao et al. 2023, eqs. 8 and 10 with
+    B(h) = e^h - 1, in the data-prediction form of diffusers' ``multistep_uni_p/c_bh_update``)."""
+
+    def __init__(self, x, ab: float, ab_next: float, x0, before: "_UniStep | None"):
+        lam, lam_next = half_log_snr(ab), half_log_snr(ab_next)
+        h = lam_next - lam
+        self.x, self.x0, self.lam = x, x0, lam
+        self.sig_ratio = ((1 - ab_next) / (1 - ab)) ** 0.5
+        self.alpha_next = ab_next ** 0.5
+        self.phi = math.expm1(-h)  # h_phi_1, and B(h) for bh2
+        self.d1 = self.r = None
+        if before is not None:  # the multistep difference to the previous output
+            self.r = (before.lam - lam) / h  # < 0: that point lies behind
+            self.d1 = (before.x0 - x0) / self.r
+        # the corrector's weights: rho of R rho = b (order 2), b from the phi-function recursion
+        hh = -h
+        b1 = (self.phi / hh - 1) / self.phi
+        b2 = 2 * ((self.phi / hh - 1) / hh - 0.5) / self.phi
+        self.rho = (0.5,) if self.r is None else ((b1 - b2) / (1 - self.r),)
+        if self.r is not None:
+            self.rho += (b1 - self.rho[0],)
+
+    def _base(self):
+        return self.sig_ratio * self.x - self.alpha_next * self.phi * self.x0
+
+    def predicted(self):
+        """UniP: first order (DDIM) or, with the difference, rho = 1/2 at second order."""
+        if self.d1 is None:
+            return self._base()
+        return self._base() - self.alpha_next * self.phi * 0.5 * self.d1
+
+    def corrected(self, x0_next):
+        """UniC: the same step re-taken with the output ``x0_next`` at the point reached."""
+        d_next = x0_next - self.x0
+        if self.d1 is None:
+            return self._base() - self.alpha_next * self.phi * self.rho[0] * d_next
+        corr = self.rho[0] * self.d1 + self.rho[1] * d_next
+        return self._base() - self.alpha_next * self.phi * corr

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import DataError, MinidiffError
 
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp", "dpmpp-sde")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp", "dpmpp-sde", "unipc")
 DISTILL_METHODS = ("progressive", "consistency", "adversarial")
-SPACINGS = ("uniform", "trailing", "quadratic")
+SPACINGS = ("uniform", "trailing", "quadratic", "karras", "logsnr")
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
 LOSS_WEIGHTINGS = ("none", "min-snr")
