@@ -151,15 +151,24 @@ def test_stage_stopped_before_its_first_checkpoint_starts_over(smoke, tmp_path, 
 
 
 def test_readme_table_is_the_committed_results_json():
-    """The README's study table is generated from results/study/results.json, not typed."""
+    """The study's tables are generated from results/study/results.json, not typed: docs'
+    in full, and the README's rows of the study's models carry its parameters, pseudo-FID and
+    time."""
     from pathlib import Path
 
     from minidiff.study.report import readme_table
 
     root = Path(__file__).resolve().parents[1]
     rows = json.loads((root / "results" / "study" / "results.json").read_text())
-    assert readme_table(rows) in (root / "README.md").read_text()
     assert readme_table(rows) in (root / "docs" / "study.md").read_text()
+    readme = {line.split("|")[1].strip(): line for line in
+              (root / "README.md").read_text().splitlines() if line.startswith("| `")}
+    for r in rows:
+        if r["model"] != "reduced-fp16":
+            line = readme[f"`{r['model']}`"]
+            for value in (f"{r['params']:,}", f"{r['pseudo_fid']:.3f}",
+                          f"{r['latency_10k_s']:.1f} s"):
+                assert value in line, (r["model"], value)
     fashion = json.loads((root / "results" / "fashion" / "study-quick" / "results.json")
                          .read_text())
     assert readme_table(fashion) in (root / "docs" / "datasets.md").read_text()
