@@ -58,6 +58,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 LOCK_FILE = ".lock"
+_HELD: set[str] = set()  # folders whose run_lock this process holds
 
 
 @contextlib.contextmanager
@@ -65,9 +66,17 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
     """Hold an exclusive advisory lock on ``folder/.lock`` (the folder is created) while the
     block runs, so two commands never write one run folder at once. The OS releases the lock
     when the process ends, crash or SIGKILL included, so a stale lock file blocks nobody; the
-    file records the holder's pid for the error a second writer gets."""
+    file records the holder's pid for the error a second writer gets.
+
+    Re-entrant within one process: the demo holds its folder's lock and trains into that same
+    folder, whose training loop takes the lock again (flock would refuse a second descriptor
+    of the same process)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        yield folder
+        return
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
@@ -78,7 +87,11 @@ def run_lock(folder: str | os.PathLike) -> Iterator[Path]:
                                 "finish (or stop it) and run the command again") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield folder
+        _HELD.add(key)
+        try:
+            yield folder
+        finally:
+            _HELD.discard(key)
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
