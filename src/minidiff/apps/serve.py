@@ -6,7 +6,12 @@ parameters and size. Why not Gradio: measured here, it installs 54 packages (367
 ~4 s to import, against 9 packages and ~0.3 s for Starlette + uvicorn
 (``benchmarks/results/serve_choice.md``).
 
-Safety: binds to 127.0.0.1 unless told otherwise; the client names a shipped model, never a
+Safety: binds to 127.0.0.1, and another address only with ``--allow-network`` (the page is then
+open to every machine that reaches it); a loopback server answers only requests whose ``Host``
+is its own address with its port or ``localhost[:port]`` (HTTP 421 otherwise), so a web page
+whose name was rebound to 127.0.0.1 (DNS rebinding) cannot read or drive it; a ``POST`` whose
+``Origin`` is not the served origin is refused (HTTP 403), so another site's page cannot make
+the browser spend this CPU either (:class:`Binding`); the client names a shipped model, never a
 path; a request body over ``MAX_BODY_BYTES`` (64 KB; the form sends a few hundred bytes) is
 refused with HTTP 413, from its Content-Length before reading anything, and a body without one
 is read no further than the limit; every field is validated on the server (type and range) and
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import ipaddress
 import json
 import threading
 import time
@@ -70,6 +76,75 @@ class Busy(RuntimeError):
 
 class Deadline(Exception):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Binding:
+    """Where the server listens, and so which requests it answers (see the module docstring)."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    network: bool = False  # --allow-network: any Host, for a page open to the network
+
+    def __post_init__(self):
+        if not self.network and not is_loopback(self.host):
+            raise MinidiffError(f"--host {self.host} opens the page to the network: pass "
+                                "--allow-network as well, or leave --host at 127.0.0.1")
+
+    @property
+    def url(self) -> str:
+        name = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{name}:{self.port}/"
+
+    def hosts(self) -> frozenset[str]:
+        """The ``Host`` headers a loopback server answers: its address with its port and
+        ``localhost`` (a browser leaves the port out only for port 80)."""
+        name = f"[{self.host}]" if ":" in self.host else self.host
+        return frozenset({f"{name}:{self.port}".lower(), f"localhost:{self.port}", "localhost",
+                          *((name.lower(),) if self.port == 80 else ())})
+
+    def refusal(self, method: str, headers: dict[str, str]) -> tuple[int, str] | None:
+        """Why a request with these (lower-case) ``headers`` is not answered -> (HTTP status,
+        one line), or None."""
+        host = headers.get("host", "")
+        if not self.network and host.lower() not in self.hosts():
+            return 421, f"Host {host!r} is not this server's address; open {self.url}"
+        origin = headers.get("origin")
+        if method == "POST" and origin is not None and origin.lower() != f"http://{host}".lower():
+            return 403, (f"a page from {origin} may not use this server; generate from the page "
+                         f"at http://{host}/")
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Guard:
+    """ASGI middleware: answers what :meth:`Binding.refusal` refuses with its status and one
+    line (``{"error": ...}``) before the app sees the request."""
+
+    def __init__(self, app, binding: Binding):
+        self.app, self.binding = app, binding
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                       for k, v in scope["headers"]}
+            refused = self.binding.refusal(scope["method"], headers)
+            if refused:
+                status, message = refused
+                body = json.dumps({"error": message}).encode()
+                await send({"type": "http.response.start", "status": status,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode()),
+                                        (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,9 +306,11 @@ async def read_body(request, limit: int = MAX_BODY_BYTES) -> bytes:
     return bytes(body)
 
 
-def create_app(max_seconds: float = 60.0):
+def create_app(max_seconds: float = 60.0, binding: Binding = Binding()):
+    """The Starlette app, answering only what ``binding`` allows (:class:`Guard`)."""
     from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
     from starlette.requests import Request
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
@@ -274,14 +351,16 @@ def create_app(max_seconds: float = 60.0):
             return error(str(e), 408)
 
     return Starlette(routes=[Route("/", index), Route("/api/models", models),
-                             Route("/api/generate", generate, methods=["POST"])])
+                             Route("/api/generate", generate, methods=["POST"])],
+                     middleware=[Middleware(Guard, binding=binding)])
 
 
-def serve(host: str = "127.0.0.1", port: int = 7860, max_seconds: float = 60.0) -> None:
+def serve(binding: Binding = Binding(), max_seconds: float = 60.0) -> None:
     from importlib.util import find_spec
 
     if find_spec("starlette") is None or find_spec("uvicorn") is None:
         raise MinidiffError("minidiff serve needs its extra: pip install 'minidiff[serve]'")
     import uvicorn
 
-    uvicorn.run(create_app(max_seconds), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(max_seconds, binding), host=binding.host, port=binding.port,
+                log_level="warning")

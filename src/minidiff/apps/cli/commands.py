@@ -303,12 +303,19 @@ def cmd_study(args):
 
 
 @command("serve", "a local web page to sample the shipped models",
-         "minidiff serve            # then open http://127.0.0.1:7860")
+         "minidiff serve            # then open http://127.0.0.1:7860",
+         "minidiff serve --host 0.0.0.0 --allow-network   # open to every machine that reaches it")
 @arg("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+@arg("--allow-network", action="store_true", help="allow a --host other than loopback: anyone "
+     "who reaches it can use the page")
 @arg("--port", type=c.positive_int, default=7860)
 @arg("--max-seconds", type=c.positive_float, default=60.0, help="one request's sampling limit")
 def cmd_serve(args):
-    from ..serve import serve
+    from ..serve import Binding, serve
 
-    print(f"minidiff serve: http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    serve(args.host, args.port, args.max_seconds)
+    binding = Binding(args.host, args.port, network=args.allow_network)
+    print(f"minidiff serve: {binding.url} (Ctrl-C to stop)", flush=True)
+    if args.allow_network:
+        print(f"note: --allow-network: the page is open to the network; every machine that "
+              f"reaches {args.host}:{args.port} can run the models on this CPU", flush=True)
+    serve(binding, args.max_seconds)
