@@ -17,6 +17,7 @@ import functools
 import gzip
 import hashlib
 import json
+import math
 import os
 import struct
 import zlib
@@ -167,8 +168,60 @@ def parse_idx(data: bytes, expected_magic: int, source: str = "<bytes>") -> torc
     Raises :class:`DataError` for a bad magic number, a truncated header or body, or trailing
     bytes, and nothing else.
     """
+    dims, header, total = _idx_header(data, expected_magic, source)
+    if len(data) != total:
+        raise _size_error(source, dims, total, len(data))
+    buf = bytearray(data[header:])  # writable copy: torch.frombuffer warns on read-only memory
+    return torch.frombuffer(buf, dtype=torch.uint8).reshape(dims) if total > header else \
+        torch.zeros(dims, dtype=torch.uint8)
+
+
+def read_idx(path: Path, expected_magic: int) -> bytes:
+    """An IDX file's decompressed bytes (gzip detected by its magic), read no further than its
+    header declares: a header that claims more than the file holds (billions of images) is
+    refused having read only what the file holds, and a raw file's header is checked against
+    its length before its body is read. Errors as :func:`parse_idx`'s."""
+    try:
+        raw = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror}); check that it is a readable "
+                        "file") from None
+    with raw:
+        gz = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        f = gzip.GzipFile(fileobj=raw) if gz else raw
+        try:
+            head = f.read(4 + 4 * _idx_ndim(expected_magic))
+            dims, _, total = _idx_header(head, expected_magic, str(path))
+            if not gz and os.fstat(raw.fileno()).st_size != total:
+                raise _size_error(str(path), dims, total, os.fstat(raw.fileno()).st_size)
+            body = bytearray(head)  # grows with what is read, never to what the header claims
+            while len(body) < total and (chunk := f.read(min(1 << 20, total - len(body)))):
+                body += chunk
+            extra = 0  # trailing bytes are counted, not kept
+            while chunk := f.read(1 << 20):
+                extra += len(chunk)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+            if not gz:
+                raise DataError(f"{path}: cannot read ({e}); check that it is a readable "
+                                "file") from None
+            raise DataError(f"{path}: corrupt or truncated gzip ({e}); "
+                            "replace the file with a fresh copy") from None
+    if len(body) + extra != total:
+        raise _size_error(str(path), dims, total, len(body) + extra)
+    return bytes(body)
+
+
+def _idx_ndim(magic: int) -> int:
+    return 3 if magic == IMAGES_MAGIC else 1
+
+
+def _idx_header(data: bytes, expected_magic: int, source: str) -> tuple[tuple, int, int]:
+    """The dimensions an IDX header (the start of ``data``) declares, the header's length and
+    the whole file's -> ``(dims, header, total)``; :class:`DataError` for a bad magic number or
+    a truncated header."""
     kind = "images" if expected_magic == IMAGES_MAGIC else "labels"
-    ndim = 3 if expected_magic == IMAGES_MAGIC else 1
+    ndim = _idx_ndim(expected_magic)
     if len(data) < 4:
         raise DataError(f"{source}: truncated header ({len(data)} bytes); "
                         "replace the file with a fresh copy")
@@ -181,16 +234,13 @@ def parse_idx(data: bytes, expected_magic: int, source: str = "<bytes>") -> torc
         raise DataError(f"{source}: truncated header ({len(data)} of {header} bytes); "
                         "replace the file with a fresh copy")
     dims = struct.unpack(f">{ndim}I", data[4:header])
-    size = 1
-    for d in dims:
-        size *= d
-    if len(data) != header + size:
-        what = "truncated" if len(data) < header + size else "has trailing bytes"
-        raise DataError(f"{source}: {what}: header says {dims} = {header + size} bytes, file "
-                        f"has {len(data)}; replace the file with a fresh copy")
-    buf = bytearray(data[header:])  # writable copy: torch.frombuffer warns on read-only memory
-    return torch.frombuffer(buf, dtype=torch.uint8).reshape(dims) if size else \
-        torch.zeros(dims, dtype=torch.uint8)
+    return dims, header, header + math.prod(dims)
+
+
+def _size_error(source: str, dims: tuple, total: int, actual: int) -> DataError:
+    what = "truncated" if actual < total else "has trailing bytes"
+    return DataError(f"{source}: {what}: header says {dims} = {total} bytes, file has {actual}; "
+                     "replace the file with a fresh copy")
 
 
 def _stamp_path() -> Path:
@@ -252,7 +302,7 @@ def _read_split(name: str, split: str, stats: tuple):
     for fspec, magic, st in zip(spec.files[split], (IMAGES_MAGIC, LABELS_MAGIC), stats,
                                 strict=True):
         path = Path(st[0])
-        data = read_bytes(path)
+        data = read_idx(path, magic)
         parsed = parse_idx(data, magic, str(path))  # header errors are the most specific
         verify_bytes(path, data, fspec.sha256)
         out.append(parsed)
@@ -271,12 +321,13 @@ def dataset_status(name: str, data_dir=None) -> dict:
         return {"name": name, "found": None, "verified": False, "error": str(e)}
     spec = get_spec(name)
     errors = []
-    for fspec in (f for pair in spec.files.values() for f in pair):
-        path = _file_in(folder, fspec.name)
-        try:
-            verify_bytes(path, read_bytes(path), fspec.sha256)
-        except DataError as e:
-            errors.append(str(e))
+    for pair in spec.files.values():
+        for fspec, magic in zip(pair, (IMAGES_MAGIC, LABELS_MAGIC), strict=True):
+            path = _file_in(folder, fspec.name)
+            try:
+                verify_bytes(path, read_idx(path, magic), fspec.sha256)
+            except DataError as e:
+                errors.append(str(e))
     return {"name": name, "found": str(folder), "verified": not errors,
             "error": "; ".join(errors) or None}
 
@@ -318,11 +369,12 @@ def fetch(name: str, dest: str | os.PathLike | None = None, timeout: float = 20.
     spec = get_spec(name)
     dest = Path(dest) if dest else user_dir(name)
     dest.mkdir(parents=True, exist_ok=True)
-    for fspec in (f for pair in spec.files.values() for f in pair):
+    for fspec, magic in ((f, m) for pair in spec.files.values()
+                         for f, m in zip(pair, (IMAGES_MAGIC, LABELS_MAGIC), strict=True)):
         target = dest / f"{fspec.name}.gz"
         if target.is_file():
             try:
-                verify_bytes(target, read_bytes(target), fspec.sha256)
+                verify_bytes(target, read_idx(target, magic), fspec.sha256)
                 continue
             except DataError:
                 pass

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import os
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +20,30 @@ from .errors import MinidiffError
 from .files import atomic_write_bytes, atomic_write_text
 from .settings import SamplingConfig
 
+FIX = "pass an .npz written by `minidiff sample`"
+# deflate never expands data more than ~1032 times: a member that declares more than this many
+# bytes per stored byte lies about its size
+MAX_DEFLATE_RATIO = 1100
+
 
 def save_samples(path: str | Path, images: np.ndarray, meta: dict,
                  labels: np.ndarray | None = None) -> None:
     """Write ``images`` (uint8 ``[N x H x W]``) to ``path`` (.npz) and ``meta`` (the sidecar:
-    see :func:`sidecar`) to the .json beside it, both atomically."""
+    see :func:`sidecar`) to the .json beside it. Both are written in full (fsynced) before
+    either replaces an old file, so a full disk leaves the old pair as it was."""
     path = Path(path)
     buf = io.BytesIO()
     arrays = {"images": np.asarray(images, dtype=np.uint8)}
     if labels is not None:
         arrays["labels"] = np.asarray(labels, dtype=np.int64)
     np.savez_compressed(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    staged = path.with_name(f".{path.name}.new")
+    atomic_write_bytes(staged, buf.getvalue())
+    try:
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def load_samples(path: str | Path, image_size: int = 28) -> np.ndarray:
@@ -36,48 +51,97 @@ def load_samples(path: str | Path, image_size: int = 28) -> np.ndarray:
 
     Accepts the ``.npz`` written by ``minidiff sample`` (key ``images``) with shape
     ``[N x H x W]`` or ``[N x 1 x H x W]``; anything else is a :class:`MinidiffError` that says
-    what is wrong. Never unpickles (``allow_pickle=False``).
+    what is wrong. Never unpickles, and allocates nothing its header declares before the size
+    is checked against the file (:func:`read_array`).
     """
     path = Path(path)
-    fix = "pass an .npz written by `minidiff sample`"
     if not path.is_file():
-        raise MinidiffError(f"{path}: no such sample file; {fix}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "images" not in z.files:
-                raise MinidiffError(f"{path}: no 'images' array (found {z.files}); {fix}")
-            images = z["images"]
-    except MinidiffError:
-        raise
-    except (OSError, ValueError, EOFError) as e:
-        first = str(e).splitlines()[0]
-        raise MinidiffError(f"{path}: not a readable .npz ({first}); {fix}") from None
-    if images.ndim == 4 and images.shape[1] == 1:
+        raise MinidiffError(f"{path}: no such sample file; {FIX}")
+
+    def vet(shape: tuple, dtype: np.dtype) -> None:
+        if len(shape) == 4 and shape[1] == 1:
+            shape = shape[:1] + shape[2:]
+        if len(shape) != 3 or shape[1:] != (image_size, image_size) or shape[0] == 0:
+            raise MinidiffError(f"{path}: images have shape {list(shape)}, expected "
+                                f"[N x {image_size} x {image_size}] with N >= 1; {FIX}")
+        if dtype.kind not in "uif":  # nothing to read in strings, dates or records
+            raise MinidiffError(f"{path}: images are {dtype}, expected uint8 in 0..255; {FIX}")
+
+    images = read_array(path, "images", vet)
+    if images.ndim == 4:
         images = images[:, 0]
-    if images.ndim != 3 or images.shape[1:] != (image_size, image_size) or len(images) == 0:
-        raise MinidiffError(f"{path}: images have shape {list(images.shape)}, expected "
-                            f"[N x {image_size} x {image_size}] with N >= 1; {fix}")
     if images.dtype.kind == "f" and not np.isfinite(images).all():
         raise MinidiffError(f"{path}: images contain NaN or Inf; the sampler diverged, "
                             "regenerate the file")
     if images.dtype != np.uint8:
-        raise MinidiffError(f"{path}: images are {images.dtype}, expected uint8 in 0..255; {fix}")
+        raise MinidiffError(f"{path}: images are {images.dtype}, expected uint8 in 0..255; {FIX}")
     return images
 
 
 def load_labels(path: str | Path, n: int, num_classes: int = 10) -> np.ndarray | None:
     """The ``labels`` array of a conditional sample file (validated against its ``n`` images),
     or None when the file has none."""
-    with np.load(path, allow_pickle=False) as z:
-        if "labels" not in z.files:
-            return None
-        labels = z["labels"]
-    if labels.shape != (n,) or labels.dtype.kind not in "iu" or labels.min() < 0 \
-            or labels.max() >= num_classes:
-        raise MinidiffError(f"{path}: 'labels' must be {n} class ids in 0..{num_classes - 1} "
-                            f"(got shape {list(labels.shape)}, dtype {labels.dtype}); "
-                            "regenerate it with `minidiff sample --class`")
+    def bad(shape, dtype):
+        return MinidiffError(f"{path}: 'labels' must be {n} class ids in 0..{num_classes - 1} "
+                             f"(got shape {list(shape)}, dtype {dtype}); regenerate it with "
+                             "`minidiff sample --class`")
+
+    def vet(shape: tuple, dtype: np.dtype) -> None:
+        if shape != (n,) or dtype.kind not in "iu":
+            raise bad(shape, dtype)
+
+    labels = read_array(path, "labels", vet, required=False)
+    if labels is not None and (labels.min() < 0 or labels.max() >= num_classes):
+        raise bad(labels.shape, labels.dtype)
     return labels
+
+
+def read_array(path: Path, key: str, vet, required: bool = True) -> np.ndarray | None:
+    """Array ``key`` of the .npz ``path`` (None if absent and not ``required``), read without
+    unpickling and without allocating from its header: ``vet(shape, dtype)`` judges the header
+    first (raising its own error), the data must be exactly as long as the header declares and
+    plausible for the stored bytes, and it is read in chunks as it comes."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n.removesuffix(".npy") for n in z.namelist()]
+            if f"{key}.npy" not in z.namelist():
+                if required:
+                    raise MinidiffError(f"{path}: no '{key}' array (found {names}); {FIX}")
+                return None
+            info = z.getinfo(f"{key}.npy")
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) \
+                    or info.flag_bits & 0x1:
+                raise ValueError(f"'{key}' is encrypted or compressed in an unsupported way")
+            with z.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f"'{key}' is a .npy of version {version}")
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                if dtype.hasobject:
+                    raise MinidiffError(f"{path}: '{key}' holds Python objects, which are never "
+                                        f"unpickled (they can run code); {FIX}")
+                vet(shape, dtype)
+                size = math.prod(shape) * dtype.itemsize
+                stored = info.file_size - f.tell()
+                if size != stored or \
+                        info.file_size > MAX_DEFLATE_RATIO * info.compress_size + 1024:
+                    raise MinidiffError(f"{path}: '{key}' declares shape {list(shape)} "
+                                        f"({size:,} bytes) but the file holds {stored:,}; it "
+                                        f"is corrupt or truncated, {FIX}")
+                data = bytearray()  # grows with what is read, never to what the header claims
+                while len(data) < size:
+                    chunk = f.read(min(1 << 20, size - len(data)))
+                    if not chunk:
+                        raise EOFError(f"'{key}' ends after {len(data):,} of {size:,} bytes")
+                    data += chunk
+    except MinidiffError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MinidiffError(f"{path}: not a readable .npz ({first}); {FIX}") from None
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def sidecar(cfg: SamplingConfig, n: int, checkpoint, digest: str, seconds: float,
