@@ -116,6 +116,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{config_path}: unreadable JSON ({e}); restore it from the "
                                   "run folder or pass the .safetensors file alone") from None
+        _check_object(config, config_path)
         recorded = config.get("model_sha256")
         if recorded and recorded != digest and weights.parent == config_path.parent:
             raise CheckpointError(f"{weights}: SHA-256 {digest[:12]}... does not match the "
@@ -137,23 +138,44 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"{config_path or weights}: invalid config ({e}); it was not "
                               "written by this version of minidiff") from None
     try:
-        model = UNet(model_cfg)
-        tensors = decode_state(tensors, {k: v.shape for k, v in model.state_dict().items()})
+        # the shapes the config implies, on the meta device: a config that declares huge widths
+        # allocates nothing before they are checked against the tensors the file holds
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in UNet(model_cfg).state_dict().items()}
+        _check_masks(tensors, expected)
+        tensors = decode_state(tensors, expected)
     except ValueError as e:
         raise CheckpointError(f"{weights}: {e}; the file is damaged or was not written by "
                               "this version of minidiff") from None
-    expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
-    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
+    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k]]
     if missing or extra or wrong:
         detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
                   else f"shape of {wrong[0]} is {list(tensors[wrong[0]].shape)}, config "
-                  f"implies {list(expected[wrong[0]].shape)}")
+                  f"implies {list(expected[wrong[0]])}")
         raise CheckpointError(f"{weights}: weights do not match the model config ({detail}); "
                               "the config and weights come from different runs")
+    model = UNet(model_cfg)
     model.load_state_dict(tensors)
     return model.to(device).eval(), config, digest
+
+
+def _check_object(config, source: Path) -> None:
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: invalid config (a JSON {type(config).__name__}, not "
+                              "an object); it was not written by this version of minidiff")
+
+
+def _check_masks(tensors: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> None:
+    """A sparse tensor's bitmask must hold one bit per weight of the shape the config implies,
+    so decoding it allocates no more than the file's own size warrants."""
+    for key in (k for k in tensors if k.endswith(":mask")):
+        base = key[: -len(":mask")]
+        shape = shapes.get(base.split(":")[0])
+        if shape is not None and tensors[key].numel() != -(-shape.numel() // 8):
+            raise ValueError(f"sparse tensor {base} has a mask of {tensors[key].numel()} bytes, "
+                             f"its shape {list(shape)} needs {-(-shape.numel() // 8)}")
 
 
 def _metadata_config(data: bytes, weights: Path) -> dict:
@@ -165,7 +187,13 @@ def _metadata_config(data: bytes, weights: Path) -> dict:
     if "minidiff_config" not in meta:
         raise CheckpointError(f"{weights}: no config.json beside it and no config in its "
                               "metadata; pass the run folder written by `minidiff train`")
-    return json.loads(meta["minidiff_config"])
+    try:
+        config = json.loads(meta["minidiff_config"])
+    except ValueError as e:
+        raise CheckpointError(f"{weights}: the config in its metadata is unreadable JSON ({e}); "
+                              "pass the run folder written by `minidiff train`") from None
+    _check_object(config, weights)
+    return config
 
 
 # --------------------------------------------------------------------------- training state
