@@ -53,20 +53,38 @@ def test_ddpm_with_oracle_recovers_a_point_mass():
 
 
 def test_time_generation_draws_what_generate_draws_for_the_config(tiny_model):
+    """The images of the last timed run, after a warm-up of ``warmup`` images: the network sees
+    one warm-up batch of 2, then per repeat the batches 2, 2, 1, each for every step."""
     sched = Schedule.from_config(DiffusionConfig()).respace(3)
     cfg = SamplingConfig(sampler="ddim", steps=3, spacing="uniform", eta=0.5, batch_size=2,
                          seed=4, precision="fp32")
+    rows = []
+    hook = tiny_model.register_forward_pre_hook(lambda _, args: rows.append(len(args[0])))
     run = time_generation(tiny_model, sched, cfg, 5, warmup=2, repeats=2)
+    hook.remove()
     want = generate(tiny_model, sched, 5, sampler="ddim", eta=0.5, seed=4, batch_size=2)
     assert torch.equal(run.result, want)
-    assert run.seconds > 0 and run.warmup_seconds > 0
+    assert rows == [2] * 3 + ([2] * 3 + [2] * 3 + [1] * 3) * 2
 
 
-def test_timed_warms_up_once_then_takes_the_median():
-    calls = []
-    t = timed(lambda: calls.append("f") or len(calls), 3, warmup=lambda: calls.append("w"))
-    assert calls == ["w", "f", "f", "f"] and t.result == 4 and t.warmup_seconds > 0
-    assert timed(lambda: None).warmup_seconds == 0.0
+def test_timed_warms_up_once_then_takes_the_median(monkeypatch):
+    """On a clock that only the work advances: the warm-up's own time, then the median of the
+    timed calls."""
+    import minidiff.runtime as runtime
+
+    clock, calls = [0.0], []
+    durations = iter([7.0, 1.0, 5.0, 2.0])  # the warm-up, then three timed calls
+
+    def work(tag):
+        calls.append(tag)
+        clock[0] += next(durations)
+        return len(calls)
+
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: clock[0])
+    t = timed(lambda: work("f"), 3, warmup=lambda: work("w"))
+    assert calls == ["w", "f", "f", "f"] and t.result == 4
+    assert (t.seconds, t.warmup_seconds) == (2.0, 7.0)
+    assert timed(lambda: clock.append(0)).warmup_seconds == 0.0 and len(clock) == 2
 
 
 def test_n_must_be_positive(tiny_model):
