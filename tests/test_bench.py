@@ -3,29 +3,52 @@
 import pytest
 import torch
 
+from minidiff import generation
 from minidiff.apps import bench
+from minidiff.runtime import Timing, cpu_bf16_native
+from minidiff.unet import PRESETS, UNet, count_macs
+
+SECONDS, WARMUP = 0.25, 0.75  # what every timed call and warm-up "takes" in `result`
+
+
+def fixed_timed(fn, repeats=1, warmup=None):
+    """runtime.timed on a fixed clock: the work runs as it would, and every call takes SECONDS
+    (a warm-up WARMUP), so each rate the benchmark derives is known in closed form."""
+    if warmup is not None:
+        warmup()
+    result = None
+    for _ in range(repeats):
+        result = fn()
+    return Timing(SECONDS, WARMUP if warmup is not None else 0.0, result)
 
 
 @pytest.fixture(scope="module")
 def result():
-    return bench.run_bench(presets=("reduced",), n=4, batch=2, train_batch=4, steps=2,
-                           samplers=("ddim", "dpmpp-sde"), log=lambda *_: None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "timed", fixed_timed)
+        mp.setattr(generation, "timed", fixed_timed)
+        return bench.run_bench(presets=("reduced",), n=4, batch=2, train_batch=4, steps=2,
+                               samplers=("ddim", "dpmpp-sde"), log=lambda *_: None)
 
 
 def test_rows_cover_both_implementations_and_jobs(result):
     jobs = {(r["impl"], r["job"]) for r in result["rows"]}
     assert jobs == {(impl, job) for impl in ("minidiff", "diffusers")
                     for job in ("train", "sample ddim-2", "sample dpmpp-sde-2")}
+    peak = round(2 * 2048 ** 3 / SECONDS / 1e9, 1)  # one 2048^2 matmul per SECONDS
+    assert result["peak_gflops"] == {"fp32": peak, "bf16": peak if cpu_bf16_native() else None}
+    macs = count_macs(UNet(PRESETS["reduced"]))
     for r in result["rows"]:
-        assert r["img_per_s"] > 0 and r["macs_per_image"] > 0
-        # against the peak of the precision the row ran in, never an emulated one
-        peak = result["peak_gflops"][r["precision"]]
-        assert r["peak_fraction"] == pytest.approx(r["gflops"] / peak, abs=1e-3)
+        assert r["img_per_s"] == 4 / SECONDS  # 4 training images per step, 4 samples per run
+        # a training image costs 3 forwards (backward ~ twice the forward), a sample 2 steps
+        flops = (3 if r["job"] == "train" else 2) * 2 * r["macs_per_image"] * 4 / SECONDS
+        assert r["gflops"] == round(flops / 1e9, 1)
+        assert r["peak_fraction"] == round(flops / 1e9 / peak, 3)
+        if r["job"] != "train":
+            assert r["seconds_per_10k"] == SECONDS * 10000 / 4
+            assert r["first_run_extra_s"] == WARMUP - SECONDS
         if r["impl"] == "minidiff":
-            peer = next(p for p in result["rows"] if p["impl"] == "diffusers"
-                        and p["job"] == r["job"])
-            assert r["vs_diffusers"] == pytest.approx(r["img_per_s"] / peer["img_per_s"],
-                                                      abs=0.01)
+            assert r["macs_per_image"] == macs and r["vs_diffusers"] == 1.0  # timed alike
 
 
 def test_anchor_is_diffusers_unet_at_the_same_widths():
