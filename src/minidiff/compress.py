@@ -11,20 +11,27 @@
   the time embedding and the first and last convs).
 
 Each ``*_checkpoint`` function reads a checkpoint and writes a new run folder whose config
-records what was done, from which checkpoint (SHA-256), and the sizes before and after.
+records what was done, from which checkpoint (SHA-256), and the sizes before and after. The
+folder is written beside its name (``.<name>.new-<pid>``), loaded back, and only then renamed
+in (:func:`replace_folder`); an existing folder is replaced only with ``force``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, resolve, save_model
+from .checkpoint import CONFIG_FILE, MODEL_FILE, load_checkpoint, resolve, save_model
 from .diffusion import DiffusionConfig, Schedule, q_sample
 from .errors import MinidiffError
+from .files import atomic_write_bytes
 from .unet import UNet, UNetConfig, count_macs, count_params, width_names
 
 PRUNABLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
@@ -127,15 +134,15 @@ def _summary(model: UNet, folder: Path) -> dict:
 
 
 def prune_checkpoint(checkpoint, out, *, structured: float | None = None,
-                     unstructured: float | None = None) -> dict:
+                     unstructured: float | None = None, force: bool = False) -> dict:
     """Prune ``checkpoint`` and write a run folder ``out`` that `minidiff train --init` can
-    fine-tune (the zeros of unstructured pruning are kept during fine-tuning)."""
+    fine-tune (the zeros of unstructured pruning are kept during fine-tuning); an existing
+    ``out`` is replaced only with ``force``."""
     if not structured and not unstructured:
         raise MinidiffError("nothing to do: give --structured RATIO and/or --unstructured RATIO")
-    model, config, digest = load_checkpoint(checkpoint)
     out = Path(out)
-    if (out / "config.json").exists():
-        raise MinidiffError(f"{out} already holds a model; choose another --out")
+    refuse_overwrite(out, force)
+    model, config, digest = load_checkpoint(checkpoint)
     before = {"params": count_params(model), "macs": count_macs(model),
               "bytes": resolve(checkpoint)[0].stat().st_size}
     if structured:
@@ -150,9 +157,10 @@ def prune_checkpoint(checkpoint, out, *, structured: float | None = None,
     new = {**config, "model": model.config.to_dict(), "storage": storage,
            "pruned": record, "step": 0}
     new.pop("model_sha256", None)
-    save_model(out, model, new)
-    record["after"] = _summary(model, out)
-    save_model(out, model, new)  # now with the sizes recorded
+    with staged(out) as tmp:
+        save_model(tmp, model, new)
+        record["after"] = _summary(model, tmp)
+        save_model(tmp, model, new)  # now with the sizes recorded
     return record
 
 
@@ -175,16 +183,16 @@ def output_error(a: nn.Module, b: nn.Module, config: dict, n: int = 256, seed: i
     return float((ea - eb).pow(2).mean().sqrt() / ea.pow(2).mean().sqrt())
 
 
-def quantize_checkpoint(checkpoint, out, *, mode: str = "int8") -> dict:
+def quantize_checkpoint(checkpoint, out, *, mode: str = "int8", force: bool = False) -> dict:
     """Store ``checkpoint`` compactly: ``int8`` (per-channel int8 weights, float elsewhere) or
     ``fp16`` (every float tensor in half precision). Execution stays in float (bf16/fp32): the
-    weights are dequantized at load. Records the relative output error on calibration inputs."""
+    weights are dequantized at load. Records the relative output error on calibration inputs.
+    An existing ``out`` is replaced only with ``force``."""
     if mode not in ("int8", "fp16"):
         raise MinidiffError(f"--mode must be int8 or fp16, got {mode!r}")
-    model, config, digest = load_checkpoint(checkpoint)
     out = Path(out)
-    if (out / "config.json").exists():
-        raise MinidiffError(f"{out} already holds a model; choose another --out")
+    refuse_overwrite(out, force)
+    model, config, digest = load_checkpoint(checkpoint)
     storage = dict(config.get("storage") or {})
     if mode == "int8":
         storage["int8"] = int8_storage(model)
@@ -193,9 +201,86 @@ def quantize_checkpoint(checkpoint, out, *, mode: str = "int8") -> dict:
               "before_bytes": resolve(checkpoint)[0].stat().st_size}
     new = {**config, "storage": storage, "quantized": record}
     new.pop("model_sha256", None)
-    save_model(out, model, new)
-    reloaded, _, _ = load_checkpoint(out)
-    record["output_rel_rms_error"] = round(output_error(model, reloaded, config), 6)
-    record["after_bytes"] = stored_bytes(out)
-    save_model(out, model, new)
+    with staged(out) as tmp:
+        save_model(tmp, model, new)
+        reloaded, _, _ = load_checkpoint(tmp)
+        record["output_rel_rms_error"] = round(output_error(model, reloaded, config), 6)
+        record["after_bytes"] = stored_bytes(tmp)
+        save_model(tmp, model, new)
     return record
+
+
+def copy_checkpoint(checkpoint: Path, out, *, force: bool = False) -> None:
+    """Copy the run folder ``checkpoint``'s model (weights and config.json, byte for byte) to
+    the folder ``out``; an existing ``out`` is replaced only with ``force``."""
+    out = Path(out)
+    refuse_overwrite(out, force)
+    with staged(out) as tmp:
+        for name in (MODEL_FILE, CONFIG_FILE):
+            atomic_write_bytes(tmp / name, (Path(checkpoint) / name).read_bytes())
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def refuse_overwrite(out: Path, force: bool, flag: str = "--out") -> None:
+    """Refuse to write the folder ``out`` over anything it holds, unless ``force`` (the error
+    names ``flag``, which chose ``out``). First puts back an old copy that a stopped
+    :func:`replace_folder` left beside a missing ``out``."""
+    recover_folder(out)
+    if force or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    what = "holds a model" if (out / MODEL_FILE).exists() or (out / CONFIG_FILE).exists() \
+        else "exists"
+    raise MinidiffError(f"{out} already {what}; pass --force to replace it or choose another "
+                        f"{flag}")
+
+
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` for the block to write; once the block is done and the
+    model there loads, it replaces ``out`` (:func:`replace_folder`). On any error it is
+    removed and ``out`` is as it was."""
+    tmp = out.with_name(f".{out.name}.new-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        load_checkpoint(tmp)  # verify before it replaces anything
+        replace_folder(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Rename the folder ``new`` to ``target``. An old ``target`` steps aside first (as
+    ``.<name>.old-<pid>``) and is removed only once ``new`` is in, so a crash at any moment
+    leaves a loadable model under the name, or the old copy beside it for
+    :func:`recover_folder` to put back."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists() or target.is_symlink():
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if not target.exists() and old.exists():
+            os.replace(old, target)
+        raise
+    _remove(old)
+
+
+def recover_folder(target: Path) -> None:
+    """After a crash inside :func:`replace_folder`: an old copy beside a missing ``target`` goes
+    back under its name; one beside a present ``target`` was already replaced and goes."""
+    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if target.exists():
+            _remove(old)
+        else:
+            os.replace(old, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

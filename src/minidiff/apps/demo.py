@@ -3,6 +3,11 @@
 The step count depends on the precision ``--precision auto`` picks (never on a clock, so a demo
 run is reproducible): a CPU with native bf16 trains about three times as fast as one without,
 and both should finish ``make demo`` on a fresh clone within about 12 minutes on 2 cores.
+
+The run holds its folder's lock (:func:`minidiff.files.run_lock`) throughout, so a second demo
+on the same folder stops at once; ``--force`` starts over by removing only the demo's own files
+(:data:`DEMO_FILES`), and without it the demo never writes over a file of those names that is
+not part of a demo run.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CONFIG_FILE
+from ..checkpoint import CHECKPOINTS, CONFIG_FILE, MODEL_FILE
 from ..diffusion import DiffusionConfig
 from ..errors import MinidiffError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, run_lock
 from ..generation import sample_to_file
 from ..metrics import MIN_SAMPLES, evaluate
 from ..runtime import environment_line, resolve_device, resolve_precision, timed
@@ -34,6 +39,9 @@ DEMO_TRAIN = TrainConfig(checkpoint_every=250)  # the default recipe; steps belo
 # (AMD Zen 3, AVX2 only); docs/speed.md has the measured times
 DEMO_STEPS = {"bf16": 3200, "fp32": 1800}
 DEMO_SAMPLING = SamplingConfig()  # the sampling defaults
+# what a demo run writes into its folder: all that --force removes
+DEMO_FILES = (CONFIG_FILE, MODEL_FILE, CHECKPOINTS, "metrics.jsonl", "metrics.json",
+              "samples.npz", "samples.json", "grid.png", "report.md")
 
 
 def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, n: int = 100,
@@ -44,8 +52,14 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, n: int 
         raise MinidiffError(f"--n must be >= {MIN_SAMPLES}: the demo evaluates its samples")
     precision = resolve_precision(DEMO_TRAIN.precision, resolve_device(DEMO_TRAIN.device))
     cfg = replace(DEMO_TRAIN, steps=steps or DEMO_STEPS[precision])
-    if force and out.exists():
-        shutil.rmtree(out)
+    with run_lock(out):
+        return _run_demo(out, cfg, precision, n=n, data_dir=data_dir, force=force)
+
+
+def _run_demo(out: Path, cfg: TrainConfig, precision: str, *, n: int, data_dir,
+              force: bool) -> Path:
+    if force:
+        _remove_demo_files(out)
     resume = (out / CONFIG_FILE).exists()
     if resume:
         saved = json.loads((out / CONFIG_FILE).read_text()).get("train", {})
@@ -53,6 +67,11 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, n: int 
             raise MinidiffError(f"{out} holds a demo run of another recipe or length "
                                 f"({saved.get('steps')} steps); pass --force to start over or "
                                 "another --out")
+    else:
+        taken = [name for name in DEMO_FILES if (out / name).exists()]
+        if taken:
+            raise MinidiffError(f"{out} holds {', '.join(taken)} but no demo run; pass --force "
+                                "to replace them or choose another --out")
 
     timings = {}  # each step's wall time, one call each
     timings["train"], _, summary = timed(lambda: train(
@@ -111,3 +130,13 @@ Sample again with `minidiff sample {out} --n 64 --out more.npz --grid more.png`.
 """
     atomic_write_text(out / "report.md", report)
     return out / "report.md"
+
+
+def _remove_demo_files(out: Path) -> None:
+    """What a demo run wrote into ``out`` (and nothing else there: not the lock it holds)."""
+    for name in DEMO_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)

@@ -17,6 +17,11 @@ training, chained along each model's stages), ``DIR/report.md`` and its figures.
 shallow train the baseline's epochs, or its FLOPs where the preset is at equal compute.
 ``run(only=...)`` trains some models' stages and stops (``pruned`` includes the baseline's), so
 processes can train architectures side by side before one run evaluates them all.
+
+Two processes never write one stage: a whole run holds the study folder's lock
+(:func:`minidiff.files.run_lock`) from start to end, and every training stage holds its own
+folder's lock while it trains, which is what lets ``--only`` runs share a study folder. A
+folder that holds something other than this study is written into only with ``force``.
 """
 
 from __future__ import annotations
@@ -31,10 +36,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..checkpoint import CHECKPOINTS, load_checkpoint, resolve
-from ..compress import prune_checkpoint, quantize_checkpoint
+from ..compress import copy_checkpoint, prune_checkpoint, quantize_checkpoint, refuse_overwrite
 from ..data import load_split
 from ..errors import MinidiffError
-from ..files import atomic_write_text, save_grid
+from ..files import LOCK_FILE, atomic_write_text, run_lock, save_grid
 from ..generation import resolve_sampling, time_generation
 from ..metrics import evaluate
 from ..runtime import environment, resolve_device
@@ -122,9 +127,10 @@ class Study:
     """Runs the stages of one :class:`StudyConfig` under ``out``; see the module docstring."""
 
     def __init__(self, cfg: StudyConfig, out: str | Path, *, data_dir=None, progress=True,
-                 log=print):
+                 log=print, force: bool = False):
         self.cfg, self.out = cfg, Path(out)
         self.data_dir, self.progress, self.log = data_dir, progress, log
+        self.force = force  # write into an --out that holds something else
         self.stages = self.out / "stages"
 
     # ------------------------------------------------------------------ stage bookkeeping
@@ -179,17 +185,20 @@ class Study:
         if self._done(folder):
             self.log(f"study: {name}: done ({folder.name})")
             return folder
-        # resume from the newest checkpoint; a stage stopped before its first one starts over
-        resume = any((folder / CHECKPOINTS).glob("step-*"))
-        if not resume and folder.exists():
-            shutil.rmtree(folder)
-        self.log(f"study: {name}: {'resuming' if resume else 'training'} {epochs:g} epochs "
-                 f"at lr {tcfg.lr:g} -> {folder}")
-        t0 = time.perf_counter()
-        summary = train(UNET[preset], diffusion, tcfg, folder, data_dir=self.data_dir,
-                        resume=resume, progress=self.progress, preset=preset)
-        self._finish(folder, {"stage": name, "settings": settings,
-                              "seconds": round(time.perf_counter() - t0, 1), **summary})
+        with run_lock(folder):  # another --only run may be training this stage
+            if self._done(folder):  # it finished while this one waited to look
+                return folder
+            # resume from the newest checkpoint; a stage stopped before its first one starts over
+            resume = any((folder / CHECKPOINTS).glob("step-*"))
+            if not resume:
+                _clear(folder)
+            self.log(f"study: {name}: {'resuming' if resume else 'training'} {epochs:g} epochs "
+                     f"at lr {tcfg.lr:g} -> {folder}")
+            t0 = time.perf_counter()
+            summary = train(UNET[preset], diffusion, tcfg, folder, data_dir=self.data_dir,
+                            resume=resume, progress=self.progress, preset=preset)
+            self._finish(folder, {"stage": name, "settings": settings,
+                                  "seconds": round(time.perf_counter() - t0, 1), **summary})
         return folder
 
     def prune(self, source: Path) -> Path:
@@ -199,10 +208,9 @@ class Study:
         folder = self._folder("prune", settings)
         if self._done(folder):
             return folder
-        if (folder / "config.json").is_file():  # a killed earlier attempt: redo it
-            shutil.rmtree(folder)
+        # force: a model there without stage.json is this stage's own, stopped before its record
         record = prune_checkpoint(source, folder, structured=c.structured,
-                                  unstructured=c.unstructured)
+                                  unstructured=c.unstructured, force=True)
         self.log(f"study: pruned {record['before']['params']:,} -> "
                  f"{record['after']['params']:,} params, sparsity {record.get('sparsity')}")
         self._finish(folder, {"stage": "prune", "settings": settings, **record})
@@ -213,9 +221,7 @@ class Study:
         folder = self._folder(f"quantize-{mode}", settings)
         if self._done(folder):
             return folder
-        if (folder / "config.json").is_file():
-            shutil.rmtree(folder)
-        record = quantize_checkpoint(source, folder, mode=mode)
+        record = quantize_checkpoint(source, folder, mode=mode, force=True)  # as prune's
         self._finish(folder, {"stage": f"quantize-{mode}", "settings": settings, **record})
         return folder
 
@@ -269,8 +275,39 @@ class Study:
 
     # ------------------------------------------------------------------ the whole study
     def run(self, only: tuple[str, ...] = ()) -> list[dict]:
-        """Every stage; with ``only`` (names from :data:`ARCH`), just the training stages of
-        those models (e.g. one process per architecture on a GPU), then stop."""
+        """Every stage, holding the study folder's lock; with ``only`` (names from
+        :data:`ARCH`), just the training stages of those models (e.g. one process per
+        architecture on a GPU, each stage under its own lock), then stop."""
+        self._claim()  # before the lock, which would leave its file in a folder refused here
+        if only:
+            return self._run(only)
+        with run_lock(self.out):
+            return self._run(only)
+
+    def _claim(self) -> None:
+        """Refuse, unless ``force``, an ``out`` that holds files but no study, or a study whose
+        study.json disagrees with this one's config (its results would be replaced)."""
+        record = self.out / "study.json"
+        if self.force or not self.out.is_dir():
+            return
+        if not record.is_file():
+            if any(p.name != LOCK_FILE for p in self.out.iterdir()):
+                raise MinidiffError(f"{self.out} already exists and holds no study; pass --force "
+                                    "to write the study into it or choose another --out")
+            return
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, ValueError):
+            saved = None
+        ours = json.loads(json.dumps(asdict(self.cfg)))  # as study.json stores it
+        differ = sorted(k for k in ours if k in saved and _disagree(saved[k], ours[k])) \
+            if isinstance(saved, dict) else ["study.json is unreadable"]
+        if differ:
+            raise MinidiffError(f"{self.out} holds another study ({', '.join(differ[:3])}); "
+                                "re-run its own command to resume it, pass --force to replace "
+                                "its results, or choose another --out")
+
+    def _run(self, only: tuple[str, ...]) -> list[dict]:
         c = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out / "study.json", json.dumps(asdict(c), indent=2) + "\n")
@@ -346,11 +383,15 @@ def curves(chains: dict[str, list[tuple[Path, bool]]], train_images: int) -> lis
     return points
 
 
-def export(study_dir: str | Path, dest: str | Path, *, fp16_tolerance: float = 0.02) -> list[str]:
+def export(study_dir: str | Path, dest: str | Path, *, force: bool = False,
+           fp16_tolerance: float = 0.02) -> list[str]:
     """Copy a finished study's models into ``dest`` (``src/minidiff/assets/models/`` ships them)
     under their row names: ``baseline``, ``pruned``, ``reduced``, ``shallow`` in fp16 storage
     when the study's own fp16 row stayed within ``fp16_tolerance`` (relative pseudo-FID) of its
-    float row, else as trained; and the int8 model as evaluated. Returns the names written."""
+    float row, else as trained; and the int8 model as evaluated. Returns the names written.
+
+    Models already in ``dest`` are replaced only with ``force``, each once its new copy is
+    written beside it and loads (:func:`minidiff.compress.replace_folder`)."""
 
     study_dir, dest = Path(study_dir), Path(dest)
     try:
@@ -361,22 +402,21 @@ def export(study_dir: str | Path, dest: str | Path, *, fp16_tolerance: float = 0
     best = next(iter(rows.values()))["best"]
     fp16_ok = abs(rows[f"{best}-fp16"]["pseudo_fid"] / rows[best]["pseudo_fid"] - 1) \
         <= fp16_tolerance
-    written = []
-    for name in (*ARCH, f"{best}-int8"):
+    names = (*ARCH, f"{best}-int8")
+    refuse_export(dest, names, force=force)
+    for name in names:
         src = study_dir / rows[name]["checkpoint"]
-        target = dest / name
-        tmp = dest / f".{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
         if fp16_ok and name in ARCH:
-            quantize_checkpoint(src, tmp, mode="fp16")
+            quantize_checkpoint(src, dest / name, mode="fp16", force=True)
         else:
-            tmp.mkdir(parents=True)
-            for f in ("model.safetensors", "config.json"):
-                shutil.copyfile(src / f, tmp / f)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
-        written.append(name)
-    return written
+            copy_checkpoint(src, dest / name, force=True)
+    return list(names)
+
+
+def refuse_export(dest: str | Path, names, *, force: bool = False) -> None:
+    """Refuse, unless ``force``, to export over anything already under one of ``names``."""
+    for name in names:
+        refuse_overwrite(Path(dest) / name, force, flag="--export DIR")
 
 
 def summary_lines(rows: list[dict], out: Path) -> str:
@@ -387,7 +427,8 @@ def summary_lines(rows: list[dict], out: Path) -> str:
 
 
 def run_study(preset: str, out, *, dataset: str = "mnist", data_dir=None, progress=True,
-              log=print, only: tuple[str, ...] = (), **overrides) -> list[dict]:
+              log=print, only: tuple[str, ...] = (), force: bool = False,
+              **overrides) -> list[dict]:
     if preset not in PRESETS:
         raise MinidiffError(f"unknown study preset {preset!r}; choose one of: "
                             f"{', '.join(PRESETS)}")
@@ -395,4 +436,24 @@ def run_study(preset: str, out, *, dataset: str = "mnist", data_dir=None, progre
     if bad:
         raise MinidiffError(f"--only {','.join(bad)}: choose from {', '.join(ARCH)}")
     cfg = replace(PRESETS[preset], dataset=dataset, **overrides)
-    return Study(cfg, out, data_dir=data_dir, progress=progress, log=log).run(only)
+    return Study(cfg, out, data_dir=data_dir, progress=progress, log=log,
+                 force=force).run(only)
+
+
+def _disagree(saved, ours) -> bool:
+    """Whether two settings differ in a field both know (a study.json written before a field
+    existed still resumes)."""
+    if isinstance(saved, dict) and isinstance(ours, dict):
+        return any(_disagree(saved[k], ours[k]) for k in saved.keys() & ours.keys())
+    return saved != ours
+
+
+def _clear(folder: Path) -> None:
+    """Empty a stage folder whose lock this process holds, keeping the lock file."""
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if p.name == LOCK_FILE:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()

@@ -100,9 +100,14 @@ def cmd_train(args):
 @arg("--device", choices=s.DEVICES, default="auto")
 @shared("--no-progress")
 @arg("--compile", action="store_true", help="through torch.compile (pays off in long runs)")
+@shared("--force")
 def cmd_sample(args):
     from ...generation import sample_to_file
 
+    out = Path(args.out)
+    c.refuse_existing(args, out=out, grid=args.grid)
+    if out.suffix == ".npz":  # its sidecar, named after it
+        c.refuse_existing(args, out=out.with_suffix(".json"))
     print(json.dumps(sample_to_file(args.checkpoint, args.out, S.from_flags(**given(args, S)),
                                     n=args.n, classes=args.classes, device=args.device,
                                     grid=args.grid, progress=not args.no_progress,
@@ -115,10 +120,12 @@ def cmd_sample(args):
 @arg("--out", required=True, help="output .png")
 @arg("--n", type=c.positive_int, default=100, help="at most this many (default %(default)s)")
 @arg("--nrow", type=c.positive_int, help="images per row (default ~sqrt n)")
+@shared("--force")
 def cmd_grid(args):
     from ...files import save_grid
     from ...samplefiles import load_samples
 
+    c.refuse_existing(args, out=args.out)
     images = load_samples(args.samples)[: args.n]
     save_grid(images, args.out, nrow=args.nrow)
     print(f"wrote {args.out} ({len(images)} images)")
@@ -131,10 +138,16 @@ group("classifier", "train or evaluate the metrics' feature classifier",
 @command("classifier train", "rebuild a shipped classifier from its recipe")
 @shared("--dataset", "--data-dir")
 @arg("--epochs", type=c.positive_int, help="default: the recipe's")
-@arg("--out", help="folder for weights + card (default: the package's assets)")
+@arg("--out", help="folder for weights + card (default: the package's assets, which it "
+     "rebuilds)")
+@shared("--force")
 def cmd_classifier_train(args):
-    from ...classifier import retrain
+    from ...classifier import retrain, weights_path
 
+    if args.out:
+        weights = weights_path(args.dataset, Path(args.out))
+        c.refuse_existing(args, out=weights)
+        c.refuse_existing(args, out=weights.with_suffix(".json"))
     path, card = retrain(args.dataset, epochs=args.epochs, data_dir=args.data_dir, out=args.out)
     print(f"{args.dataset}: test accuracy {card['test_accuracy']:.4f}; wrote {path}")
 
@@ -142,10 +155,12 @@ def cmd_classifier_train(args):
 @command("classifier evaluate", "test accuracy of the shipped classifier")
 @shared("--dataset", "--data-dir")
 @arg("--json", metavar="OUT", help="also write {\"test_accuracy\": ...} here")
+@shared("--force")
 def cmd_classifier_evaluate(args):
     from ...classifier import shipped_accuracy
     from ...files import atomic_write_text
 
+    c.refuse_existing(args, json=args.json)
     acc, n, card = shipped_accuracy(args.dataset, args.data_dir)
     print(f"{args.dataset} classifier: test accuracy {acc:.4f} on {n} images "
           f"(card: {card['test_accuracy']:.4f})")
@@ -166,9 +181,11 @@ def cmd_classifier_evaluate(args):
 @options(S, "sampler", "steps", "spacing", section="with --model")
 @arg("--time-n", type=c.positive_int, default=256, section="with --model", help="samples timed, "
      "scaled to 10,000 (default %(default)s)")
+@shared("--force")
 def cmd_eval(args):
     from ...files import atomic_write_text
 
+    c.refuse_existing(args, json=args.json)
     if args.model:
         from ..efficiency import efficiency
 
@@ -201,7 +218,8 @@ def cmd_eval(args):
 @arg("--steps", type=c.positive_int, help="training steps (default: the demo's)")
 @arg("--n", type=c.positive_int, default=100, help="images to sample (default %(default)s)")
 @shared("--data-dir")
-@arg("--force", action="store_true", help="overwrite an existing demo run")
+@arg("--force", action="store_true", help="start over in --out (only the demo's own files "
+     "are removed)")
 def cmd_demo(args):
     from ..demo import run_demo
 
@@ -237,11 +255,12 @@ def cmd_bench(args):
 @arg("--unstructured", type=c.fraction, metavar="RATIO", help="share of weights zeroed "
      "(magnitude)")
 @arg("--out", required=True, help="folder to write the pruned model to")
+@shared("--force")
 def cmd_prune(args):
     from ...compress import prune_checkpoint
 
     print(json.dumps(prune_checkpoint(args.checkpoint, args.out, structured=args.structured,
-                                      unstructured=args.unstructured)))
+                                      unstructured=args.unstructured, force=args.force)))
 
 
 @command("quantize", "store a checkpoint as int8 (or fp16) weights",
@@ -249,10 +268,12 @@ def cmd_prune(args):
 @shared("checkpoint")
 @arg("--mode", choices=["int8", "fp16"], default="int8")
 @arg("--out", required=True, help="folder to write the stored model to")
+@shared("--force")
 def cmd_quantize(args):
     from ...compress import quantize_checkpoint
 
-    print(json.dumps(quantize_checkpoint(args.checkpoint, args.out, mode=args.mode)))
+    print(json.dumps(quantize_checkpoint(args.checkpoint, args.out, mode=args.mode,
+                                         force=args.force)))
 
 
 @command("distill", "a few-step student of a checkpoint (progressive, consistency, adversarial)",
@@ -286,20 +307,25 @@ def cmd_distill(args):
 @arg("--only", type=lambda text: tuple(text.split(",")), default=(), metavar="ARCH[,ARCH]",
      help="train only these models' stages (baseline, pruned, reduced, shallow), then stop")
 @arg("--export", metavar="DIR", help="then copy its models to DIR by name (the shipped ones: "
-     "src/minidiff/assets/models)")
+     "src/minidiff/assets/models; models already there need --force)")
 @shared("--dataset", "--data-dir", "--no-progress")
+@arg("--force", action="store_true", help="replace models already in --export DIR, and write "
+     "into an --out that holds something other than this study")
 def cmd_study(args):
-    from ...study.pipeline import export, run_study, summary_lines
+    from ...study.pipeline import ARCH, export, refuse_export, run_study, summary_lines
 
     if args.only and args.export:
         raise MinidiffError("--export needs the whole study: run it again without --only")
+    if args.export:  # the names every export writes, refused now rather than after the study
+        refuse_export(args.export, ARCH, force=args.force)
     seed = {} if args.seed is None else {"seed": args.seed}
     rows = run_study(args.preset, args.out, dataset=args.dataset, data_dir=args.data_dir,
-                     progress=not args.no_progress, only=args.only, **seed)
+                     progress=not args.no_progress, only=args.only, force=args.force, **seed)
     if not args.only:
         print(summary_lines(rows, Path(args.out)))
     if args.export:
-        print(f"exported {', '.join(export(args.out, args.export))} to {args.export}")
+        written = export(args.out, args.export, force=args.force)
+        print(f"exported {', '.join(written)} to {args.export}")
 
 
 @command("serve", "a local web page to sample the shipped models",

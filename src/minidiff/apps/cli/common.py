@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
+from pathlib import Path
 
 from ...errors import MinidiffError
 from ...settings import DATASET_NAMES
@@ -18,6 +19,7 @@ SHARED = {
     "--data-dir": dict(help="folder holding the dataset's IDX files"),
     "--json": dict(action="store_true", help="print JSON"),
     "--no-progress": dict(action="store_true", help="no progress bar"),
+    "--force": dict(action="store_true", help="replace outputs that already exist"),
 }
 
 
@@ -111,6 +113,15 @@ def add_command(sub, name: str, handler) -> Parser:
         for child in children:
             add_command(nested, child, COMMANDS[child])
     return p
+
+
+def refuse_existing(args, **outputs) -> None:
+    """Unless ``args.force``: refuse, before any work, to replace an output file that exists.
+    ``outputs`` maps the flag that named each path (``out="s.npz"``) to it (None: not given)."""
+    for flag, path in outputs.items():
+        if path is not None and not args.force and Path(path).exists():
+            raise MinidiffError(f"{path} already exists; pass --force to replace it or choose "
+                                f"another --{flag.replace('_', '-')}")
 
 
 def _checked(convert, ok, expected: str, need: str):
