@@ -11,9 +11,9 @@ from minidiff.diffusion import DiffusionConfig, Schedule
 from minidiff.errors import MinidiffError
 from minidiff.generation import generate, sample_to_file
 from minidiff.guidance import Guided
+from minidiff.loop import drop_labels
 from minidiff.settings import SamplingConfig, TrainConfig
 from minidiff.train import train
-from minidiff.training_utils import drop_labels
 from minidiff.unet import UNet, UNetConfig
 
 COND = UNetConfig(channels=(8, 16), norm_groups=4, time_dim=16, num_classes=10)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from minidiff import distill as distill_mod
+from minidiff import loop
 from minidiff.apps.cli import main
 from minidiff.checkpoint import load_checkpoint
 from minidiff.diffusion import Schedule
@@ -24,6 +25,7 @@ from minidiff.generation import generate, resolve_sampling
 from minidiff.samplers import sample_ddim
 from minidiff.settings import DistillConfig, SamplingConfig
 from tests.test_samplers_gaussian import FULL, FULL_V, oracle
+from tests.test_train import locked_elsewhere
 
 # four updates over two rounds (8 -> 4 -> 2 steps): the hand-over between rounds is exercised
 TINY_RUN = dict(teacher_steps=8, updates=4, batch_size=4, subset=8, precision="fp32",
@@ -119,23 +121,33 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(teacher, student
     """Progressive: stopped mid-way through its second round; adversarial: its discriminator
     and that player's optimizer state come back too."""
     out = tmp_path / "resumed"
-    real = distill_mod.save_state
+    real = loop.save_state
 
     def stop_after_step_3(folder, model, ema, opt, step, keep=3):
         real(folder, model, ema, opt, step, keep)
         if step == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(distill_mod, "save_state", stop_after_step_3)
+    monkeypatch.setattr(loop, "save_state", stop_after_step_3)
     with pytest.raises(KeyboardInterrupt):
         distill(teacher, out, DistillConfig(method=method, **TINY_RUN), progress=False)
-    monkeypatch.setattr(distill_mod, "save_state", real)
+    monkeypatch.setattr(loop, "save_state", real)
     distill(teacher, out, resume=True, progress=False)
     a = load_checkpoint(students[method])[0].state_dict()
     b = load_checkpoint(out)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     logged = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     assert len(logged) == rounds  # one line per round's end, none repeated by the resume
+
+
+def test_a_second_writer_of_a_student_folder_is_refused_in_one_line(teacher, tmp_path, capsys):
+    out = tmp_path / "student"
+    with locked_elsewhere(out) as pid:
+        rc = main(["distill", str(teacher), "--out", str(out), "--resume", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert f"{out} is in use by process {pid}" in err[0]
+    assert [p.name for p in out.iterdir()] == [".lock"]  # nothing written
 
 
 def test_adversarial_terms_reach_only_their_own_player():

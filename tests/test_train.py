@@ -1,17 +1,24 @@
+import contextlib
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import minidiff.loop as loop
 import minidiff.train as train_mod
+from minidiff.apps.cli import main
 from minidiff.checkpoint import load_checkpoint, load_state
 from minidiff.data import load_split, to_model_range
 from minidiff.diffusion import DiffusionConfig, DiffusionLoss, Schedule
 from minidiff.errors import CheckpointError, MinidiffError
+from minidiff.files import LOCK_FILE
+from minidiff.loop import lr_at
 from minidiff.settings import TrainConfig
 from minidiff.study.recipes import train_config
 from minidiff.train import train
-from minidiff.training_utils import lr_at
 from minidiff.unet import UNet
 
 FAST = dict(batch_size=32, subset=256, precision="fp32", device="cpu", warmup_steps=5,
@@ -60,17 +67,17 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tiny_c
     cfg = TrainConfig(steps=30, checkpoint_every=10, **FAST)
     train(tiny_cfg, DiffusionConfig(), cfg, tmp_path / "full", progress=False)
 
-    real_save = train_mod.save_state
+    real_save = loop.save_state
 
     def crash_after_step_20(folder, model, ema, opt, step, keep=3):
         real_save(folder, model, ema, opt, step, keep)
         if step == 20:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "save_state", crash_after_step_20)
+    monkeypatch.setattr(loop, "save_state", crash_after_step_20)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg, DiffusionConfig(), cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(train_mod, "save_state", real_save)
+    monkeypatch.setattr(loop, "save_state", real_save)
     train(tiny_cfg, DiffusionConfig(), cfg, tmp_path / "cut", resume=True, progress=False)
     full = (tmp_path / "full" / "model.safetensors").read_bytes()
     assert (tmp_path / "cut" / "model.safetensors").read_bytes() == full
@@ -191,17 +198,17 @@ def test_eval_every_writes_pseudo_fid_with_images_flops_and_seconds(tmp_path, ti
     cfg = TrainConfig(steps=12, checkpoint_every=6, eval_every=(4, 8), eval_n=20,
                       **{**FAST, "log_every": 4})
     out = tmp_path / "r"
-    real_save = train_mod.save_state
+    real_save = loop.save_state
 
     def stop_after_6(folder, model, ema, opt, step, **kw):
         real_save(folder, model, ema, opt, step, **kw)
         if step == 6:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "save_state", stop_after_6)
+    monkeypatch.setattr(loop, "save_state", stop_after_6)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_cfg, DiffusionConfig(), cfg, out, progress=False)
-    monkeypatch.setattr(train_mod, "save_state", real_save)
+    monkeypatch.setattr(loop, "save_state", real_save)
     train(tiny_cfg, DiffusionConfig(), cfg, out, resume=True, progress=False)
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in recs if "eval" in r]
@@ -213,3 +220,48 @@ def test_eval_every_writes_pseudo_fid_with_images_flops_and_seconds(tmp_path, ti
     for r in evals:
         assert r["eval"]["n"] == 20 and r["eval"]["pseudo_fid"] > 0
         assert 0.1 <= r["eval"]["confidence"] <= 1
+
+
+@contextlib.contextmanager
+def locked_elsewhere(folder):
+    """``folder``'s run lock held by another process for the block -> that process's pid."""
+    code = ("import sys\nfrom minidiff.files import run_lock\nwith run_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n    sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
+def test_a_second_writer_of_a_run_folder_is_refused_in_one_line(tiny_run, tmp_path, capsys):
+    out = tmp_path / "r"
+    shutil.copytree(tiny_run, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with locked_elsewhere(out) as pid:
+        rc = main(["train", "--out", str(out), "--resume", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert f"{out} is in use by process {pid}" in err[0]
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != LOCK_FILE}
+    assert after == {p: b for p, b in before.items() if p.name != LOCK_FILE}  # nothing written
+
+
+def test_the_run_folder_stays_locked_for_the_whole_run(tmp_path, tiny_cfg, monkeypatch):
+    out = tmp_path / "r"
+    probe = [sys.executable, "-c", "import fcntl, os, sys; fcntl.flock(os.open(sys.argv[1], "
+             "os.O_RDWR), fcntl.LOCK_EX | fcntl.LOCK_NB)", str(out / LOCK_FILE)]
+    refused, real = [], loop.save_state
+
+    def probing(folder, *a, **k):  # another process tries the lock at every checkpoint
+        refused.append(subprocess.run(probe, capture_output=True).returncode != 0)
+        return real(folder, *a, **k)
+
+    monkeypatch.setattr(loop, "save_state", probing)
+    train(tiny_cfg, DiffusionConfig(), TrainConfig(steps=2, checkpoint_every=1, **FAST), out,
+          progress=False)
+    assert refused == [True, True]
+    assert subprocess.run(probe).returncode == 0  # and released at the end

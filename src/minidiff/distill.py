@@ -36,32 +36,21 @@ student in ``rounds/<N>-step/`` (an ordinary N-step checkpoint, and the next rou
 from __future__ import annotations
 
 import copy
-import json
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .checkpoint import (
-    CONFIG_FILE,
-    clean_partial,
-    dataset_of,
-    load_checkpoint,
-    load_state,
-    save_model,
-    save_state,
-)
-from .data import epoch_order, load_split, to_model_range
+from .checkpoint import dataset_of, load_checkpoint, save_model
 from .diffusion import DiffusionConfig, Schedule, gather, q_sample
 from .errors import MinidiffError
 from .guidance import Guided
-from .runtime import autocast_context, resolve_device, resolve_precision
+from .loop import Method, Run, drop_labels, fit, hold, previous_run, training_images
+from .runtime import resolve_device, resolve_precision
 from .samplers import predict_x0
-from .settings import DistillConfig, ema_decay_at
-from .training_utils import drop_labels, ema_update, lr_at, step_seed, trim_log
+from .settings import DistillConfig
 from .unet import UNet
 
 SPACING = "trailing"  # the students' timesteps: nested when halved, and they start at T - 1
@@ -229,204 +218,139 @@ class DistillLoss:
         return pseudo_huber(pred, target).mean()
 
 
-# ---------------------------------------------------------------------------- the loop
-
-def _student_config(tconfig: dict, cfg: DistillConfig, teacher: dict, steps: int, step: int,
-                    conditional: bool) -> dict:
-    diffusion = replace(DiffusionConfig.from_dict(tconfig["diffusion"]), prediction="v")
-    return {"minidiff_version": __version__, "model": tconfig["model"],
-            "diffusion": diffusion.to_dict(), "train": tconfig.get("train", {}),
-            "distill": cfg.to_dict(), "teacher": teacher,
-            "sampling": sampling_entry(cfg, steps, cfg.guidance if conditional else None),
-            "step": step}
-
-
-def _read_run(out: Path) -> dict:
-    try:
-        saved = json.loads((out / CONFIG_FILE).read_text())
-        saved["distill_cfg"] = DistillConfig.from_dict(saved["distill"])
-        if not isinstance(saved["teacher"]["sha256"], str):
-            raise TypeError("teacher sha256 is not a string")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MinidiffError(f"{out}: cannot resume ({e}); pass the --out of an earlier "
-                            "`minidiff distill` run, or drop --resume") from None
-    return saved
-
+# ---------------------------------------------------------------------------- the run
 
 def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=None,
             resume: bool = False, progress: bool = True) -> dict:
     """Distil the checkpoint ``teacher_path`` into a student in the run folder ``out`` as
     ``cfg`` says (resumed with its own config when ``resume``); returns a summary dict."""
     out, cfg = Path(out), cfg or DistillConfig()
-    if resume:
-        saved = _read_run(out)
-        cfg = saved["distill_cfg"]
-    elif (out / CONFIG_FILE).exists():
-        raise MinidiffError(f"{out} already holds a run; pass --resume to continue it or choose "
-                            "another --out")
-    device = resolve_device(cfg.device)
-    teacher, tconfig, tsha = load_checkpoint(teacher_path, device)
-    if resume and tsha != saved["teacher"]["sha256"]:
-        raise MinidiffError(f"{teacher_path} is not the teacher {out} was distilled from "
-                            f"({saved['teacher']['path']}); pass that one to resume")
-    init = None
-    if cfg.init:
-        init, iconfig, _ = load_checkpoint(cfg.init, device)
-        if iconfig.get("model") != tconfig.get("model"):
-            raise MinidiffError(f"--init {cfg.init}: not the teacher's U-Net (a student keeps "
-                                "its teacher's architecture); pass a student of this teacher "
-                                "or drop --init")
+    with hold(out):
+        saved = previous_run(out, resume, "distill", _saved_run)
+        if saved:
+            cfg = DistillConfig.from_dict(saved["distill"])
+        device = resolve_device(cfg.device)
+        teacher, tconfig, tsha = load_checkpoint(teacher_path, device)
+        if saved and tsha != saved["teacher"]["sha256"]:
+            raise MinidiffError(f"{teacher_path} is not the teacher {out} was distilled from "
+                                f"({saved['teacher']['path']}); pass that one to resume")
+        init = None
+        if cfg.init:
+            init = load_checkpoint(cfg.init, device)[:2]
+            if init[1].get("model") != tconfig.get("model"):
+                raise MinidiffError(f"--init {cfg.init}: not the teacher's U-Net (a student "
+                                    "keeps its teacher's architecture); pass a student of this "
+                                    "teacher or drop --init")
+        T = DiffusionConfig.from_dict(tconfig["diffusion"]).timesteps
+        if cfg.teacher_steps > T:
+            raise MinidiffError(f"--teacher-steps must be <= the teacher's T ({T}), got "
+                                f"{cfg.teacher_steps}")
+        precision = resolve_precision(cfg.precision, device)
+        model_cfg = teacher.config
+        images, labels = training_images(dataset_of(tconfig), cfg.subset, model_cfg.image_size,
+                                         data_dir)
+        about = {"path": str(teacher_path), "sha256": tsha, "step": tconfig.get("step")}
+        method = Distillation(cfg, teacher, tconfig, about, out, device, init)
+        summary = fit(method, Run(out, images, labels if model_cfg.num_classes else None,
+                                  device, precision, resume=resume, progress=progress,
+                                  desc=f"distill {cfg.method}"))
+    if "note" in summary:
+        return summary
+    return {**summary, "rounds": method.plan, "precision": precision, "device": str(device)}
 
-    T = DiffusionConfig.from_dict(tconfig["diffusion"]).timesteps
-    if cfg.teacher_steps > T:
-        raise MinidiffError(f"--teacher-steps must be <= the teacher's T ({T}), got "
-                            f"{cfg.teacher_steps}")
-    plan = cfg.rounds()
-    per_round = max(1, cfg.updates // len(plan))
-    total = per_round * len(plan)
-    precision = resolve_precision(cfg.precision, device)
-    model_cfg = teacher.config
-    conditional = bool(model_cfg.num_classes)
-    dataset = dataset_of(tconfig)
-    images, labels = load_split(dataset, "train", data_dir)
-    if cfg.subset:
-        images, labels = images[:cfg.subset], labels[:cfg.subset]
-    n, bs = len(images), min(cfg.batch_size, len(images))
-    steps_per_epoch = max(1, n // bs)
-    about = {"path": str(teacher_path), "sha256": tsha, "step": tconfig.get("step")}
 
-    def config_at(step: int) -> dict:
+def _saved_run(saved: dict) -> dict:
+    DistillConfig.from_dict(saved["distill"])  # a resume needs both entries intact
+    if not isinstance(saved["teacher"]["sha256"], str):
+        raise TypeError("teacher sha256 is not a string")
+    return saved
+
+
+class Distillation(Method):
+    """A student (the teacher's U-Net, a ``v`` model) trained round by round on
+    :class:`DistillLoss`, each round from its teacher with a fresh optimizer; the adversarial
+    method's discriminator trains beside it. A finished round's student is kept in
+    ``rounds/<N>-step/``: the next round's teacher."""
+
+    name = "distillation"
+
+    def __init__(self, cfg: DistillConfig, teacher: UNet, tconfig: dict, about: dict, out: Path,
+                 device, init: tuple[UNet, dict] | None = None):
+        self.cfg, self.plan, self.out, self.device = cfg, cfg.rounds(), out, device
+        self.rounds, self.per_round = len(self.plan), max(1, cfg.updates // len(self.plan))
+        self.teacher, self.tconfig, self.about, self.init = teacher, tconfig, about, init
+        self.model = UNet(teacher.config).to(device)
+        self.model.load_state_dict(teacher.state_dict())
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.disc = None
+        if cfg.method == "adversarial":
+            torch.manual_seed(cfg.seed)
+            self.disc = Discriminator(teacher.config.in_channels,
+                                      teacher.config.image_size).to(device)
+        self.opt = self.new_optimizer()
+
+    @property
+    def trained(self) -> torch.nn.Module:
+        """What a training state's "model." tensors hold: the student (and its discriminator)."""
+        if self.disc is None:
+            return self.model
+        return torch.nn.ModuleDict({"student": self.model, "disc": self.disc})
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        groups = [{"params": list(self.model.parameters())}]
+        if self.disc is not None:  # beta1 0.5, as usual for a GAN's players (Radford et al. 2016)
+            groups.append({"params": list(self.disc.parameters()), "betas": (0.5, 0.999)})
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=0.0)
+
+    def config_at(self, step: int) -> dict:
         """The config of the student after ``step`` updates (at a round's end: that round's)."""
-        r = min(max(step - 1, 0) // per_round, len(plan) - 1)
-        return _student_config(tconfig, cfg, about, plan[r], step, conditional)
+        r = min(max(step - 1, 0) // self.per_round, len(self.plan) - 1)
+        diffusion = replace(DiffusionConfig.from_dict(self.tconfig["diffusion"]), prediction="v")
+        guidance = self.cfg.guidance if self.teacher.config.num_classes else None
+        return {"minidiff_version": __version__, "model": self.tconfig["model"],
+                "diffusion": diffusion.to_dict(), "train": self.tconfig.get("train", {}),
+                "distill": self.cfg.to_dict(), "teacher": self.about,
+                "sampling": sampling_entry(self.cfg, self.plan[r], guidance), "step": step}
 
-    def round_teacher(r: int) -> tuple[torch.nn.Module, DiffusionConfig]:
+    def begin_round(self, r: int, fresh: bool) -> None:
+        """A round's teacher and loss; a round's first step restarts the student from it."""
+        self.teacher_net, diffusion = self.round_teacher(r)
+        self.loss_fn = DistillLoss(self.cfg, diffusion, self.plan[r], self.disc)
+        if fresh:
+            net = self.teacher_net
+            start = net.model if isinstance(net, Guided) else net
+            self.model.load_state_dict(start.state_dict())
+            self.ema.load_state_dict(start.state_dict())
+            self.opt = self.new_optimizer()
+
+    def round_teacher(self, r: int) -> tuple[torch.nn.Module, DiffusionConfig]:
         """Round ``r``'s teacher and the diffusion config it is read with: the teacher (guided
         when conditional) or, for an adversarial run with ``init``, that start; then each
         round's student as written to rounds/ (so a resumed run reads what an unbroken one
         used), a `v` model whose guidance is already distilled in."""
-        if r == 0 and init is not None:  # adversarial: the start is what it is held near
-            net, diffusion = init, iconfig["diffusion"]
+        if r == 0 and self.init is not None:  # adversarial: the start is what it is held near
+            net, config = self.init
         elif r == 0:
-            net, diffusion = teacher, tconfig["diffusion"]
+            net, config = self.teacher, self.tconfig
         else:
-            net, sconfig, _ = load_checkpoint(out / "rounds" / f"{plan[r - 1]}-step", device)
-            diffusion = sconfig["diffusion"]
+            net, config, _ = load_checkpoint(self.round_folder(r - 1), self.device)
         net = net.eval().requires_grad_(False)
-        guided = conditional and r == 0 and init is None
-        return (Guided(net, cfg.guidance) if guided else net), DiffusionConfig.from_dict(diffusion)
+        guided = bool(self.teacher.config.num_classes) and r == 0 and self.init is None
+        diffusion = DiffusionConfig.from_dict(config["diffusion"])
+        return (Guided(net, self.cfg.guidance) if guided else net), diffusion
 
-    student = UNet(model_cfg).to(device)
-    student.load_state_dict(teacher.state_dict())
-    ema = copy.deepcopy(student).eval().requires_grad_(False)
-    disc = None
-    if cfg.method == "adversarial":
-        torch.manual_seed(cfg.seed)
-        disc = Discriminator(model_cfg.in_channels, model_cfg.image_size).to(device)
-    # what a training checkpoint's "model." tensors hold: the student (and its discriminator)
-    trained = student if disc is None else torch.nn.ModuleDict({"student": student,
-                                                                  "disc": disc})
+    def round_folder(self, r: int) -> Path:
+        return self.out / "rounds" / f"{self.plan[r]}-step"
 
-    def new_optimizer():
-        groups = [{"params": list(student.parameters())}]
-        if disc is not None:  # beta1 0.5, as usual for a GAN's players (Radford et al. 2016)
-            groups.append({"params": list(disc.parameters()), "betas": (0.5, 0.999)})
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)
+    def loss(self, x0: torch.Tensor, y: torch.Tensor | None, generator) -> torch.Tensor:
+        if y is not None:
+            y = drop_labels(y, self.cfg.label_dropout, self.teacher.config.num_classes,
+                            generator)
+        return self.loss_fn(self.model, self.teacher_net, x0, y, generator)
 
-    opt = new_optimizer()
-    metrics_path = out / "metrics.jsonl"
-    step = 0
-    out.mkdir(parents=True, exist_ok=True)
-    if resume:
-        clean_partial(out)
-        step = load_state(out, trained, ema, opt)["step"]
-        save_model(out, ema, config_at(step))  # re-sync the sampling pair with the state
-        trim_log(metrics_path, step)
-    else:
-        save_model(out, ema, config_at(0))
-    if step >= total:
-        return {"steps": step, "total": total, "note": "already finished"}
+    def end_round(self, r: int, step: int) -> None:
+        if r + 1 < len(self.plan):  # the last round's student is the run folder's own
+            save_model(self.round_folder(r), self.ema, self.config_at(step))
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
-                   desc=f"distill {cfg.method}")
-    t_start = t_log = time.perf_counter()
-    loss_val, current, order, order_epoch, seen = float("nan"), None, None, -1, 0
-    with open(metrics_path, "a") as log:
-        while step < total:
-            r, k = divmod(step, per_round)
-            if r != current:  # a round's teacher and loss; a new round restarts the student
-                current, (tnet, tdiffusion) = r, round_teacher(r)
-                loss_fn = DistillLoss(cfg, tdiffusion, plan[r], disc)
-                if k == 0:
-                    start = tnet.model if isinstance(tnet, Guided) else tnet
-                    student.load_state_dict(start.state_dict())
-                    ema.load_state_dict(start.state_dict())
-                    opt = new_optimizer()
-            student.train()
-
-            # data: batch `b` of this epoch's permutation; every draw from (seed, step)
-            epoch, b = divmod(step, steps_per_epoch)
-            if epoch != order_epoch:
-                order, order_epoch = epoch_order(n, cfg.seed, epoch), epoch
-            idx = order[b * bs:(b + 1) * bs]
-            x0 = to_model_range(images[idx]).to(device)
-            seed = step_seed(cfg.seed, step)
-            torch.manual_seed(seed)
-            gen = torch.Generator(device=device).manual_seed(seed)
-            y = None
-            if conditional:
-                y = drop_labels(labels[idx].to(device), cfg.label_dropout,
-                                model_cfg.num_classes, gen)
-
-            # forward
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, k, per_round)
-            with autocast_context(device, precision):
-                loss = loss_fn(student, tnet, x0, y, gen)
-            loss_val = loss.item()
-            if not math.isfinite(loss_val):
-                raise MinidiffError(f"distillation diverged at step {step}: loss is {loss_val}; "
-                                    f"lower --lr, the last good checkpoint in {out} is kept")
-
-            # update
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            opt.step()
-
-            # EMA (warmed up per round: a round is a few hundred steps)
-            ema_update(ema, student, ema_decay_at(k, cfg.ema_decay, cfg.ema_power))
-            step += 1
-            seen += bs
-            round_done = step % per_round == 0
-
-            # log
-            if step % cfg.log_every == 0 or round_done:
-                now = time.perf_counter()
-                rec = {"step": step, "round": r, "student_steps": plan[r],
-                       "loss": round(loss_val, 6), "lr": opt.param_groups[0]["lr"],
-                       "img_per_s": round(seen / max(now - t_log, 1e-9), 1),
-                       "elapsed_s": round(now - t_start, 2)}
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                t_log, seen = now, 0
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_val:.4f}", steps=plan[r])
-            if bar is not None:
-                bar.update(1)
-
-            # checkpoint (a finished round's student first: it teaches the next round)
-            if round_done and r + 1 < len(plan):
-                save_model(out / "rounds" / f"{plan[r]}-step", ema, config_at(step))
-            if step % cfg.checkpoint_every == 0 or round_done:
-                save_state(out, trained, ema, opt, step, keep=cfg.keep_checkpoints)
-                save_model(out, ema, config_at(step))
-    if bar is not None:
-        bar.close()
-    return {"steps": step, "total": total, "rounds": plan, "final_loss": loss_val,
-            "seconds": time.perf_counter() - t_start, "precision": precision,
-            "device": str(device)}
+    def log_fields(self, r: int) -> dict:
+        return {"round": r, "student_steps": self.plan[r]}
