@@ -7,8 +7,7 @@ fresh venv that sees the project venv's dependencies through a ``.pth`` path lin
 line: the project's editable-install ``.pth`` in that folder is not processed, so it cannot
 leak in). The commands then run from an empty temporary folder.
 
-Wheel size when written: 36.6 MB (36,639,549 bytes; 35.5 MB of it the ten models and MNIST).
-The test prints it and each command's wall time (run with ``-s``).
+The test prints the wheel's size and each command's wall time (run with ``-s``).
 """
 
 import json

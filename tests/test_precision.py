@@ -109,7 +109,7 @@ def test_no_default_path_runs_bf16(no_native_bf16, tiny_cfg, tmp_path, monkeypat
         reply = pool.run(ask)
     assert watch.ops == [] and torch.bfloat16 not in no_native_bf16
     assert meta["precision"] == "fp32" and res["precision"] == "fp32"
-    assert row["compute_dtype"] == "fp32" and reply["latency_s"] > 0
+    assert row["compute_dtype"] == "fp32" and (reply["n"], reply["steps"]) == (1, 1)
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "fp32" in report and "no native bf16" in report  # and says it trains fewer steps
 
