@@ -30,8 +30,6 @@ from ..runtime import (
 from ..settings import SAMPLER_NAMES, SamplingConfig
 from ..unet import PRESETS, UNet, count_macs, count_params
 
-DEFAULT = SamplingConfig()  # `minidiff sample`'s sampler, steps and spacing
-
 # diffusers' schedulers beside ours, at the same number of network evaluations
 DIFFUSERS_SCHEDULERS = {"ddpm": ("DDPMScheduler", {}),
                         "ddim": ("DDIMScheduler", {}),
@@ -100,9 +98,10 @@ def sample_seconds_diffusers(net: DiffusersEps, sampler: str, steps: int, n: int
     import diffusers
 
     cls_name, kw = DIFFUSERS_SCHEDULERS[sampler]
+    # timestep_spacing: SamplingConfig().spacing, in diffusers' terms
     sched = getattr(diffusers, cls_name)(num_train_timesteps=1000, beta_schedule="linear",
                                          beta_start=1e-4, beta_end=0.02,
-                                         timestep_spacing="trailing", **kw)  # = DEFAULT.spacing
+                                         timestep_spacing="trailing", **kw)
     gen = torch.Generator().manual_seed(0)
 
     def run():
@@ -129,9 +128,9 @@ def measure_peaks(precisions=("fp32", "bf16")) -> dict[str, float | None]:
 
 
 def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch: int = 250,
-              train_batch: int = 128, steps: int = DEFAULT.steps, precision: str = "auto",
-              samplers=SAMPLER_NAMES, anchor: bool = True, compile_: bool = False,
-              log=print) -> dict:
+              train_batch: int = 128, steps: int = SamplingConfig().steps,
+              precision: str = "auto", samplers=SAMPLER_NAMES, anchor: bool = True,
+              compile_: bool = False, log=print) -> dict:
     """All jobs in one run -> a JSON-able dict with rates, FLOP efficiency and ratios.
 
     ``precision="auto"`` is what every other command picks: bf16 where it is native, else fp32.
@@ -145,7 +144,7 @@ def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch
     env = environment()
     res = {**env, "precision": precision, "sample_n": n,
            "sample_batch": batch, "train_batch": train_batch, "steps": steps,
-           "spacing": DEFAULT.spacing, "rows": []}
+           "spacing": SamplingConfig().spacing, "rows": []}
     res["peak_gflops"] = measure_peaks()
     log(f"matmul peak GFLOP/s: {res['peak_gflops']}", res)
     if anchor:
@@ -180,9 +179,10 @@ def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch
             for sampler in samplers:
                 if impl == "diffusers" and sampler not in DIFFUSERS_SCHEDULERS:
                     continue
-                compiled_too = impl == "minidiff" and compile_ and sampler == DEFAULT.sampler
+                compiled_too = (impl == "minidiff" and compile_
+                                and sampler == SamplingConfig().sampler)
                 for comp in (False, True) if compiled_too else (False,):
-                    cfg = replace(DEFAULT, sampler=sampler, steps=steps, batch_size=batch)
+                    cfg = SamplingConfig(sampler=sampler, steps=steps, batch_size=batch)
                     (sec, first), prec = min(
                         ((sample_seconds_ours(net, replace(cfg, precision=p), n, compile=comp)
                           if impl == "minidiff" else
@@ -226,7 +226,7 @@ def write_bench(out: str | Path, command: str, **kw) -> tuple[Path, Path]:
 
 
 def report(res: dict, command: str) -> str:
-    """The benchmark as Markdown, with each target of issue 4 met or missed by how much."""
+    """The benchmark as Markdown, with each speed target met or missed by how much."""
     p = res["peak_gflops"]
     peaks = ", ".join(f"{k} {v} GFLOP/s" if v is not None else f"{k}: emulated, not measured"
                       for k, v in p.items())
@@ -247,8 +247,8 @@ def report(res: dict, command: str) -> str:
                      f"{r.get('seconds_per_10k', '')} | {r['gflops']} | "
                      f"{r['peak_fraction']:.0%} | "
                      f"{str(r['vs_diffusers']) + 'x' if 'vs_diffusers' in r else ''} |")
-    lines += ["", "## Targets (issue 4)", ""]
-    default_job = f"sample {DEFAULT.sampler}-{res['steps']}"
+    lines += ["", "## Targets", ""]
+    default_job = f"sample {SamplingConfig().sampler}-{res['steps']}"
     for r in (r for r in res["rows"] if r["impl"] == "minidiff"):
         what = f"{r['preset']} {r['job']}"
         if r["preset"] == "baseline" and r["job"] in ("train", default_job):
