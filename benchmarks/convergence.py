@@ -15,9 +15,9 @@ The target is today's 3-epoch pseudo-FID: the shipped model of the preset evalua
 way. Finished runs are kept, so an interrupted benchmark continues where it stopped; results of
 earlier invocations are merged into the JSON.
 
-The curves were taken at 8 steps, the default sampler of their day. ``--rescore`` evaluates
-again, at today's default sampler (``SamplingConfig()``), the 3-epoch models the targets came
-from (read from git history, commit ``TARGET_COMMIT``) and the kept checkpoints (EMA weights)
+The curves are evaluated at 8 steps, cheap enough to repeat during training. ``--rescore``
+evaluates again, at the default sampler (``SamplingConfig()``), the 3-epoch models the targets
+came from (read from git history, commit ``TARGET_COMMIT``) and the kept checkpoints (EMA weights)
 of the named variants' runs: -> benchmarks/results/convergence-rescored.{json,md}
 
   .venv/bin/python benchmarks/convergence.py --preset reduced --rescore \
@@ -61,7 +61,7 @@ VARIANTS = {
     "min-snr": ("min-SNR-5 loss weighting", {"loss_weighting": "min-snr"}, {}),
     "v": ("v-prediction", {}, {"prediction": "v"}),
     "warmup50": ("50 warm-up steps instead of 200", {"warmup_steps": 50}, {}),
-    # beyond the issue's list, tried once the list's winners were combined
+    # tried once the single factors above had been combined
     "bs32": ("batch 32 (four times the steps)", {"batch_size": 32}, {}),
     "cosine": ("cosine noise schedule (Nichol & Dhariwal 2021)", {}, {"schedule": "cosine"}),
 }
@@ -75,7 +75,7 @@ NOTES = ["Train img/s is wall-clock information only (the x-axis is images seen)
          "takes effect; it matters for the long runs of the study."]
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
-# the last commit whose shipped models are the 3-epoch ones of the targets (583edd6 replaced them)
+# the last commit whose shipped models are the 3-epoch ones of the targets
 TARGET_COMMIT = "e95e731"
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "convergence"
 

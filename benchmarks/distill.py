@@ -178,9 +178,8 @@ for spec in [] if args.report else args.teachers:
         own = json.loads((adv / "config.json").read_text())["sampling"]
         jobs += [("adversarial", own["sampler"], k, own["spacing"], adv, n_, n_ == args.n)
                  for k in own["serves"] for n_ in (args.n, args.full_n)]
-    default = SamplingConfig()
-    jobs += [("teacher", default.sampler, default.steps, default.spacing, None, args.full_n,
-              False),
+    jobs += [("teacher", SamplingConfig().sampler, SamplingConfig().steps,
+              SamplingConfig().spacing, None, args.full_n, False),
              ("progressive", "ddim", 2, "trailing", prog[2], args.full_n, False),
              ("consistency", "ddpm", 2, "trailing", students["consistency"],
               args.full_n, False)]

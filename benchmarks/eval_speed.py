@@ -1,4 +1,4 @@
-"""How long `minidiff eval` takes on 10,000 images (issue target: under a minute on 2 cores).
+"""How long `minidiff eval` takes on 10,000 images (the target: under a minute on 2 cores).
 
 Run: .venv/bin/python benchmarks/eval_speed.py  -> benchmarks/results/eval_speed.{json,md}
 
