@@ -6,8 +6,8 @@ Run: .venv/bin/python benchmarks/convergence.py --preset reduced [--variants tod
   -> benchmarks/results/convergence.{json,md,png}
 
 Every variant changes one thing of today's recipe (``today``: the recipe the shipped 3-epoch
-models were trained with, ``minidiff.study.reference.TRAINING`` / ``DIFFUSION``, now
-``minidiff train --original-recipe``) or combines the winners, and every one sees the same
+models were trained with, ``minidiff.study.reference.TRAINING`` / ``DIFFUSION``, which
+``minidiff train --original-recipe`` trains) or combines the winners, and every one sees the same
 number of images (default 60,000: one third of the shipped models' 3 epochs). Each run is
 evaluated during training (``--eval-every``: pseudo-FID of n samples of the EMA weights, 8
 steps of the default sampler, seed 0) at a quarter, half, three quarters and all of the budget.

@@ -89,7 +89,7 @@ def installed(tmp_path_factory):
 def env():
     """The environment of a user's shell: no checkout on the path. The cache is the session's
     (conftest): checksum stamps are keyed by path, so the packaged files are verified afresh,
-    while the eval reference features other tests computed are reused (~17 s saved)."""
+    while the eval reference features other tests computed are reused."""
     e = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MINIDIFF_DATA")}
     return {**e, "PYTHONNOUSERSITE": "1"}
 

@@ -36,7 +36,7 @@ def feats(ref, images):
 
 
 def test_shipped_classifier_meets_its_target_and_card(ref, tmp_path, capsys):
-    """`minidiff classifier evaluate` (one pass over the 10,000 test images, ~8 s) reproduces
+    """`minidiff classifier evaluate` (one pass over the 10,000 test images) reproduces
     the card's accuracy, prints it and writes it as JSON."""
     from minidiff.apps.cli import main
 

@@ -78,7 +78,7 @@ class UNetConfig:
         d = asdict(self)
         d["channels"] = list(self.channels)
         if d["widths"] is None:
-            del d["widths"]  # unpruned configs read exactly as before
+            del d["widths"]  # an unpruned config.json stays free of pruning keys
         return d
 
     @classmethod
