@@ -75,10 +75,10 @@ def key(r):
 ref = Reference("mnist", "test")
 done = {key(r) for r in res["rows"]}
 # today's default first, DDPM-1000 (the slowest) last: a partial run already says the most
-D = SamplingConfig()
-ORDER = sorted(CANDIDATES, key=lambda c: (c[1] == 1000, c != (D.sampler, D.steps, D.spacing)))
+DEFAULT_CANDIDATE = (SamplingConfig().sampler, SamplingConfig().steps, SamplingConfig().spacing)
+ORDER = sorted(CANDIDATES, key=lambda c: (c[1] == 1000, c != DEFAULT_CANDIDATE))
 if args.default_only:
-    ORDER = [(D.sampler, D.steps, D.spacing)]
+    ORDER = [DEFAULT_CANDIDATE]
 for name, steps, spacing in ORDER:
     for seed in args.seeds:
         if (name, steps, spacing, seed) in done:
@@ -141,7 +141,8 @@ for s in sorted(summary, key=lambda s: (s["sampler"], s["spacing"], -s["steps"])
 verdict = "Chosen" if ok else f"No candidate within {TOLERANCE:.0%}; the closest"
 lines += ["", f"{verdict}: `--sampler {choice['sampler']} --steps {choice['steps']} --spacing "
           f"{choice['spacing']}` ({choice['vs_ddpm_1000']:+.1%} vs DDPM-1000). Today's default: "
-          f"`--sampler {D.sampler} --steps {D.steps} --spacing {D.spacing}`.", "",
+          f"`--sampler {SamplingConfig().sampler} --steps {SamplingConfig().steps} --spacing "
+          f"{SamplingConfig().spacing}`.", "",
           f"Command: `.venv/bin/python benchmarks/default_sampler.py {res['checkpoint']} "
           f"--n {args.n} --seeds {' '.join(map(str, args.seeds))} --name {args.name}`"]
 (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
