@@ -1,9 +1,10 @@
 """The one optimisation loop that :mod:`~minidiff.train` and :mod:`~minidiff.distill` run.
 
-:func:`fit` owns what every method shares: the run folder's lock, resume, the data order,
-per-step seeding, the learning-rate schedule, EMA, the metrics log, checkpoints and the
-divergence error. A :class:`Method` supplies what differs: its loss for a batch, the modules it
-trains and the config written beside their weights.
+:func:`fit` owns what every method shares: resume, the data order, per-step seeding, the
+learning-rate schedule, EMA, the metrics log, checkpoints and the divergence error. A
+:class:`Method` supplies what differs: its loss for a batch, the modules it trains and the config
+written beside their weights. An entry point takes the run folder's lock (:func:`hold`) before
+it reads the folder and keeps it until :func:`fit` returns.
 
 Every source of randomness is a function of ``(seed, step)``: the data order of an epoch comes
 from ``(seed, epoch)`` and each step's draws from a generator seeded with ``(seed, step)``. A run
@@ -101,43 +102,6 @@ class Run:
     resume: bool = False
     progress: bool = True
     desc: str = ""
-
-
-def hold(out: Path, world: World | None = None):
-    """The run folder's lock (:func:`~minidiff.files.run_lock`) for a whole run, so a second
-    writer is refused in one line; under torchrun only rank 0 writes, so only it holds one."""
-    return run_lock(out) if world is None or world.main else contextlib.nullcontext(out)
-
-
-def previous_run(out: Path, resume: bool, command: str, parse: Callable[[dict], T]) -> T | None:
-    """``parse`` of the config.json of the run in ``out`` when ``resume`` (None otherwise);
-    a new run refuses a folder that holds one."""
-    if not resume:
-        if (out / CONFIG_FILE).exists():
-            raise MinidiffError(f"{out} already holds a run; pass --resume to continue it or "
-                                "choose another --out")
-        return None
-    try:
-        return parse(json.loads((out / CONFIG_FILE).read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MinidiffError(f"{out}: cannot resume ({e}); pass the --out of an earlier "
-                            f"`minidiff {command}` run, or drop --resume") from None
-
-
-def training_images(dataset: str, subset: int | None, image_size: int, data_dir=None):
-    """The training split's ``(images [N x H x W] uint8, labels [N])``, the first ``subset``."""
-    images, labels = load_split(dataset, "train", data_dir)
-    if subset:
-        images, labels = images[:subset], labels[:subset]
-    if images.shape[1:] != (image_size, image_size):
-        raise MinidiffError(f"{dataset} images are {tuple(images.shape[1:])}, the model "
-                            f"expects {image_size}x{image_size}")
-    return images, labels
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Optimizer steps in one pass over ``n`` images (a last partial batch is dropped)."""
-    return max(1, n // min(batch_size, n))
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -313,6 +277,45 @@ def _last_train_s(path: Path) -> float:
     times = [r["train_s"] for r in map(json.loads, path.read_text().splitlines())
              if "train_s" in r]
     return times[-1] if times else 0.0
+
+
+# ------------------------------------------------------- for the methods' entry points
+
+def hold(out: Path, world: World | None = None):
+    """The run folder's lock (:func:`~minidiff.files.run_lock`) for a whole run, so a second
+    writer is refused in one line; under torchrun only rank 0 writes, so only it holds one."""
+    return run_lock(out) if world is None or world.main else contextlib.nullcontext(out)
+
+
+def previous_run(out: Path, resume: bool, command: str, parse: Callable[[dict], T]) -> T | None:
+    """``parse`` of the config.json of the run in ``out`` when ``resume`` (None otherwise);
+    a new run refuses a folder that holds one."""
+    if not resume:
+        if (out / CONFIG_FILE).exists():
+            raise MinidiffError(f"{out} already holds a run; pass --resume to continue it or "
+                                "choose another --out")
+        return None
+    try:
+        return parse(json.loads((out / CONFIG_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MinidiffError(f"{out}: cannot resume ({e}); pass the --out of an earlier "
+                            f"`minidiff {command}` run, or drop --resume") from None
+
+
+def training_images(dataset: str, subset: int | None, image_size: int, data_dir=None):
+    """The training split's ``(images [N x H x W] uint8, labels [N])``, the first ``subset``."""
+    images, labels = load_split(dataset, "train", data_dir)
+    if subset:
+        images, labels = images[:subset], labels[:subset]
+    if images.shape[1:] != (image_size, image_size):
+        raise MinidiffError(f"{dataset} images are {tuple(images.shape[1:])}, the model "
+                            f"expects {image_size}x{image_size}")
+    return images, labels
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps in one pass over ``n`` images (a last partial batch is dropped)."""
+    return max(1, n // min(batch_size, n))
 
 
 # ------------------------------------------------------------------------- the pieces
