@@ -1,13 +1,18 @@
 """`minidiff study --preset smoke` end to end, and its resume."""
 
 import json
+import shutil
+from dataclasses import asdict
 
 import pytest
 
 import minidiff.study.pipeline as study_mod
 from minidiff.apps.cli import main
-from minidiff.checkpoint import SHIPPED_DIR
+from minidiff.checkpoint import SHIPPED_DIR, load_checkpoint
+from minidiff.errors import MinidiffError
 from minidiff.study import PRESETS, Study
+
+from .test_faults import disk_fills, fails, other_process_holds, snapshot
 
 REQUIRED = ("model", "params", "size_mb", "macs", "pseudo_fid", "kid", "precision", "recall",
             "ssim", "memorization", "latency_10k_s", "sampler", "steps")
@@ -203,3 +208,80 @@ def test_long_stage_names_match_the_committed_study(tmp_path):
                       depends=scratch.name, lr=RECIPES[arch]["lr"],
                       epochs=c.finetune_epochs(RECIPES[arch]["epochs"], arch))[0]
         assert rows[arch]["checkpoint"] == f"stages/{ft.name}", arch
+
+
+def test_a_second_study_on_one_folder_stops_at_once(tmp_path, capsys):
+    out = tmp_path / "s"
+    with other_process_holds(out) as pid:
+        err = fails(capsys, "study", "--preset", "smoke", "--out", out, "--no-progress")
+    assert err == (f"minidiff: error: {out} is in use by process {pid}; wait for it to finish "
+                   "(or stop it) and run the command again")
+    assert [p.name for p in out.iterdir()] == [".lock"]  # not even study.json was written
+
+
+def test_a_stage_another_run_is_training_is_left_alone(smoke, tmp_path):
+    """--only runs share a study folder: a stage another process holds (here one stopped
+    before its first checkpoint, which this run would otherwise clear) is neither cleared nor
+    trained twice."""
+    out = tmp_path / "s"
+    shutil.copytree(smoke, out)
+    stage = next((out / "stages").glob("reduced-ft-*"))
+    (stage / "stage.json").unlink()
+    shutil.rmtree(stage / "checkpoints")
+    before = snapshot(stage)
+    with other_process_holds(stage) as pid:
+        with pytest.raises(MinidiffError, match=f"is in use by process {pid}"):
+            Study(PRESETS["smoke"], out, progress=False, log=lambda *_: None).run(("reduced",))
+    assert snapshot(stage) == before
+
+
+def test_a_folder_that_holds_something_else_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(study_mod, "train", lambda *a, **k: pytest.fail("trained"))
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "report.md").write_text("the user's")
+    err = fails(capsys, "study", "--preset", "smoke", "--out", out)
+    assert err == (f"minidiff: error: {out} already exists and holds no study; pass --force to "
+                   "write the study into it or choose another --out")
+    other = tmp_path / "t"
+    other.mkdir()
+    (other / "study.json").write_text(json.dumps(asdict(PRESETS["smoke"])))
+    err = fails(capsys, "study", "--preset", "smoke", "--seed", "1", "--out", other)
+    assert err == (f"minidiff: error: {other} holds another study (seed); re-run its own "
+                   "command to resume it, pass --force to replace its results, or choose "
+                   "another --out")
+    assert [p.name for p in out.iterdir()] == ["report.md"]
+    assert [p.name for p in other.iterdir()] == ["study.json"]
+
+
+def test_export_swaps_verified_copies_in_and_needs_force_to_replace(smoke, tmp_path, capsys,
+                                                                    monkeypatch):
+    dest = tmp_path / "models"
+    argv = ["study", "--preset", "smoke", "--out", smoke, "--no-progress", "--export", dest]
+    assert main([str(a) for a in argv]) == 0
+    best = json.loads((smoke / "results.json").read_text())[0]["best"]
+    names = ["baseline", "pruned", "reduced", "shallow", f"{best}-int8"]
+    assert sorted(p.name for p in dest.iterdir()) == sorted(names)
+    before = snapshot(dest)
+    # refused before the study runs, naming the model and the flag
+    monkeypatch.setattr(study_mod, "run_study", lambda *a, **k: pytest.fail("the study ran"))
+    err = fails(capsys, *argv)
+    assert err == (f"minidiff: error: {dest / 'baseline'} already holds a model; pass --force "
+                   "to replace it or choose another --export DIR")
+    monkeypatch.undo()
+    # a disk that fills half-way through the second model leaves every model loadable
+    writes = []
+
+    def second_model(name):
+        writes.append(name)
+        return name == "model.safetensors" and writes.count(name) == 2
+
+    disk_fills(monkeypatch, second_model)
+    assert "No space left on device" in fails(capsys, *argv, "--force")
+    monkeypatch.undo()
+    assert snapshot(dest) == before  # the first was replaced by the same bytes, the rest kept
+    for name in names:
+        load_checkpoint(dest / name)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(names)  # nothing half-written
+    assert main([str(a) for a in argv] + ["--force"]) == 0
+    assert snapshot(dest) == before
