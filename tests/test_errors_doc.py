@@ -345,3 +345,15 @@ def test_documented_message(case, tmp_path, run, monkeypatch, capsys):
         for mine in ("old", "p/notes.txt", "s/notes.txt", "d/report.md"):
             if (tmp_path / mine).is_file():
                 assert (tmp_path / mine).read_bytes() == b"the user's", mine
+
+
+def test_guarantees_name_tests_that_exist():
+    """docs/guarantees.md proves each promise by naming tests: each must be a test function of
+    the file it names."""
+    text = (DOC.parent / "guarantees.md").read_text()
+    named = re.findall(r"`tests/(test_\w+\.py)::(test_\w+)`", text)
+    assert len(named) >= 20
+    missing = [f"{f}::{t}" for f, t in named
+               if not re.search(rf"^def {t}\(", (DOC.parents[1] / "tests" / f).read_text(),
+                                re.MULTILINE)]
+    assert not missing, missing
