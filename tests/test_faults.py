@@ -195,10 +195,15 @@ def test_outputs_that_exist_are_replaced_only_with_force(run, tmp_path, capsys):
     s, g = tmp_path / "s.npz", tmp_path / "g.png"
     assert main(["sample", str(run), *SAMPLE, "--out", str(s), "--grid", str(g)]) == 0
     capsys.readouterr()
+    weights = tmp_path / "classifier-mnist.safetensors"
+    weights.write_bytes(b"the user's")
     before = snapshot(tmp_path)
     for argv, path in ((["sample", run, *SAMPLE, "--out", s], s),
                        (["sample", run, *SAMPLE, "--out", tmp_path / "t.npz", "--grid", g], g),
                        (["grid", s, "--out", g], g),
+                       (["eval", s, "--json", s], s),
+                       (["classifier", "evaluate", "--json", g], g),
+                       (["classifier", "train", "--out", tmp_path], weights),
                        (["quantize", run, "--out", run], run)):
         err = fails(capsys, *argv)
         assert f"{path} already " in err and "pass --force to replace it" in err, err
