@@ -15,6 +15,7 @@ from minidiff.checkpoint import load_checkpoint
 from minidiff.diffusion import Schedule
 from minidiff.distill import (
     Discriminator,
+    ECTLoss,
     adversarial_losses,
     consistency_target,
     distill,
@@ -40,7 +41,7 @@ def teacher(tiny_run):
 @pytest.fixture(scope="module")
 def students(teacher):
     runs = {method: DistillConfig(method=method, **TINY_RUN)
-            for method in ("progressive", "consistency", "adversarial")}
+            for method in ("progressive", "consistency", "adversarial", "ect")}
     for name, cfg in runs.items():
         distill(teacher, teacher.parent / name, cfg, progress=False)
     return {name: teacher.parent / name for name in runs}
@@ -63,7 +64,7 @@ class Counting(torch.nn.Module):
 
 
 @pytest.mark.parametrize("method,sampler", [("progressive", "ddim"), ("consistency", "ddpm"),
-                                            ("adversarial", "ddim")])
+                                            ("adversarial", "ddim"), ("ect", "ddpm")])
 def test_student_samples_in_its_recorded_network_calls(students, method, sampler):
     model, config, _ = load_checkpoint(students[method])
     assert config["diffusion"]["prediction"] == "v" and config["distill"]["method"] == method
@@ -288,3 +289,78 @@ def test_a_later_rounds_teacher_is_the_previous_student_as_it_samples(tmp_path, 
     i = torch.full((4,), len(sched) - 1)
     torch.testing.assert_close(predict_x0(later, x, sched, i, y)[1],
                                predict_x0(model, x, own, i, y)[1])
+
+
+# ----------------------------------------------------------- easy consistency tuning
+
+def test_ect_levels_follow_its_sigmoid_map_and_halve_the_gap_each_stage():
+    """r is below t, the clean image (-1) exactly where sigma_r falls below the lowest level,
+    and the relative gap (sigma_t - sigma_r) / sigma_t is q^-(stage+1) (1 + k sigmoid(-sigma_t))
+    up to rounding r down to a timestep."""
+    from minidiff.diffusion import DiffusionConfig
+
+    loss = ECTLoss(DiffusionConfig())
+    sig = loss.sigma
+    for stage in (0, 2, 5):
+        t, r = loss.draw(20000, stage, torch.Generator().manual_seed(stage))
+        assert bool((r < t).all()) and bool((t >= 1).all())
+        want = sig[t] * (1 - 2.0 ** -(stage + 1) * (1 + 8 * torch.sigmoid(-sig[t])))
+        assert bool(((r == -1) == (want < sig[0])).all())
+        inside = r >= 0
+        assert bool((sig[r[inside]] <= want[inside] + 1e-12).all())  # rounded down...
+        nxt = (r[inside] + 1).clamp(max=len(sig) - 1)
+        assert bool(((sig[nxt] > want[inside]) | (r[inside] + 1 == t[inside])).all())  # ...by one
+    # the median gap halves from one stage to the next (large sigma: ratio -> q^-(stage+1))
+    gaps = []
+    for stage in (1, 2):
+        t, r = loss.draw(20000, stage, torch.Generator().manual_seed(9))
+        big = (sig[t] > 5) & (r >= 0)
+        gaps.append(((sig[t] - sig[r]) / sig[t])[big].median().item())
+    assert gaps[1] == pytest.approx(gaps[0] / 2, rel=0.1)
+
+
+def test_ect_student_maps_one_teacher_trajectory_to_its_endpoint():
+    """On the Gaussian of the sampler tests, a tiny model (one slope per timestep: x0 =
+    mu + h_t (x / sqrt(ab_t) - mu)) started as the exact denoiser and tuned by ECTLoss alone
+    maps two points of one probability-flow trajectory (sigma ~1 and ~3) to its endpoint within
+    0.12, where the denoiser it started from misses by more than 0.4: consistency is learnt
+    from the data and the model itself, with no teacher step."""
+    from minidiff.diffusion import DiffusionConfig
+
+    mu, s = 0.2, 0.3
+    loss_fn = ECTLoss(DiffusionConfig(timesteps=50, schedule="cosine"))
+    ab, sigma = loss_fn.sched.alpha_bar.float(), loss_fn.sigma.float()
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h = torch.nn.Parameter(s ** 2 / (s ** 2 + sigma ** 2))  # the denoiser
+
+        def forward(self, x, t, y=None):  # -> v, as a student predicts
+            a = ab[t].view(-1, 1, 1, 1)
+            x0 = mu + self.h[t].view(-1, 1, 1, 1) * (x / a.sqrt() - mu)
+            return (a.sqrt() * x - x0) / (1 - a).sqrt()
+
+    def miss(model) -> list[float]:
+        """Largest distance to the trajectories' endpoint mu + s z, at the two points."""
+        z = torch.linspace(-2, 2, 9).view(-1, 1, 1, 1)
+        out = []
+        for t in (int(torch.searchsorted(sigma, torch.tensor(v))) for v in (1.0, 3.0)):
+            x = ab[t].sqrt() * mu + (ab[t] * s ** 2 + 1 - ab[t]).sqrt() * z  # on the trajectory
+            x0 = ab[t].sqrt() * x - (1 - ab[t]).sqrt() * model(x, torch.full((9,), t))
+            out.append((x0 - (mu + s * z)).abs().max().item())
+        return out
+
+    torch.manual_seed(0)
+    model = Tiny()
+    assert min(miss(model)) > 0.4
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    gen = torch.Generator().manual_seed(0)
+    for k in range(800):
+        x0 = mu + s * torch.randn(4096, 1, 1, 1, generator=gen)
+        loss = loss_fn(model, x0, generator=gen, stage=k * 3 // 800)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert max(miss(model)) < 0.12, miss(model)
+

@@ -64,6 +64,10 @@ def sampling_entry(cfg: DistillConfig, steps: int, guidance: float | None) -> di
         sampler, serves = "ddim", [steps]
     elif cfg.method == "adversarial":  # trained on its own grid's levels only
         sampler, serves = "ddim", [steps]
+    elif cfg.method == "ect":
+        # trained at every level: DDPM's ancestral step on its x0 is ECT's sampler (a jump to
+        # x0, then fresh noise at the next level: from pure noise the posterior is that noise)
+        sampler, serves = "ddpm", [1, 2, 4]
     else:
         grid = cfg.teacher_steps
         # DDPM's ancestral step with the student's x0: at 1 step exactly the consistency model's
@@ -218,6 +222,58 @@ class DistillLoss:
         return pseudo_huber(pred, target).mean()
 
 
+# ------------------------------------------------------------ easy consistency tuning
+
+class ECTLoss:
+    """Easy Consistency Tuning (Geng et al. 2024; locuslab/ect, ``ECMLoss``) on the teacher's
+    discrete schedule. The student, started from the teacher, must give the same x0 for an
+    image noised to level ``t`` and for the same image with the same noise at a lower level
+    ``r`` (the ``r`` side without gradient and under the same dropout mask); where ``r`` falls
+    below the schedule's lowest level the clean image is the target (the boundary condition),
+    so no teacher step is needed. ``sigma = sqrt((1 - ab) / ab)``, EDM's noise level, is
+    log-normal at ``t`` (P_mean -1.1, P_std 2) and ``sigma_r = sigma_t (1 - q^-(stage + 1)
+    (1 + k sigmoid(-b sigma_t)))`` with q 2, k 8, b 1 (ECT's sigmoid map): each stage halves
+    the gap, from denoising towards consistency. The distance is pseudo-Huber (near ECT's L2
+    norm) weighted by ``1 / (sigma_t - sigma_r)``. Both levels are timesteps of the schedule:
+    ``t`` the nearest in sigma, ``r`` the highest at or below ``sigma_r``, at least one step
+    below ``t``."""
+
+    P_MEAN, P_STD, Q, K, B = -1.1, 2.0, 2.0, 8.0, 1.0
+
+    def __init__(self, diffusion: DiffusionConfig):
+        self.sched = Schedule.from_config(replace(diffusion, prediction="v"))
+        ab = self.sched.alpha_bar
+        self.sigma = ((1 - ab) / ab).sqrt()  # increases with the index
+
+    def draw(self, n: int, stage: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices ``t: [N]`` (>= 1) and ``r: [N]`` (< t; -1 is the clean image)."""
+        z = torch.randn(n, generator=generator, device=generator.device).double().cpu()
+        t = torch.searchsorted(self.sigma, (z * self.P_STD + self.P_MEAN).exp())
+        t = t.clamp(1, len(self.sigma) - 1)
+        sig_t = self.sigma[t]
+        ratio = 1 - self.Q ** -(stage + 1) * (1 + self.K * torch.sigmoid(-self.B * sig_t))
+        r = torch.searchsorted(self.sigma, sig_t * ratio, right=True) - 1
+        return t, torch.minimum(r, t - 1)
+
+    def __call__(self, student, x0: torch.Tensor, y=None, generator=None, stage: int = 0):
+        """Mean loss over ``x0: [N x C x H x W]`` in [-1, 1] at ECT stage ``stage``."""
+        t, r = self.draw(len(x0), stage, generator)
+        sig_r = self.sigma[r.clamp(min=0)] * (r >= 0)  # the clean image: sigma 0
+        weight = (1 / (self.sigma[t] - sig_r)).float().to(x0.device)
+        t, r = t.to(x0.device), r.to(x0.device)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        rng = torch.get_rng_state()  # the r pass draws the t pass's dropout mask again
+        _, pred = predict_x0(student, q_sample(self.sched, x0, t, noise), self.sched, t, y,
+                             clip=False)
+        with torch.no_grad():
+            torch.set_rng_state(rng)
+            rc = r.clamp(min=0)
+            _, target = predict_x0(student, q_sample(self.sched, x0, rc, noise), self.sched, rc,
+                                   y, clip=False)
+            target = torch.where((r >= 0).view(-1, *[1] * (x0.ndim - 1)), target, x0)
+        return (weight * pseudo_huber(pred, target)).mean()
+
+
 # ---------------------------------------------------------------------------- the run
 
 def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=None,
@@ -279,7 +335,7 @@ class Distillation(Method):
         self.cfg, self.plan, self.out, self.device = cfg, cfg.rounds(), out, device
         self.rounds, self.per_round = len(self.plan), max(1, cfg.updates // len(self.plan))
         self.teacher, self.tconfig, self.about, self.init = teacher, tconfig, about, init
-        self.model = UNet(teacher.config).to(device)
+        self.model = UNet(replace(teacher.config, dropout=cfg.dropout)).to(device)
         self.model.load_state_dict(teacher.state_dict())
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.disc = None
@@ -315,7 +371,10 @@ class Distillation(Method):
     def begin_round(self, r: int, fresh: bool) -> None:
         """A round's teacher and loss; a round's first step restarts the student from it."""
         self.teacher_net, diffusion = self.round_teacher(r)
-        self.loss_fn = DistillLoss(self.cfg, diffusion, self.plan[r], self.disc)
+        if self.cfg.method == "ect":  # the student is its own target
+            self.loss_fn = ECTLoss(diffusion)
+        else:
+            self.loss_fn = DistillLoss(self.cfg, diffusion, self.plan[r], self.disc)
         if fresh:
             net = self.teacher_net
             start = net.model if isinstance(net, Guided) else net
@@ -342,10 +401,13 @@ class Distillation(Method):
     def round_folder(self, r: int) -> Path:
         return self.out / "rounds" / f"{self.plan[r]}-step"
 
-    def loss(self, x0: torch.Tensor, y: torch.Tensor | None, generator) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, y: torch.Tensor | None, generator,
+             step: int) -> torch.Tensor:
         if y is not None:
             y = drop_labels(y, self.cfg.label_dropout, self.teacher.config.num_classes,
                             generator)
+        if self.cfg.method == "ect":
+            return self.loss_fn(self.model, x0, y, generator, self.cfg.stage_at(step))
         return self.loss_fn(self.model, self.teacher_net, x0, y, generator)
 
     def end_round(self, r: int, step: int) -> None:

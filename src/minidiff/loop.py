@@ -64,9 +64,11 @@ class Method:
         """The config.json written beside the EMA weights after ``step`` steps."""
         raise NotImplementedError
 
-    def loss(self, x0: torch.Tensor, y: torch.Tensor | None, generator) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, y: torch.Tensor | None, generator,
+             step: int) -> torch.Tensor:
         """The mean loss of a batch ``x0: [N x C x H x W]`` in [-1, 1] with labels ``y: [N]``
-        (None: unconditional); every random draw from ``generator``."""
+        (None: unconditional) at optimizer step ``step``; every random draw from
+        ``generator``."""
         raise NotImplementedError
 
     def begin_round(self, r: int, fresh: bool) -> None:
@@ -143,7 +145,7 @@ def fit(method: Method, run: Run) -> dict:
             for group in method.opt.param_groups:
                 group["lr"] = lr
             with autocast_context(device, run.precision):
-                loss = method.loss(x0, y, gen)
+                loss = method.loss(x0, y, gen, step)
             loss_val = distributed.mean(loss, world).item()
             if not math.isfinite(loss_val):
                 raise MinidiffError(f"{method.name} diverged at step {step}: loss is {loss_val} "

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .errors import DataError, MinidiffError
 
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp", "dpmpp-sde", "unipc")
-DISTILL_METHODS = ("progressive", "consistency", "adversarial")
+DISTILL_METHODS = ("progressive", "consistency", "adversarial", "ect")
 SPACINGS = ("uniform", "trailing", "quadratic", "karras", "logsnr")
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
@@ -275,6 +275,11 @@ class DistillConfig:
                               "U-Net) instead of the teacher", metavar="CKPT")
     distill_weight: float = option(0.1, "adversarial: weight of the distance to the starting "
                                    "network's x0 beside the GAN loss", type="number")
+    # ect: the stages of its schedule, each halving the gap between the two noise levels it
+    # compares (ECT doubles every 25k of its 200k CIFAR-10 iterations: 8 stages)
+    stages: int = option(4, "ect: times the gap between its two noise levels halves")
+    dropout: float = option(0.0, "the student's dropout while it trains (ECT: 0.2 on "
+                            "CIFAR-10)", type="number")
     # optimizer steps in all (progressive: split evenly over its rounds); 2,000 per round
     # took `reduced` 64 -> 2 to pseudo-FID 1.42 (docs/distillation.md), 666 to 1.68
     updates: int = option(10000, "optimizer steps in all")
@@ -320,7 +325,9 @@ class DistillConfig:
             (self.distill_weight >= 0, f"--distill-weight must be >= 0, got "
              f"{self.distill_weight}"),
             (self.init is None or self.method == "adversarial", "--init is for --method "
-             "adversarial (progressive and consistency start from the teacher)"),
+             "adversarial (the other methods start from the teacher)"),
+            (self.stages >= 1, f"--stages must be >= 1, got {self.stages}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
         ])
         ratio = self.teacher_steps / self.steps
         if self.method == "progressive" and (ratio < 2 or 2 ** round(math.log2(ratio)) != ratio):
@@ -335,11 +342,16 @@ class DistillConfig:
 
     def rounds(self) -> list[int]:
         """The student's step count in each round: ``[32, 16, 8, 4, 2]`` for progressive
-        64 -> 2, ``[steps]`` for consistency and adversarial (one round)."""
+        64 -> 2, ``[steps]`` for the other methods (one round)."""
         if self.method != "progressive":
             return [self.steps]
         n = round(math.log2(self.teacher_steps / self.steps))
         return [self.teacher_steps >> k for k in range(1, n + 1)]
+
+    def stage_at(self, step: int) -> int:
+        """ECT's stage after ``step`` of :attr:`updates` optimizer steps: ``stages`` equal
+        parts."""
+        return min(self.stages - 1, step * self.stages // self.updates)
 
     def to_dict(self) -> dict:
         return asdict(self)

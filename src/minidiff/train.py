@@ -138,7 +138,8 @@ class Training(Method):
         # as initialised or restored)
         self.masks = masks_of(self.model, self.sparse)
 
-    def loss(self, x0: torch.Tensor, y: torch.Tensor | None, generator) -> torch.Tensor:
+    def loss(self, x0: torch.Tensor, y: torch.Tensor | None, generator,
+             step: int) -> torch.Tensor:
         loss_fn, cfg = self.loss_fn, self.cfg
         t_idx, noise = loss_fn.draw(x0.shape, x0.device, generator)  # for the whole global batch
         if y is not None:
