@@ -265,3 +265,60 @@ def test_the_run_folder_stays_locked_for_the_whole_run(tmp_path, tiny_cfg, monke
           progress=False)
     assert refused == [True, True]
     assert subprocess.run(probe).returncode == 0  # and released at the end
+
+
+# ------------------------------------------------------------------------ time budgets
+
+def test_budget_steps_fit_the_time_rounded_to_two_digits():
+    assert loop.budget_steps(60.0, 0.0123) == 4800  # 4,878 fit
+    assert loop.budget_steps(6.0, 0.5) == 12
+    assert loop.budget_steps(1.0, 10.0) == 1  # at least one step
+    assert loop.budget_steps(600.0, 0.001) == 600000
+
+
+def test_a_time_budget_fixes_the_steps_by_a_probe_records_them_and_steps_override(
+        tmp_path, tiny_cfg, monkeypatch):
+    """--minutes turns into steps through the probe (0.1 minutes at 0.5 s a step: 12), which
+    config.json records; training the recorded count without a budget gives the same weights
+    bit for bit; --steps beside --minutes wins, and no probe runs."""
+    probes = []
+
+    def probe(method, run):
+        probes.append(method.cfg.batch_size)
+        return 0.5
+
+    monkeypatch.setattr(train_mod, "seconds_per_step", probe)
+    summary = train(tiny_cfg, DiffusionConfig(), TrainConfig(minutes=0.1, **FAST),
+                    tmp_path / "b", progress=False)
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert summary["steps"] == 12 and config["train"]["steps"] == 12 and probes == [32]
+    assert config["budget"] == {"minutes": 0.1, "probe_s_per_step": 0.5, "steps": 12}
+    train(tiny_cfg, DiffusionConfig(), TrainConfig(steps=12, **FAST), tmp_path / "s",
+          progress=False)
+    budgeted, fixed = load_checkpoint(tmp_path / "b")[0], load_checkpoint(tmp_path / "s")[0]
+    assert all(torch.equal(a, b) for a, b in zip(budgeted.state_dict().values(),
+                                                 fixed.state_dict().values(), strict=True))
+    # a resumed budget run keeps its count (no second probe) and its record
+    assert train(tiny_cfg, DiffusionConfig(), TrainConfig(), tmp_path / "b", resume=True,
+                 progress=False)["note"] == "already finished" and probes == [32]
+    summary = train(tiny_cfg, DiffusionConfig(), TrainConfig(minutes=0.1, steps=3, **FAST),
+                    tmp_path / "o", progress=False)
+    assert summary["steps"] == 3 and probes == [32]
+    assert "budget" not in json.loads((tmp_path / "o" / "config.json").read_text())
+
+
+def test_the_probe_times_real_steps_of_a_throwaway_method(tmp_path, tiny_cfg):
+    """The real probe takes warm-up + timed optimizer steps of a method built for it (one loss
+    each, its weights trained), which is why train() probes a throwaway one."""
+    images = load_split("mnist", "train")[0][:64]
+    method = train_mod.Training(tiny_cfg, DiffusionConfig(), TrainConfig(**FAST), 1, {},
+                                loop.World(), torch.device("cpu"))
+    before = [p.detach().clone() for p in method.model.parameters()]
+    calls = []
+    method.loss = lambda *a, _f=method.loss: calls.append(1) or _f(*a)
+    per_step = loop.seconds_per_step(method, loop.Run(tmp_path, images, None,
+                                                      torch.device("cpu"), "fp32"), steps=3,
+                                     warmup=2)
+    assert per_step > 0 and len(calls) == 5
+    after = list(method.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -153,12 +154,7 @@ def fit(method: Method, run: Run) -> dict:
                                     f"{run.out} is kept")
 
             # update
-            method.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(method.model.parameters(), cfg.grad_clip)
-            method.opt.step()
-            method.after_update()
+            _update(method, loss)
 
             # EMA (warmed up per round, so it is not dominated by the round's starting weights)
             ema_update(method.ema, method.model, ema_decay_at(k, cfg.ema_decay, cfg.ema_power))
@@ -183,6 +179,46 @@ def fit(method: Method, run: Run) -> dict:
                            keep=cfg.keep_checkpoints)
                 save_model(run.out, method.ema, method.config_at(step))
     return {"steps": step, "total": total, "final_loss": loss_val, "seconds": log.seconds()}
+
+
+def _update(method: Method, loss: torch.Tensor) -> None:
+    """Backward, clip, optimizer step and the method's after-update hook."""
+    method.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if method.cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(method.model.parameters(), method.cfg.grad_clip)
+    method.opt.step()
+    method.after_update()
+
+
+def seconds_per_step(method: Method, run: Run, steps: int = 20, warmup: int = 5) -> float:
+    """The median seconds of one optimizer step of ``method`` on ``run``'s batch size and
+    precision (forward, backward, update, EMA), after ``warmup`` untimed steps. It trains
+    ``method`` on the data's first batch: probe a method built for the purpose."""
+    bs = min(method.cfg.batch_size, len(run.images))
+    x0 = to_model_range(run.images[:bs]).to(run.device)
+    y = None if run.labels is None else run.labels[:bs].to(run.device)
+    method.model.train()
+    method.begin_round(0, fresh=True)
+    times = []
+    for k in range(warmup + steps):
+        gen = torch.Generator(device=run.device).manual_seed(k)
+        t0 = time.perf_counter()
+        with autocast_context(run.device, run.precision):
+            loss = method.loss(x0, y, gen, k)
+        _update(method, loss)
+        ema_update(method.ema, method.model, 0.9)
+        if k >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def budget_steps(seconds: float, per_step: float) -> int:
+    """The optimizer steps that fit ``seconds`` at ``per_step`` seconds each, rounded down to
+    two significant digits (3,247 -> 3,200) so that the count reads as chosen, not measured."""
+    n = max(1, int(seconds / per_step))
+    unit = 10 ** max(0, len(str(n)) - 2)
+    return n // unit * unit
 
 
 def _start(method: Method, run: Run) -> int:

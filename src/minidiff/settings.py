@@ -145,6 +145,9 @@ class SamplingConfig:
 # the committed curves and study results were made, so new ones compare with them
 EVAL_SAMPLING = SamplingConfig(steps=8)
 EVAL_N = 2000  # samples per evaluation during training
+# the demo's training time: with set-up (~1 min), sampling and evaluation, `make demo` stays
+# within 12 minutes on 2 cores of any CPU, which trains as many steps as it can in this time
+DEMO_MINUTES = 9.0
 
 
 @dataclass(frozen=True)
@@ -153,9 +156,13 @@ class TrainConfig:
     config.json."""
 
     dataset: str = option("mnist", choices=DATASET_NAMES)
-    # exactly one of epochs / steps (None/None -> 10 epochs)
+    # exactly one of epochs / steps (None/None -> 10 epochs), or minutes: a probe of this
+    # machine's speed fixes steps before the run, and config.json records them
     epochs: float | None = option(None, "passes over the data (default 10)")
-    steps: int | None = option(None, "optimizer steps (or --epochs)")
+    steps: int | None = option(None, "optimizer steps (or --epochs, or --minutes)")
+    minutes: float | None = option(None, "train for about M minutes of this machine: a short "
+                                   "probe fixes --steps, recorded in config.json; --steps "
+                                   "overrides", type="number", metavar="M")
     # the recipe: the convergence benchmark's winner (benchmarks/results/convergence.md; with
     # v-prediction, DiffusionConfig's default); minidiff.original.TRAINING is the one before it
     batch_size: int = option(64, "images per step")
@@ -196,6 +203,10 @@ class TrainConfig:
             (self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
             (self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}"),
             (self.epochs is None or self.steps is None, "give --epochs or --steps, not both"),
+            (self.minutes is None or self.minutes > 0, f"--minutes must be > 0, got "
+             f"{self.minutes}"),
+            (self.minutes is None or self.epochs is None, "give --epochs or --minutes, not "
+             "both"),
             (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (self.lr_schedule in ("cosine", "constant"),

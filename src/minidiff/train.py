@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,10 +20,12 @@ from .evaluation import Evaluator
 from .loop import (
     Method,
     Run,
+    budget_steps,
     drop_labels,
     fit,
     hold,
     previous_run,
+    seconds_per_step,
     steps_per_epoch,
     training_images,
 )
@@ -65,25 +68,33 @@ def train(model_cfg: UNetConfig, diff_cfg: DiffusionConfig, cfg: TrainConfig, ou
         images, labels = training_images(cfg.dataset, cfg.subset, model_cfg.image_size, data_dir)
         distributed.check_batch(world, min(cfg.batch_size, len(images)))
         per_epoch = steps_per_epoch(len(images), cfg.batch_size)
-        total = cfg.steps or math.ceil((cfg.epochs or 10) * per_epoch)
+        run = Run(out, images, labels if model_cfg.num_classes else None, device, precision,
+                  world, resume, progress, f"train {preset or ''}".strip())
         extra = {**({"preset": preset} if preset else {}), **carried}
+        if cfg.minutes and not cfg.steps:  # a time budget: fix the steps, then train as usual
+            probe = Training(model_cfg, diff_cfg, replace(cfg, eval_every=None), 1, extra, world,
+                             device, init_model)
+            per_step = seconds_per_step(probe, run)
+            cfg = replace(cfg, steps=budget_steps(60 * cfg.minutes, per_step))
+            extra["budget"] = {"minutes": cfg.minutes, "probe_s_per_step": round(per_step, 5),
+                               "steps": cfg.steps}
+        total = cfg.steps or math.ceil((cfg.epochs or 10) * per_epoch)
         method = Training(model_cfg, diff_cfg, cfg, total, extra, world, device, init_model,
                           data_dir)
-        summary = fit(method, Run(out, images, labels if model_cfg.num_classes else None, device,
-                                  precision, world, resume, progress,
-                                  f"train {preset or ''}".strip()))
+        summary = fit(method, run)
     distributed.finish(world)
     if "note" in summary:
         return summary
     return {**summary, "precision": precision, "device": str(device),
-            "steps_per_epoch": per_epoch}
+            "steps_per_epoch": per_epoch, **({"budget": extra["budget"]} if "budget" in extra
+                                             else {})}
 
 
 def _saved_configs(saved: dict, preset: str | None):
     """A run folder's config.json -> ``(model, diffusion, train configs, preset, carried)``."""
     return (UNetConfig.from_dict(saved["model"]), DiffusionConfig.from_dict(saved["diffusion"]),
             TrainConfig.from_dict(saved["train"]), saved.get("preset", preset),
-            {k: saved[k] for k in CARRIED if k in saved})
+            {k: saved[k] for k in (*CARRIED, "budget") if k in saved})
 
 
 def _fine_tuning(init: str):

@@ -1,8 +1,10 @@
 """``minidiff demo``: train the reduced U-Net briefly on MNIST, sample a grid, write a report.
 
-The step count depends on the precision ``--precision auto`` picks (never on a clock, so a demo
-run is reproducible): a CPU with native bf16 trains about three times as fast as one without,
-and both should finish ``make demo`` on a fresh clone within about 12 minutes on 2 cores.
+The demo trains for a time, not a step count: a short probe of this machine's training speed
+turns ``--minutes`` into steps before the run (:func:`minidiff.train.train`), and config.json and
+the report record them, so ``--steps N`` with the recorded count repeats the run bit for bit and
+a resumed run keeps its count. ``make demo`` then takes about 12 minutes on 2 cores of any CPU,
+and a faster CPU trains a better model in that time.
 
 The run holds its folder's lock (:func:`minidiff.files.run_lock`) throughout, so a second demo
 on the same folder stops at once; ``--force`` starts over by removing only the demo's own files
@@ -28,30 +30,28 @@ from ..generation import sample_to_file
 from ..metrics import MIN_SAMPLES, evaluate
 from ..runtime import environment_line, resolve_device, resolve_precision, timed
 from ..samplefiles import load_samples
-from ..settings import SamplingConfig, TrainConfig
+from ..settings import DEMO_MINUTES, SamplingConfig, TrainConfig
 from ..train import train
 from ..unet import PRESETS, UNet, count_params
 
 DEMO_PRESET = "reduced"
-DEMO_TRAIN = TrainConfig(checkpoint_every=250)  # the default recipe; steps below
-# optimizer steps per precision `auto` resolves to, sized so that `make demo` on a fresh clone
-# stays within ~12 minutes on 2 cores: bf16 ~383 images/s (Xeon, AMX), fp32 ~210 images/s
-# (AMD Zen 3, AVX2 only); docs/speed.md has the measured times
-DEMO_STEPS = {"bf16": 3200, "fp32": 1800}
+DEMO_TRAIN = TrainConfig(checkpoint_every=250)  # the default recipe, for DEMO_MINUTES
 DEMO_SAMPLING = SamplingConfig()  # the sampling defaults
 # what a demo run writes into its folder: all that --force removes
 DEMO_FILES = (CONFIG_FILE, MODEL_FILE, CHECKPOINTS, "metrics.jsonl", "metrics.json",
               "samples.npz", "samples.json", "grid.png", "report.md")
 
 
-def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None, n: int = 100,
-             data_dir=None, force: bool = False) -> Path:
-    """Train (or resume, or reuse) the demo run in ``out``; write samples, grid and report."""
+def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None,
+             minutes: float = DEMO_MINUTES, n: int = 100, data_dir=None,
+             force: bool = False) -> Path:
+    """Train (or resume, or reuse) the demo run in ``out`` for ``minutes`` of this machine (or
+    exactly ``steps``); write samples, grid and report."""
     out = Path(out)
     if n < MIN_SAMPLES:
         raise MinidiffError(f"--n must be >= {MIN_SAMPLES}: the demo evaluates its samples")
     precision = resolve_precision(DEMO_TRAIN.precision, resolve_device(DEMO_TRAIN.device))
-    cfg = replace(DEMO_TRAIN, steps=steps or DEMO_STEPS[precision])
+    cfg = replace(DEMO_TRAIN, steps=steps) if steps else replace(DEMO_TRAIN, minutes=minutes)
     with run_lock(out):
         return _run_demo(out, cfg, precision, n=n, data_dir=data_dir, force=force)
 
@@ -63,7 +63,8 @@ def _run_demo(out: Path, cfg: TrainConfig, precision: str, *, n: int, data_dir,
     resume = (out / CONFIG_FILE).exists()
     if resume:
         saved = json.loads((out / CONFIG_FILE).read_text()).get("train", {})
-        if saved != cfg.to_dict():
+        # a budgeted run continues with the steps its probe fixed
+        if saved != cfg.to_dict() and saved != {**cfg.to_dict(), "steps": saved.get("steps")}:
             raise MinidiffError(f"{out} holds a demo run of another recipe or length "
                                 f"({saved.get('steps')} steps); pass --force to start over or "
                                 "another --out")
@@ -89,10 +90,15 @@ def _run_demo(out: Path, cfg: TrainConfig, precision: str, *, n: int, data_dir,
     params = count_params(UNet(PRESETS[DEMO_PRESET]))
     last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     loss_line = f"{last[-1]['loss']:.4f} at step {last[-1]['step']}" if last else "n/a"
-    steps_note = ("" if precision == "bf16" else
-                  f"This CPU has no native bf16, so the demo trains in fp32 for "
-                  f"{DEMO_STEPS['fp32']} steps instead of {DEMO_STEPS['bf16']} (to stay within "
-                  "about 12 minutes); its samples are rougher than on a CPU with bf16.")
+    run_config = json.loads((out / CONFIG_FILE).read_text())
+    budget, cfg = run_config.get("budget"), TrainConfig.from_dict(run_config["train"])
+    steps_note = (f"The step count comes from a {budget['minutes']:g}-minute budget and a "
+                  f"probe of this machine ({budget['probe_s_per_step'] * 1000:.0f} ms per step"
+                  f"); `minidiff demo --steps {budget['steps']}` repeats this run."
+                  if budget else "")
+    if precision != "bf16":
+        steps_note += (" This CPU has no native bf16, so the demo trains in fp32, about a "
+                       "third as many steps as a CPU with bf16 in the same time.")
     resumed = summary.get("note") or ("resumed from a checkpoint" if resume else "fresh run")
     report = f"""# minidiff demo
 

@@ -60,7 +60,7 @@ def cmd_models(args):
      "unconditional)")
 @options(s.TrainConfig, "label_dropout")
 @options(s.TrainConfig, "epochs", "steps", exclusive="length")
-@options(s.TrainConfig, "batch_size", "lr")
+@options(s.TrainConfig, "minutes", "batch_size", "lr")
 @arg("--original-recipe", action="store_true", help="the recipe before the convergence "
      "benchmark (eps, linear, lr 1e-3, 200 warm-up steps, batch 128)")
 @arg("--schedule", choices=s.SCHEDULES, help="beta schedule, T=1000 (default cosine)")
@@ -213,9 +213,13 @@ def cmd_eval(args):
 
 
 @command("demo", "train the reduced model briefly, sample, write a report",
-         "minidiff demo            # ~10 minutes on a 2-core CPU, writes runs/demo/")
+         "minidiff demo            # ~10 minutes on a 2-core CPU, writes runs/demo/",
+         "minidiff demo --minutes 3 --out runs/demo3   # a shorter look",
+         "minidiff demo --steps 3200 --out runs/demo-b   # a recorded step count, no probe")
 @arg("--out", default="runs/demo", help="run folder (default %(default)s)")
-@arg("--steps", type=c.positive_int, help="training steps (default: the demo's)")
+@arg("--minutes", type=c.positive_float, default=s.DEMO_MINUTES, help="training time on this "
+     "machine, turned into steps by a short probe (default %(default)s)")
+@arg("--steps", type=c.positive_int, help="training steps instead of --minutes")
 @arg("--n", type=c.positive_int, default=100, help="images to sample (default %(default)s)")
 @shared("--data-dir")
 @arg("--force", action="store_true", help="start over in --out (only the demo's own files "
@@ -223,8 +227,8 @@ def cmd_eval(args):
 def cmd_demo(args):
     from ..demo import run_demo
 
-    report = run_demo(args.out, steps=args.steps, n=args.n, data_dir=args.data_dir,
-                      force=args.force)
+    report = run_demo(args.out, steps=args.steps, minutes=args.minutes, n=args.n,
+                      data_dir=args.data_dir, force=args.force)
     print(f"demo finished: {report}")
 
 
