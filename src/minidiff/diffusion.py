@@ -23,7 +23,7 @@ class DiffusionConfig:
     the network predicts (``eps`` or ``v``)."""
 
     # the recipe's: v-prediction on the cosine schedule converged fastest on MNIST
-    # (benchmarks/results/convergence.md); minidiff.original.DIFFUSION is the one before
+    # (benchmarks/results/convergence.md); minidiff.study.reference.DIFFUSION is the one before
     timesteps: int = 1000
     schedule: str = "cosine"
     beta_start: float = 1e-4  # linear schedule only

@@ -29,9 +29,8 @@ MODEL_PRESETS = ("baseline", "reduced", "shallow")
 STUDY_PRESETS = ("smoke", "quick", "standard", "paper", "long")
 
 
-# sampling batch per precision, the fastest measured on 2 cores (benchmarks/results/
-# cpu_choices*.md): bf16 256 (64 on par); fp32 128: 1.62x / 1.25x batch 256's images/s for
-# reduced / baseline with AVX-512, 0.99x / 1.25x under the AVX2 imitation
+# sampling batch per precision: the fastest on 2 cores of either CPU class
+# (benchmarks/results/cpu_choices*.md)
 BATCH_BY_PRECISION = {"bf16": 256, "fp32": 128}
 
 
@@ -141,8 +140,8 @@ class SamplingConfig:
 
 
 # How a model is scored while it trains (`train --eval-every`, the study's curves) and how the
-# study samples: 8 steps of the default sampler, 0.4x the cost of today's 20 and the default when
-# the committed curves and study results were made, so new ones compare with them
+# study samples: 8 steps of the default sampler, 0.4x the cost of the default's 20 and the
+# setting of the committed curves and study results, so new ones compare with them
 EVAL_SAMPLING = SamplingConfig(steps=8)
 EVAL_N = 2000  # samples per evaluation during training
 # the demo's training time: with set-up (~1 min), sampling and evaluation, `make demo` stays
@@ -164,7 +163,7 @@ class TrainConfig:
                                    "probe fixes --steps, recorded in config.json; --steps "
                                    "overrides", type="number", metavar="M")
     # the recipe: the convergence benchmark's winner (benchmarks/results/convergence.md; with
-    # v-prediction, DiffusionConfig's default); minidiff.original.TRAINING is the one before it
+    # v-prediction, DiffusionConfig's default); minidiff.study.reference.TRAINING is the older one
     batch_size: int = option(64, "images per step")
     lr: float = option(2e-3, "peak learning rate; --recipe and --original-recipe bring theirs")
     lr_schedule: str = "cosine"  # "cosine" (to lr_min_ratio * lr) or "constant" after warm-up
@@ -281,18 +280,18 @@ class DistillConfig:
                                 "consistency: its solver grid")
     # adversarial: the student's first weights (default: the teacher's), e.g. a progressive
     # student to refine, and the weight of the pull towards their output beside the GAN loss
-    # (0.1 and 0.01 scored alike on `reduced`, docs/distillation.md)
+    # (docs/distillation.md compares weights)
     init: str | None = option(None, "adversarial: start the student from this checkpoint (same "
                               "U-Net) instead of the teacher", metavar="CKPT")
     distill_weight: float = option(0.1, "adversarial: weight of the distance to the starting "
                                    "network's x0 beside the GAN loss", type="number")
     # ect: the stages of its schedule, each halving the gap between the two noise levels it
-    # compares (ECT doubles every 25k of its 200k CIFAR-10 iterations: 8 stages)
+    # compares (ECT's CIFAR-10 run has 8)
     stages: int = option(4, "ect: times the gap between its two noise levels halves")
     dropout: float = option(0.0, "the student's dropout while it trains (ECT: 0.2 on "
                             "CIFAR-10)", type="number")
-    # optimizer steps in all (progressive: split evenly over its rounds); 2,000 per round
-    # took `reduced` 64 -> 2 to pseudo-FID 1.42 (docs/distillation.md), 666 to 1.68
+    # optimizer steps in all (progressive: split evenly over its rounds; docs/distillation.md
+    # has what more updates per round buy)
     updates: int = option(10000, "optimizer steps in all")
     batch_size: int = option(64, "images per step")
     # the student starts from trained weights: ~1/10 of training's

@@ -90,7 +90,7 @@ class UNetConfig:
         return cls(**d)
 
 
-# The study's three architectures. Parameter counts are in the README beside the study's.
+# The study's three architectures (`minidiff models` prints their parameters beside the study's).
 PRESETS: dict[str, UNetConfig] = {
     "baseline": UNetConfig(channels=(32, 64, 128)),
     "reduced": UNetConfig(channels=(16, 32, 64)),

@@ -56,16 +56,16 @@ from .report import write_report
 @dataclass(frozen=True)
 class StudyConfig:
     """One preset of the study. Fine-tuning follows the study's recipes
-    (:data:`minidiff.original.RECIPES`), their epochs scaled by the architecture's from-scratch
-    epochs / :data:`~minidiff.original.EPOCHS`."""
+    (:data:`minidiff.study.reference.RECIPES`), their epochs scaled by the architecture's
+    from-scratch epochs / :data:`~minidiff.study.reference.EPOCHS`."""
 
     preset: str
     # the baseline's from-scratch epochs; reduced and shallow train as long (equal epochs) or
     # its FLOPs (equal_compute)
     base_epochs: float
     dataset: str = "mnist"
-    # the training recipe before the convergence benchmark (minidiff.original.TRAINING), which
-    # the committed study results and shipped models come from; the defaults where False
+    # the training recipe before the convergence benchmark (minidiff.study.reference.TRAINING),
+    # which the committed study results and shipped models come from; the defaults where False
     original_recipe: bool = True
     batch_size: int | None = None  # None: the recipe's
     lr: float | None = None  # from scratch; None: the recipe's

@@ -1,6 +1,6 @@
 """The configs of a training run from what a user chose: the U-Net of a preset (its widths
 replaced, a class embedding added), today's recipe or the original one
-(:mod:`minidiff.original`), and a fine-tuning recipe of the study. ``minidiff train`` and
+(:mod:`minidiff.study.reference`), and a fine-tuning recipe of the study. ``minidiff train`` and
 ``minidiff study`` build their runs here; :func:`minidiff.train.train` takes the result."""
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from .reference import DIFFUSION, RECIPES, TRAINING
 
 def train_config(recipe: str | None = None, original: bool = False, **given) -> TrainConfig:
     """A :class:`TrainConfig` from command-line values, None meaning not given. A fine-tuning
-    ``recipe`` (:data:`minidiff.original.RECIPES`, with ``init``) supplies the lr unless one is
-    given, and its epochs unless epochs or steps are. ``original``: start from the recipe before
-    the convergence benchmark (:data:`minidiff.original.TRAINING`) instead of the defaults."""
+    ``recipe`` (:data:`minidiff.study.reference.RECIPES`, with ``init``) supplies the lr unless
+    one is given, and its epochs unless epochs or steps are. ``original``: start from the recipe
+    before the convergence benchmark (:data:`minidiff.study.reference.TRAINING`) instead of the
+    defaults."""
     given = {k: v for k, v in given.items() if v is not None}
     if recipe and not given.get("init"):
         raise MinidiffError("--recipe is a fine-tuning recipe: give --init CKPT too")

@@ -1,6 +1,6 @@
 """The original student study (its README's results table and recipes), in one place.
 
-Every comparison with the study (``minidiff models``, the study report, the README table) and
+Every comparison with the study (``minidiff models``, the study report and its tables) and
 the fine-tuning recipes that ``minidiff train --recipe`` and ``minidiff study`` follow read
 from here. Its numbers came from a notebook with 1,000 DDPM steps, most likely on a GPU.
 """
