@@ -176,3 +176,14 @@ def test_label_dropout_without_conditional_is_refused(tmp_path, capsys):
     assert rc != 0 and err == ["minidiff: error: --label-dropout applies to --conditional "
                                "training only"]
     assert not (tmp_path / "x").exists()
+
+
+def test_ect_refuses_a_conditional_teacher_in_one_line(cond_run, tmp_path, capsys):
+    """ECT runs no teacher, so it cannot fold guidance into a conditional student."""
+    from minidiff.apps.cli import main
+
+    assert main(["distill", str(cond_run), "--method", "ect", "--updates", "1",
+                 "--out", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"minidiff: error: {cond_run} is class-conditional and --method ect folds no "
+                   "guidance in: use --method progressive for it"]

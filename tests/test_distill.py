@@ -364,3 +364,26 @@ def test_ect_student_maps_one_teacher_trajectory_to_its_endpoint():
         opt.step()
     assert max(miss(model)) < 0.12, miss(model)
 
+
+def test_ect_reads_the_r_level_under_the_t_levels_dropout_mask():
+    """Both passes of one ECT loss see the same dropout mask (ECT restores the RNG state), and
+    a step count its sampler cannot serve is refused in one line."""
+    from minidiff.diffusion import DiffusionConfig
+
+    class Masks(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.masks = torch.nn.Parameter(torch.zeros(())), []
+
+        def forward(self, x, t, y=None):
+            mask = torch.nn.functional.dropout(torch.ones_like(x), 0.5, training=True)
+            self.masks.append(mask)
+            return x * self.w + mask
+
+    model = Masks()
+    ECTLoss(DiffusionConfig())(model, torch.zeros(8, 1, 4, 4),
+                               generator=torch.Generator().manual_seed(0), stage=3)
+    a, b = model.masks
+    assert torch.equal(a, b) and 0 < a.count_nonzero() < a.numel()
+    with pytest.raises(MinidiffError, match="--method ect samples in 1, 2, 4 steps, got --steps 3"):
+        DistillConfig(method="ect", steps=3)

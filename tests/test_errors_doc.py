@@ -237,7 +237,10 @@ def case_args(case, tmp, run, monkeypatch, stack):
     if case == "recipe-no-init":
         return ["train", *TINY, "--recipe", "pruned", "--out", t + "/r"]
     if case == "quantize-exists":
-        return ["quantize", str(run), "--out", str(run)]
+        (tmp / "q").mkdir()
+        for name in ("model.safetensors", "config.json"):
+            shutil.copy(run / name, tmp / "q")
+        return ["quantize", str(run), "--out", t + "/q"]
     if case == "samples-objects":
         return ["grid", _save_npz(tmp, np.array([None, 1], dtype=object)), "--out", t + "/g.png"]
     if case == "samples-huge":

@@ -203,10 +203,14 @@ def test_outputs_that_exist_are_replaced_only_with_force(run, tmp_path, capsys):
                        (["grid", s, "--out", g], g),
                        (["eval", s, "--json", s], s),
                        (["classifier", "evaluate", "--json", g], g),
-                       (["classifier", "train", "--out", tmp_path], weights),
-                       (["quantize", run, "--out", run], run)):
+                       (["classifier", "train", "--out", tmp_path], weights)):
         err = fails(capsys, *argv)
         assert f"{path} already " in err and "pass --force to replace it" in err, err
+    # a run folder is more than a model: not even --force replaces it
+    for force in ((), ("--force",)):
+        err = fails(capsys, "quantize", run, "--out", run, *force)
+        assert err.endswith(f"{run} holds more than a model (model.safetensors, config.json); "
+                            "choose another --out"), err
     s.with_suffix(".json").rename(tmp_path / "t.json")  # a sidecar alone is the user's too
     err = fails(capsys, "sample", run, *SAMPLE, "--out", tmp_path / "t.npz")
     assert f"{tmp_path / 't.json'} already exists" in err
@@ -225,9 +229,14 @@ def test_prune_and_quantize_write_a_folder_beside_and_swap_it_in(run, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "run"]  # nothing left beside
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "notes.txt").write_text("x")
-    err = fails(capsys, "prune", run, "--unstructured", "0.3", "--out", tmp_path / "user")
-    assert err.endswith("user already exists; pass --force to replace it or choose another --out")
+    for force in ((), ("--force",)):  # a folder of the user's things is never replaced
+        err = fails(capsys, "prune", run, "--unstructured", "0.3", "--out", tmp_path / "user",
+                    *force)
+        assert err.endswith("user holds more than a model (model.safetensors, config.json); "
+                            "choose another --out"), err
     assert (tmp_path / "user" / "notes.txt").read_text() == "x"
+    err = fails(capsys, "quantize", run, "--out", ".", "--force")
+    assert err.endswith("--out .: name a folder to create, e.g. --out runs/model"), err
 
 
 def test_a_swap_stopped_half_way_is_undone_and_its_leftover_recovered(run, tmp_path,

@@ -307,18 +307,39 @@ def test_a_time_budget_fixes_the_steps_by_a_probe_records_them_and_steps_overrid
     assert "budget" not in json.loads((tmp_path / "o" / "config.json").read_text())
 
 
-def test_the_probe_times_real_steps_of_a_throwaway_method(tmp_path, tiny_cfg):
-    """The real probe takes warm-up + timed optimizer steps of a method built for it (one loss
-    each, its weights trained), which is why train() probes a throwaway one."""
+def test_the_real_probe_leaves_the_run_as_a_steps_run_and_trains_a_throwaway(tmp_path,
+                                                                             tiny_cfg):
+    """train() probes a throwaway method (its weights trained, one loss per step), so a budget
+    run's weights are those of the same count given as --steps, bit for bit."""
     images = load_split("mnist", "train")[0][:64]
     method = train_mod.Training(tiny_cfg, DiffusionConfig(), TrainConfig(**FAST), 1, {},
                                 loop.World(), torch.device("cpu"))
     before = [p.detach().clone() for p in method.model.parameters()]
     calls = []
     method.loss = lambda *a, _f=method.loss: calls.append(1) or _f(*a)
-    per_step = loop.seconds_per_step(method, loop.Run(tmp_path, images, None,
-                                                      torch.device("cpu"), "fp32"), steps=3,
-                                     warmup=2)
-    assert per_step > 0 and len(calls) == 5
+    loop.seconds_per_step(method, loop.Run(tmp_path, images, None, torch.device("cpu"), "fp32"),
+                          steps=3, warmup=2)
     after = list(method.model.parameters())
-    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert len(calls) == 5 and any(not torch.equal(a, b)
+                                   for a, b in zip(before, after, strict=True))
+    summary = train(tiny_cfg, DiffusionConfig(), TrainConfig(minutes=0.01, **FAST),
+                    tmp_path / "b", progress=False)
+    steps = json.loads((tmp_path / "b" / "config.json").read_text())["budget"]["steps"]
+    assert summary["steps"] == steps
+    train(tiny_cfg, DiffusionConfig(), TrainConfig(steps=steps, **FAST), tmp_path / "s",
+          progress=False)
+    budgeted, fixed = load_checkpoint(tmp_path / "b")[0], load_checkpoint(tmp_path / "s")[0]
+    assert all(torch.equal(a, b) for a, b in zip(budgeted.state_dict().values(),
+                                                 fixed.state_dict().values(), strict=True))
+
+
+def test_a_line_cut_short_in_the_metrics_log_does_not_stop_a_resume(tmp_path, tiny_cfg):
+    """A crash (or a full disk) mid-line leaves a partial last line; resume drops it."""
+    cfg = TrainConfig(steps=20, checkpoint_every=10, **FAST)
+    train(tiny_cfg, DiffusionConfig(), cfg, tmp_path / "r", progress=False)
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 21, "lo')
+    assert train(tiny_cfg, DiffusionConfig(), cfg, tmp_path / "r", resume=True,
+                 progress=False)["note"] == "already finished"
+    lines = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == [10, 20]

@@ -227,13 +227,19 @@ def refuse_overwrite(out: Path, force: bool, flag: str = "--out") -> None:
     """Refuse to write the folder ``out`` over anything it holds, unless ``force`` (the error
     names ``flag``, which chose ``out``). First puts back an old copy that a stopped
     :func:`replace_folder` left beside a missing ``out``."""
+    if out.name in ("", ".", ".."):
+        raise MinidiffError(f"{flag} {out}: name a folder to create, e.g. {flag} runs/model")
     recover_folder(out)
-    if force or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
-    what = "holds a model" if (out / MODEL_FILE).exists() or (out / CONFIG_FILE).exists() \
-        else "exists"
-    raise MinidiffError(f"{out} already {what}; pass --force to replace it or choose another "
-                        f"{flag}")
+    model = out.is_dir() and {p.name for p in out.iterdir()} <= {MODEL_FILE, CONFIG_FILE}
+    if force and model:
+        return
+    if not model:  # --force replaces a model, never a folder of other things (runs/, a run)
+        raise MinidiffError(f"{out} holds more than a model (model.safetensors, config.json); "
+                            f"choose another {flag}")
+    raise MinidiffError(f"{out} already holds a model; pass --force to replace it or choose "
+                        f"another {flag}")
 
 
 @contextlib.contextmanager

@@ -152,8 +152,8 @@ class Schedule:
         step lands on, so no network evaluation is spent at ``t = 0``."""
         log_sigma = 0.5 * (torch.log1p(-self.alpha_bar) - torch.log(self.alpha_bar))
         # A schedule whose alpha_bar reaches ~0 (cosine: SNR 1e-9 at T) would spend steps where
-        # the image is already pure noise; clip the top at log-SNR -5.1 as diffusers does for
-        # cosine, and let the first step start from the last timestep whatever its sigma.
+        # the image is already pure noise; the top is clipped at log-SNR -5.1 (diffusers' clip
+        # for cosine) whatever the schedule, and the first step starts from the last timestep.
         hi, lo = min(log_sigma[-1].item(), 2.55), log_sigma[0].item()
         if steps == 1:
             return torch.tensor([len(self) - 1])

@@ -1,6 +1,6 @@
 """Few-step students distilled from a trained model (the teacher), with the teacher's U-Net.
 
-Three methods, all trained on real images noised by the forward process, all with a student
+Four methods, all trained on real images noised by the forward process, all with a student
 that predicts ``v`` (Salimans & Ho 2022), so every sampler reads it through
 :meth:`~minidiff.diffusion.Schedule.eps_x0`:
 
@@ -20,6 +20,9 @@ that predicts ``v`` (Salimans & Ho 2022), so every sampler reads it through
   a small convolutional discriminator against real images (hinge loss, spectral norm), so that
   what a regression averages away (sharp strokes) is asked for directly while each input keeps
   its digit. Sampled with DDIM at exactly its step count.
+- ``ect`` (Easy Consistency Tuning, Geng et al. 2024): consistency training started from the
+  teacher, with no teacher step: :class:`ECTLoss`. Sampled like a consistency student, at 1, 2
+  or 4 steps.
 
 A conditional teacher is distilled with its classifier-free guidance (``guidance``) folded in
 (Meng et al. 2023, stage one): the student then needs one network pass per step instead of two.
@@ -50,7 +53,7 @@ from .guidance import Guided
 from .loop import Method, Run, drop_labels, fit, hold, previous_run, training_images
 from .runtime import resolve_device, resolve_precision
 from .samplers import predict_x0
-from .settings import DistillConfig
+from .settings import ECT_STEPS, DistillConfig
 from .unet import UNet
 
 SPACING = "trailing"  # the students' timesteps: nested when halved, and they start at T - 1
@@ -67,7 +70,7 @@ def sampling_entry(cfg: DistillConfig, steps: int, guidance: float | None) -> di
     elif cfg.method == "ect":
         # trained at every level: DDPM's ancestral step on its x0 is ECT's sampler (a jump to
         # x0, then fresh noise at the next level: from pure noise the posterior is that noise)
-        sampler, serves = "ddpm", [1, 2, 4]
+        sampler, serves = "ddpm", list(ECT_STEPS)
     else:
         grid = cfg.teacher_steps
         # DDPM's ancestral step with the student's x0: at 1 step exactly the consistency model's
@@ -231,12 +234,12 @@ class ECTLoss:
     ``r`` (the ``r`` side without gradient and under the same dropout mask); where ``r`` falls
     below the schedule's lowest level the clean image is the target (the boundary condition),
     so no teacher step is needed. ``sigma = sqrt((1 - ab) / ab)``, EDM's noise level, is
-    log-normal at ``t`` (P_mean -1.1, P_std 2) and ``sigma_r = sigma_t (1 - q^-(stage + 1)
+    drawn log-normal (P_mean -1.1, P_std 2) and ``sigma_r = sigma_t (1 - q^-(stage + 1)
     (1 + k sigmoid(-b sigma_t)))`` with q 2, k 8, b 1 (ECT's sigmoid map): each stage halves
     the gap, from denoising towards consistency. The distance is pseudo-Huber (near ECT's L2
     norm) weighted by ``1 / (sigma_t - sigma_r)``. Both levels are timesteps of the schedule:
-    ``t`` the nearest in sigma, ``r`` the highest at or below ``sigma_r``, at least one step
-    below ``t``."""
+    ``t`` the first at or above the drawn sigma, ``r`` the highest at or below ``sigma_r``, at
+    least one step below ``t``."""
 
     P_MEAN, P_STD, Q, K, B = -1.1, 2.0, 2.0, 8.0, 1.0
 
@@ -245,9 +248,11 @@ class ECTLoss:
         ab = self.sched.alpha_bar
         self.sigma = ((1 - ab) / ab).sqrt()  # increases with the index
 
-    def draw(self, n: int, stage: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices ``t: [N]`` (>= 1) and ``r: [N]`` (< t; -1 is the clean image)."""
-        z = torch.randn(n, generator=generator, device=generator.device).double().cpu()
+    def draw(self, n: int, stage: int, generator=None, device="cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices ``t: [N]`` (>= 1) and ``r: [N]`` (< t; -1 is the clean image), on the CPU;
+        the normal draw on ``device`` (the generator's)."""
+        z = torch.randn(n, generator=generator, device=device).double().cpu()
         t = torch.searchsorted(self.sigma, (z * self.P_STD + self.P_MEAN).exp())
         t = t.clamp(1, len(self.sigma) - 1)
         sig_t = self.sigma[t]
@@ -257,16 +262,20 @@ class ECTLoss:
 
     def __call__(self, student, x0: torch.Tensor, y=None, generator=None, stage: int = 0):
         """Mean loss over ``x0: [N x C x H x W]`` in [-1, 1] at ECT stage ``stage``."""
-        t, r = self.draw(len(x0), stage, generator)
+        t, r = self.draw(len(x0), stage, generator, x0.device)
         sig_r = self.sigma[r.clamp(min=0)] * (r >= 0)  # the clean image: sigma 0
         weight = (1 / (self.sigma[t] - sig_r)).float().to(x0.device)
         t, r = t.to(x0.device), r.to(x0.device)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-        rng = torch.get_rng_state()  # the r pass draws the t pass's dropout mask again
+        # the r pass draws the t pass's dropout mask again (from the device's generator)
+        rng = torch.get_rng_state()
+        cuda = torch.cuda.get_rng_state(x0.device) if x0.device.type == "cuda" else None
         _, pred = predict_x0(student, q_sample(self.sched, x0, t, noise), self.sched, t, y,
                              clip=False)
         with torch.no_grad():
             torch.set_rng_state(rng)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, x0.device)
             rc = r.clamp(min=0)
             _, target = predict_x0(student, q_sample(self.sched, x0, rc, noise), self.sched, rc,
                                    y, clip=False)
@@ -303,6 +312,9 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
                                 f"{cfg.teacher_steps}")
         precision = resolve_precision(cfg.precision, device)
         model_cfg = teacher.config
+        if cfg.method == "ect" and model_cfg.num_classes:
+            raise MinidiffError(f"{teacher_path} is class-conditional and --method ect folds no "
+                                "guidance in: use --method progressive for it")
         images, labels = training_images(dataset_of(tconfig), cfg.subset, model_cfg.image_size,
                                          data_dir)
         about = {"path": str(teacher_path), "sha256": tsha, "step": tconfig.get("step")}

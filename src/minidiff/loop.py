@@ -206,11 +206,13 @@ def seconds_per_step(method: Method, run: Run, steps: int = 20, warmup: int = 5)
         t0 = time.perf_counter()
         with autocast_context(run.device, run.precision):
             loss = method.loss(x0, y, gen, k)
+        loss.item()  # as fit does: the step ends when its loss is known (a GPU's too)
         _update(method, loss)
         ema_update(method.ema, method.model, 0.9)
         if k >= warmup:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    # every rank must take the same number of steps: the ranks' mean
+    return distributed.mean(torch.tensor(statistics.median(times)), run.world).item()
 
 
 def budget_steps(seconds: float, per_step: float) -> int:
@@ -312,8 +314,7 @@ def _last_train_s(path: Path) -> float:
     """The training seconds the log of a resumed run reached (0 without an evaluation)."""
     if not path.exists():
         return 0.0
-    times = [r["train_s"] for r in map(json.loads, path.read_text().splitlines())
-             if "train_s" in r]
+    times = [r["train_s"] for _, r in _records(path) if "train_s" in r]
     return times[-1] if times else 0.0
 
 
@@ -394,6 +395,17 @@ def drop_labels(y: torch.Tensor, p: float, null: int, generator=None) -> torch.T
 def trim_log(path: Path, step: int) -> None:
     """Keep only the lines of a metrics.jsonl that a run restored at ``step`` has produced."""
     if path.exists():
-        kept = [ln for ln in path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= step]
+        kept = [ln for ln, r in _records(path) if r["step"] <= step]
         atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def _records(path: Path) -> list[tuple[str, dict]]:
+    """The lines of a metrics.jsonl with their records; a line a crash cut short (the last)
+    is left out."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError:
+            continue
+    return out

@@ -18,6 +18,7 @@ from .errors import DataError, MinidiffError
 
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp", "dpmpp-sde", "unipc")
 DISTILL_METHODS = ("progressive", "consistency", "adversarial", "ect")
+ECT_STEPS = (1, 2, 4)  # the step counts an ECT student is sampled at
 SPACINGS = ("uniform", "trailing", "quadratic", "karras", "logsnr")
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
@@ -337,6 +338,8 @@ class DistillConfig:
             (self.init is None or self.method == "adversarial", "--init is for --method "
              "adversarial (the other methods start from the teacher)"),
             (self.stages >= 1, f"--stages must be >= 1, got {self.stages}"),
+            (self.method != "ect" or self.steps in ECT_STEPS, f"--method ect samples in "
+             f"{', '.join(map(str, ECT_STEPS))} steps, got --steps {self.steps}"),
             (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
         ])
         ratio = self.teacher_steps / self.steps

@@ -94,7 +94,7 @@ def _run_demo(out: Path, cfg: TrainConfig, precision: str, *, n: int, data_dir,
     budget, cfg = run_config.get("budget"), TrainConfig.from_dict(run_config["train"])
     steps_note = (f"The step count comes from a {budget['minutes']:g}-minute budget and a "
                   f"probe of this machine ({budget['probe_s_per_step'] * 1000:.0f} ms per step"
-                  f"); `minidiff demo --steps {budget['steps']}` repeats this run."
+                  f"); `minidiff demo --steps {budget['steps']} --out OTHER` repeats this run."
                   if budget else "")
     if precision != "bf16":
         steps_note += (" This CPU has no native bf16, so the demo trains in fp32, about a "

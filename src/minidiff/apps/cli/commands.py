@@ -213,7 +213,7 @@ def cmd_eval(args):
 
 
 @command("demo", "train the reduced model briefly, sample, write a report",
-         "minidiff demo            # ~10 minutes on a 2-core CPU, writes runs/demo/",
+         "minidiff demo            # 9 minutes of training, ~11 in all on 2 cores: runs/demo/",
          "minidiff demo --minutes 3 --out runs/demo3   # a shorter look",
          "minidiff demo --steps 3200 --out runs/demo-b   # a recorded step count, no probe")
 @arg("--out", default="runs/demo", help="run folder (default %(default)s)")
