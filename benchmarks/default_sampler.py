@@ -41,6 +41,11 @@ CANDIDATES = [("ddpm", 1000, "uniform"),
               ("dpmpp-sde", 20, "trailing"), ("dpmpp-sde", 15, "trailing"),
               ("dpmpp-sde", 10, "trailing"),
               ("dpmpp-sde", 8, "trailing"), ("dpmpp-sde", 6, "trailing")]
+# at most 10 evaluations: the multistep solvers on noise-level spacings (Karras rho 7, even in
+# log-SNR) beside trailing
+CANDIDATES += [(name, steps, spacing) for name in ("unipc", "dpmpp", "dpmpp-sde")
+               for spacing in ("karras", "logsnr", "trailing") for steps in (10, 8, 6)
+               if (name, steps, spacing) not in CANDIDATES]
 TOLERANCE = 0.10
 
 ap = argparse.ArgumentParser()
