@@ -251,7 +251,12 @@ class TrainConfig:
         return ema_decay_at(step, self.ema_decay, self.ema_power)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # a run without a time budget writes no `minutes`, so the study's stage names (hashes
+        # of this dict) match the runs written without the field
+        d = asdict(self)
+        if d["minutes"] is None:
+            del d["minutes"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
