@@ -14,13 +14,11 @@ from minidiff.settings import SamplingConfig
 def test_names_are_the_registries():
     from minidiff.data import DATASETS
     from minidiff.samplers import SAMPLERS
-    from minidiff.study import PRESETS as STUDY
     from minidiff.unet import PRESETS
 
     assert settings.SAMPLER_NAMES == tuple(SAMPLERS)
     assert settings.DATASET_NAMES == tuple(DATASETS)
     assert settings.MODEL_PRESETS == tuple(PRESETS)
-    assert settings.STUDY_PRESETS == tuple(STUDY)
 
 
 def test_every_listed_choice_is_one_the_code_takes():

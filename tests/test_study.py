@@ -192,6 +192,7 @@ def test_long_stage_names_match_the_committed_study(tmp_path):
     training default or preset would otherwise orphan them silently (hours of retraining)."""
     from pathlib import Path
 
+    from minidiff.study.pipeline import preset_macs
     from minidiff.study.reference import RECIPES
 
     root = Path(__file__).resolve().parents[1]
@@ -203,10 +204,11 @@ def test_long_stage_names_match_the_committed_study(tmp_path):
     base = st.stage("baseline", "baseline", epochs=c.base_epochs, lr=c.lr)[0]
     assert rows["baseline"]["checkpoint"] == f"stages/{base.name}"
     for arch in ("reduced", "shallow"):
-        scratch = st.stage(arch, arch, epochs=c.epochs_of(arch), lr=c.lr)[0]
+        scratch = st.stage(arch, arch, epochs=c.epochs_of(arch, preset_macs), lr=c.lr)[0]
         ft = st.stage(f"{arch}-ft", arch, init=scratch / "model.safetensors",
                       depends=scratch.name, lr=RECIPES[arch]["lr"],
-                      epochs=c.finetune_epochs(RECIPES[arch]["epochs"], arch))[0]
+                      epochs=c.finetune_epochs(RECIPES[arch]["epochs"], preset_macs,
+                                               arch))[0]
         assert rows[arch]["checkpoint"] == f"stages/{ft.name}", arch
 
 

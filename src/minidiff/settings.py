@@ -5,8 +5,9 @@ field defaults are the sampling defaults of every command (``sample``, ``eval --
 ``study``, ``serve``, ``bench``) and of the notebook, :class:`TrainConfig` and
 :class:`DistillConfig`. Each field a command takes as a flag carries that flag's help
 (:func:`option`), so ``--help`` shows the default from the field itself. The registries live
-beside their code (``samplers.SAMPLERS``, ``data.DATASETS``, ``unet.PRESETS``,
-``study.PRESETS``); tests/test_settings.py checks that the names here are theirs, in their order.
+beside their code (``data.DATASETS``, ``unet.PRESETS``); tests/test_settings.py checks that the
+names here are theirs, in their order. The samplers register under :data:`SAMPLER_NAMES`; the
+study's presets are ``minidiff.study.presets.PRESETS`` (torch-free too).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 DATASET_NAMES = ("mnist", "fashion-mnist")
 MODEL_PRESETS = ("baseline", "reduced", "shallow")
-STUDY_PRESETS = ("smoke", "quick", "standard", "paper", "long")
 
 
 # sampling batch per precision: the fastest on 2 cores of either CPU class

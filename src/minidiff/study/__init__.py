@@ -6,11 +6,13 @@ recipes (:mod:`.reference`), the configs of a run (:mod:`.recipes`), the resumab
 that ``minidiff --help`` (which reads :mod:`.reference`) does not import torch.
 """
 
+from .presets import PRESETS, StudyConfig
+
 __all__ = ["PRESETS", "Study", "StudyConfig", "export", "run_study", "summary_lines"]
 
 
 def __getattr__(name: str):
-    if name in __all__:
+    if name in ("Study", "export", "run_study", "summary_lines"):
         from . import pipeline
 
         return getattr(pipeline, name)

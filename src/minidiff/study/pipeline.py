@@ -32,7 +32,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..checkpoint import CHECKPOINTS, load_checkpoint, resolve
@@ -44,79 +44,20 @@ from ..generation import resolve_sampling, time_generation
 from ..metrics import evaluate
 from ..runtime import environment, resolve_device
 from ..samplefiles import save_samples, sidecar
-from ..settings import EVAL_N, EVAL_SAMPLING, SamplingConfig
 from ..train import train
 from ..unet import PRESETS as UNET
 from ..unet import UNet, count_macs, count_params
+from .presets import PRESETS, StudyConfig
 from .recipes import diffusion_config, train_config
-from .reference import EPOCHS, RECIPES
+from .reference import RECIPES
 from .report import write_report
 
-
-@dataclass(frozen=True)
-class StudyConfig:
-    """One preset of the study. Fine-tuning follows the study's recipes
-    (:data:`minidiff.study.reference.RECIPES`), their epochs scaled by the architecture's
-    from-scratch epochs / :data:`~minidiff.study.reference.EPOCHS`."""
-
-    preset: str
-    # the baseline's from-scratch epochs; reduced and shallow train as long (equal epochs) or
-    # its FLOPs (equal_compute)
-    base_epochs: float
-    dataset: str = "mnist"
-    # the training recipe before the convergence benchmark (minidiff.study.reference.TRAINING),
-    # which the committed study results and shipped models come from; the defaults where False
-    original_recipe: bool = True
-    batch_size: int | None = None  # None: the recipe's
-    lr: float | None = None  # from scratch; None: the recipe's
-    subset: int | None = None
-    structured: float = 0.1
-    unstructured: float = 0.3
-    n: int = 1000  # samples per model for the metrics (and the timing)
-    # how every model is sampled (8 steps, the default when the committed results were made),
-    # so a re-run reproduces them
-    sampling: SamplingConfig = EVAL_SAMPLING
-    seed: int = 0  # training and metrics
-    checkpoint_every: int = 500
-    # equal compute: reduced and shallow train the baseline's FLOPs (epochs x MACs ratio) instead
-    # of its epochs; fine-tuning then scales with each architecture's own epochs
-    equal_compute: bool = False
-    # evaluation during training: this many log-spaced points per from-scratch stage (halving
-    # back from the end), at most 3 per fine-tuning stage; pseudo-FID of eval_n samples
-    eval_points: int = 0
-    eval_n: int = EVAL_N
-
-    def epochs_of(self, arch: str) -> float:
-        """From-scratch epochs of ``arch`` (``baseline``, ``reduced`` or ``shallow``)."""
-        if not self.equal_compute or arch == "baseline":
-            return self.base_epochs
-
-        macs = {a: count_macs(UNet(UNET[a])) for a in ("baseline", arch)}
-        return round(self.base_epochs * macs["baseline"] / macs[arch], 4)
-
-    def finetune_epochs(self, recipe_epochs: float, arch: str = "baseline") -> float:
-        return recipe_epochs * self.epochs_of(arch) / EPOCHS
-
-
-PRESETS: dict[str, StudyConfig] = {
-    # about a minute: a few steps on 256 images (tests, CI)
-    "smoke": StudyConfig("smoke", base_epochs=1.0, batch_size=32, subset=256, n=64,
-                         sampling=SamplingConfig(steps=2), checkpoint_every=50,
-                         original_recipe=False, equal_compute=True, eval_points=3, eval_n=16),
-    # `long` at a tenth of its budget (34 min on a 2-core Xeon with native bf16)
-    "quick": StudyConfig("quick", base_epochs=1.0, n=1000, original_recipe=False,
-                         equal_compute=True, eval_points=6, eval_n=1000),
-    # ~90 min on a 2-core CPU (resumable); 10,000 samples per model
-    "standard": StudyConfig("standard", base_epochs=3.0, n=10_000),
-    # the study's epochs (50 / 20 / 10 / 20): meant for a GPU
-    "paper": StudyConfig("paper", base_epochs=50.0, n=10_000, checkpoint_every=2000),
-    # today's recipe at equal training compute, with quality-vs-compute curves: the baseline's
-    # 10 epochs, every architecture its FLOPs (~4.5 h on a 2-core CPU with native bf16,
-    # estimated; resumable)
-    "long": StudyConfig("long", base_epochs=10.0, n=10_000, original_recipe=False,
-                        equal_compute=True, eval_points=8, checkpoint_every=1000),
-}
 ARCH = ("baseline", "pruned", "reduced", "shallow")
+
+
+def preset_macs(arch: str) -> int:
+    """MACs per image of the U-Net preset ``arch``."""
+    return count_macs(UNet(UNET[arch]))
 
 
 def _hash(obj) -> str:
@@ -322,7 +263,7 @@ class Study:
             ft = RECIPES["pruned"]
             models["pruned"] = self.train("pruned-ft", "baseline", init=pruned0,
                                           depends=pruned0.name, lr=ft["lr"],
-                                          epochs=c.finetune_epochs(ft["epochs"]))
+                                          epochs=c.finetune_epochs(ft["epochs"], preset_macs))
             chains["pruned"] = [(models["baseline"], False), (models["pruned"], True)]
         if "baseline" in models:
             chains["baseline"] = [(models["baseline"], True)]
@@ -330,10 +271,10 @@ class Study:
             if arch not in want:
                 continue
             ft = RECIPES[arch]
-            scratch = self.train(arch, arch, epochs=c.epochs_of(arch), lr=c.lr)
+            scratch = self.train(arch, arch, epochs=c.epochs_of(arch, preset_macs), lr=c.lr)
             models[arch] = self.train(f"{arch}-ft", arch, init=scratch / "model.safetensors",
                                       depends=scratch.name, lr=ft["lr"],
-                                      epochs=c.finetune_epochs(ft["epochs"], arch))
+                                      epochs=c.finetune_epochs(ft["epochs"], preset_macs, arch))
             chains[arch] = [(scratch, True), (models[arch], True)]
         if only:
             self.log(f"study: trained {', '.join(sorted(want))}; run without --only to "

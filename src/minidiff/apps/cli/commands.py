@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ... import settings as s
 from ...errors import MinidiffError
+from ...study.presets import PRESETS as STUDY_PRESETS
 from ...study.reference import RECIPES
 from . import common as c
 from .common import arg, command, given, group, options, shared
@@ -307,7 +308,7 @@ def cmd_distill(args):
          "minidiff study --preset smoke --out runs/study-smoke     # about a minute",
          "minidiff study --preset standard --out runs/study   # ~90 min; re-run to resume")
 @arg("--out", required=True, help="study folder; the same command resumes it")
-@arg("--preset", choices=s.STUDY_PRESETS, default="smoke", help="smoke ~1 min, quick ~35 min, "
+@arg("--preset", choices=list(STUDY_PRESETS), default="smoke", help="smoke ~1 min, quick ~35 min, "
      "standard ~90 min, long ~4.5 h (2-core CPU with bf16), paper: for a GPU")
 @arg("--seed", type=c.nonneg_int, help="training and metrics seed (default 0)")
 @arg("--only", type=lambda text: tuple(text.split(",")), default=(), metavar="ARCH[,ARCH]",
