@@ -22,8 +22,9 @@ import torch
 from common import RESULTS
 
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
-from minidiff.generation import resolve_sampling, time_generation  # noqa: E402
-from minidiff.metrics import Reference, evaluate_images, floor  # noqa: E402
+from minidiff.evaluation import score  # noqa: E402
+from minidiff.generation import resolve_sampling  # noqa: E402
+from minidiff.metrics import Reference, floor  # noqa: E402
 from minidiff.runtime import environment, environment_line, resolve_precision  # noqa: E402
 from minidiff.settings import SamplingConfig  # noqa: E402
 
@@ -65,18 +66,15 @@ for row in args.rows:
                 == (label, digest, seed)]
         if done:
             continue
-        cfg, sched = resolve_sampling(SamplingConfig.from_flags(
-            **flags, precision=precision, seed=seed), config, torch.device("cpu"))
-        run = time_generation(model, sched, cfg, args.n)
-        m = evaluate_images(run.result, ref)
+        cfg = SamplingConfig.from_flags(**flags, precision=precision, seed=seed)
+        own = resolve_sampling(cfg, config, torch.device("cpu"))[0]  # what the row samples
         rec = {"label": label, "checkpoint": ckpt, "checkpoint_sha256": digest, "seed": seed,
-               "sampler": cfg.sampler, "steps": cfg.steps, "spacing": cfg.spacing,
-               "seconds": round(run.seconds, 1), **{k: round(m[k], 4) for k in KEYS},
-               "class_histogram": m["class_histogram"]}
+               "sampler": own.sampler, "steps": own.steps, "spacing": own.spacing,
+               **score(model, config, cfg, args.n, ref)}
         res["rows"].append(rec)
         res["date"] = str(date.today())
         path.write_text(json.dumps(res, indent=2) + "\n")
-        print(json.dumps({k: v for k, v in rec.items() if k != "class_histogram"}), flush=True)
+        print(json.dumps(rec), flush=True)
 
 res["floor"] = {k: round(v, 4) for k, v in floor(ref, args.n).items() if k in KEYS}
 path.write_text(json.dumps(res, indent=2) + "\n")

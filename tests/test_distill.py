@@ -25,8 +25,8 @@ from minidiff.errors import MinidiffError
 from minidiff.generation import generate, resolve_sampling
 from minidiff.samplers import sample_ddim
 from minidiff.settings import DistillConfig, SamplingConfig
+from tests.test_faults import other_process_holds
 from tests.test_samplers_gaussian import FULL, FULL_V, oracle
-from tests.test_train import locked_elsewhere
 
 # four updates over two rounds (8 -> 4 -> 2 steps): the hand-over between rounds is exercised
 TINY_RUN = dict(teacher_steps=8, updates=4, batch_size=4, subset=8, precision="fp32",
@@ -143,7 +143,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(teacher, student
 
 def test_a_second_writer_of_a_student_folder_is_refused_in_one_line(teacher, tmp_path, capsys):
     out = tmp_path / "student"
-    with locked_elsewhere(out) as pid:
+    with other_process_holds(out) as pid:
         rc = main(["distill", str(teacher), "--out", str(out), "--resume", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1, err

@@ -1,4 +1,3 @@
-import contextlib
 import json
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from minidiff.settings import TrainConfig
 from minidiff.study.recipes import train_config
 from minidiff.train import train
 from minidiff.unet import UNet
+from tests.test_faults import other_process_holds
 
 FAST = dict(batch_size=32, subset=256, precision="fp32", device="cpu", warmup_steps=5,
             log_every=10, lr=2e-3)
@@ -222,26 +222,11 @@ def test_eval_every_writes_pseudo_fid_with_images_flops_and_seconds(tmp_path, ti
         assert 0.1 <= r["eval"]["confidence"] <= 1
 
 
-@contextlib.contextmanager
-def locked_elsewhere(folder):
-    """``folder``'s run lock held by another process for the block -> that process's pid."""
-    code = ("import sys\nfrom minidiff.files import run_lock\nwith run_lock(sys.argv[1]):\n"
-            "    print('held', flush=True)\n    sys.stdin.read()")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
-        yield proc.pid
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=60)
-
-
 def test_a_second_writer_of_a_run_folder_is_refused_in_one_line(tiny_run, tmp_path, capsys):
     out = tmp_path / "r"
     shutil.copytree(tiny_run, out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with locked_elsewhere(out) as pid:
+    with other_process_holds(out) as pid:
         rc = main(["train", "--out", str(out), "--resume", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1, err

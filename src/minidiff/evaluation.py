@@ -44,7 +44,7 @@ class Evaluator:
                 "n": self.n, "seconds": round(run.seconds, 2)}
 
 
-SCORES = ("pseudo_fid", "kid", "precision", "recall", "confidence")
+SCORES = ("pseudo_fid", "kid", "precision", "recall", "confidence", "class_max_dev")
 
 
 def score(model: torch.nn.Module, config: dict, cfg: SamplingConfig, n: int, ref: Reference,

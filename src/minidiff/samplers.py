@@ -159,7 +159,6 @@ def sample_dpmpp_2m_sde(model, x, sched: Schedule, *, y=None, generator=None, ca
     return x.clamp(-1, 1)
 
 
-
 @register("unipc")
 @torch.no_grad()
 def sample_unipc(model, x, sched: Schedule, *, y=None, generator=None, callback=None,
@@ -172,7 +171,7 @@ def sample_unipc(model, x, sched: Schedule, *, y=None, generator=None, callback=
     step = None  # the step that led to x, for the corrector
     for i in reversed(range(len(sched))):
         _, x0 = predict_x0(model, x, sched, i, y, clip_denoised)
-        if step is not None:
+        if step is not None and i > 0:  # (the last step lands on x0, corrected or not)
             x = step.corrected(x0)
         ab, ab_next = sched.alpha_bar[i].item(), sched.alpha_bar_prev[i].item()
         if i == 0:  # to clean data (sigma = 0): every order reduces to x0
