@@ -139,8 +139,9 @@ def test_help_and_version_start_without_torch(flag):
 
 
 def test_train_recipe_flags_reach_the_run_config(tmp_path, capsys):
-    """--prediction, --loss-weighting, --ema-power, --eval-every/--eval-n and
-    --original-recipe end up in the run's config.json (and evaluations in metrics.jsonl)."""
+    """--prediction, --loss-weighting, --noise-levels, --ema-power, --ema-std,
+    --eval-every/--eval-n and --original-recipe end up in the run's config.json (and
+    evaluations in metrics.jsonl)."""
     out = tmp_path / "r"
     assert main(["train", "--channels", "8,16", "--steps", "4", "--batch-size", "8",
                  "--subset", "16", "--prediction", "v", "--loss-weighting", "min-snr",
@@ -151,6 +152,11 @@ def test_train_recipe_flags_reach_the_run_config(tmp_path, capsys):
     t = cfg["train"]
     assert (t["loss_weighting"], t["ema_power"], t["eval_every"], t["eval_n"]) == \
         ("min-snr", 0.75, [2, 4], 10)
+    assert main(["train", "--channels", "8,16", "--steps", "2", "--batch-size", "8",
+                 "--subset", "16", "--loss-weighting", "edm", "--noise-levels", "lognormal",
+                 "--ema-std", "0.1", "--no-progress", "--out", str(tmp_path / "e")]) == 0
+    t = json.loads((tmp_path / "e" / "config.json").read_text())["train"]
+    assert (t["loss_weighting"], t["noise_levels"], t["ema_std"]) == ("edm", "lognormal", 0.1)
     evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()
              if "eval" in ln]
     assert [r["step"] for r in evals] == [2, 4]

@@ -138,6 +138,40 @@ def test_min_snr_weights_cap_the_low_noise_steps():
     assert weighted(zero, x0, i=i, noise=noise) < 0.6 * plain(zero, x0, i=i, noise=noise)
 
 
+def test_edm_weighting_follows_its_formula_in_the_targets_units():
+    """EDM's x0-error weight (sigma^2 + sd^2) / (sigma sd)^2 becomes (sigma^2 + sd^2) /
+    (sd^2 (1 + sigma^2)) on the v error and (sigma^2 + sd^2) / sd^2 on the eps error, scaled to
+    mean 1 over the trained levels; with sigma_data 1, EDM's weighting of v is the plain loss."""
+    for prediction in ("v", "eps"):
+        s = Schedule.from_config(DiffusionConfig(prediction=prediction))
+        w = DiffusionLoss(s, "edm", sigma_data=0.5).weights
+        sigma2 = (1 - s.alpha_bar) / s.alpha_bar
+        formula = (sigma2 + 0.25) / (0.25 * (1 + sigma2) if prediction == "v" else 0.25)
+        assert torch.allclose(w / w[500], formula / formula[500])
+        assert w.mean().item() == pytest.approx(1.0)  # uniform levels: mean 1 over all T
+    s = Schedule.from_config(DiffusionConfig(prediction="v"))
+    assert torch.allclose(DiffusionLoss(s, "edm", sigma_data=1.0).weights, torch.ones(1000,
+                                                                                       dtype=torch.float64))
+    lognormal = DiffusionLoss(s, "edm", levels="lognormal")
+    assert (lognormal.weights * lognormal.level_probs).sum().item() == pytest.approx(1.0)
+
+
+def test_lognormal_levels_draw_log_sigma_from_their_normal():
+    """EDM's levels: log sigma of the drawn timesteps has the normal's mean and spread, and the
+    draw is a function of the generator."""
+    s = Schedule.from_config(DiffusionConfig())
+    loss = DiffusionLoss(s, levels="lognormal", level_mean=-1.2, level_std=1.2)
+    assert loss.level_probs.sum().item() == pytest.approx(1.0)
+    i, _ = loss.draw((50_000, 1, 1, 1), "cpu", torch.Generator().manual_seed(0))
+    log_sigma = 0.5 * torch.log((1 - s.alpha_bar) / s.alpha_bar)[i]
+    assert log_sigma.mean().item() == pytest.approx(-1.2, abs=0.03)
+    assert log_sigma.std().item() == pytest.approx(1.2, abs=0.03)
+    again, _ = loss.draw((50_000, 1, 1, 1), "cpu", torch.Generator().manual_seed(0))
+    assert torch.equal(i, again)
+    uniform, _ = DiffusionLoss(s).draw((50_000, 1, 1, 1), "cpu", torch.Generator().manual_seed(0))
+    assert 0.5 * torch.log((1 - s.alpha_bar) / s.alpha_bar)[uniform].mean() > 0  # not these
+
+
 def test_diffusion_config_prediction_is_checked_and_old_configs_load():
     """New runs predict v; a config written before the field existed is a noise predictor."""
     old = {"timesteps": 1000, "schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}

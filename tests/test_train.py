@@ -15,7 +15,7 @@ from minidiff.diffusion import DiffusionConfig, DiffusionLoss, Schedule
 from minidiff.errors import CheckpointError, MinidiffError
 from minidiff.files import LOCK_FILE
 from minidiff.loop import lr_at
-from minidiff.settings import TrainConfig
+from minidiff.settings import TrainConfig, power_ema_exponent
 from minidiff.study.recipes import train_config
 from minidiff.train import train
 from minidiff.unet import UNet
@@ -180,6 +180,39 @@ def test_ema_warm_up_forms():
     assert p.ema_decay_at(0) == 0.0  # 1 - 1^-p: the first update copies the weights
     assert p.ema_decay_at(999) == pytest.approx(1 - 1000 ** -0.75)
     assert p.ema_decay_at(10**9) == 0.9999
+
+
+def test_power_ema_weighs_step_tau_by_tau_to_the_gamma():
+    """EDM2's power-function EMA: gamma from the relative width (16.97 and 6.94 for 0.05 and
+    0.10, as in Karras et al. 2024), and after t updates with decay (1 - 1/t)^(gamma + 1) the
+    average is sum_tau tau^gamma theta_tau / sum_tau tau^gamma (eq. 2; the discrete recursion
+    matches it to a fraction of a percent)."""
+    assert power_ema_exponent(0.05) == pytest.approx(16.97, abs=0.01)
+    assert power_ema_exponent(0.10) == pytest.approx(6.94, abs=0.01)
+    cfg = TrainConfig(ema_std=0.10)
+    assert cfg.ema_decay_at(0) == 0.0  # the first update copies the weights
+    gamma = power_ema_exponent(0.10)
+    thetas = 2 + torch.sin(torch.arange(300, dtype=torch.float64) / 20)  # a drifting weight
+    model, ema = torch.nn.Linear(1, 1, bias=False).double(), torch.nn.Linear(1, 1,
+                                                                             bias=False).double()
+    for k, theta in enumerate(thetas):
+        model.weight.data.fill_(theta)
+        loop.ema_update(ema, model, cfg.ema_decay_at(k))
+    tau = torch.arange(1, 301, dtype=torch.float64)
+    expected = (tau ** gamma * thetas).sum() / (tau ** gamma).sum()
+    assert ema.weight.item() == pytest.approx(expected.item(), rel=1e-3)
+    assert ema.weight.item() != pytest.approx(thetas.mean().item(), rel=1e-2)  # not a mean
+    with pytest.raises(MinidiffError, match="--ema-std"):
+        TrainConfig(ema_std=0.3)
+
+
+def test_recipe_fields_at_their_defaults_stay_out_of_config_json():
+    """The study's stage names hash the train config: the fields added after it leave the
+    dict while at their defaults and enter it when chosen."""
+    assert not {"noise_levels", "ema_std", "sigma_data"} & set(TrainConfig().to_dict())
+    d = TrainConfig(noise_levels="lognormal", ema_std=0.1).to_dict()
+    assert (d["noise_levels"], d["ema_std"]) == ("lognormal", 0.1)
+    assert TrainConfig.from_dict(d) == TrainConfig(noise_levels="lognormal", ema_std=0.1)
 
 
 def test_eval_steps():

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .settings import LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES, SPACINGS
+from .settings import LOSS_WEIGHTINGS, NOISE_LEVELS, PREDICTIONS, SCHEDULES, SPACINGS
 
 
 @dataclass(frozen=True)
@@ -202,26 +202,63 @@ def q_sample(sched: Schedule, x0: torch.Tensor, i: torch.Tensor, noise: torch.Te
 
 class DiffusionLoss:
     """The DDPM objective: ``E ||target - model(x_t, t)||^2`` with ``target`` the noise (Ho et
-    al. eq. 14) or ``v``, as the schedule's ``prediction`` says, each sample weighted by
-    ``weighting``: ``none``, or ``min-snr`` (Hang et al. 2023, min-SNR-gamma: the x0-error
-    weight ``min(SNR, gamma)`` in the target's units, i.e. ``min(SNR, gamma) / SNR`` for eps and
-    ``min(SNR, gamma) / (SNR + 1)`` for v), which stops the many easy low-noise steps from
-    dominating the gradient."""
+    al. eq. 14) or ``v``, as the schedule's ``prediction`` says.
 
-    def __init__(self, sched: Schedule, weighting: str = "none", gamma: float = 5.0):
+    Each sample is weighted by ``weighting``: ``none``; ``min-snr`` (Hang et al. 2023,
+    min-SNR-gamma: the x0-error weight ``min(SNR, gamma)`` in the target's units, i.e.
+    ``min(SNR, gamma) / SNR`` for eps and ``min(SNR, gamma) / (SNR + 1)`` for v), which stops the
+    many easy low-noise steps from dominating the gradient; or ``edm`` (Karras et al. 2022,
+    eq. 8 and table 1): the x0-error weight ``(sigma^2 + sigma_data^2) / (sigma sigma_data)^2``
+    with ``sigma = sqrt((1 - ab) / ab)``, in the target's units ``(sigma^2 + sigma_data^2) /
+    (sigma_data^2 (1 + sigma^2))`` for v (uniform when ``sigma_data`` is 1: v-prediction is EDM's
+    parameterisation for unit data) and ``(sigma^2 + sigma_data^2) / sigma_data^2`` for eps. The
+    EDM weights are scaled to mean 1 over the trained noise levels, so gradient clipping acts as
+    on the plain loss.
+
+    ``levels`` says which timesteps a batch trains on: ``uniform`` (every one alike, Ho et al.)
+    or ``lognormal``: ``log sigma ~ N(mean, std)`` (EDM's P_mean, P_std), each draw taken to
+    the timestep nearest in log sigma, i.e. timestep ``i`` with the normal's mass between the
+    midpoints to its neighbours (the tails go to the first and last).
+    """
+
+    def __init__(self, sched: Schedule, weighting: str = "none", gamma: float = 5.0, *,
+                 levels: str = "uniform", level_mean: float = -1.2, level_std: float = 1.2,
+                 sigma_data: float = 0.5):
         if weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"unknown loss weighting {weighting!r}; choose one of "
                              f"{LOSS_WEIGHTINGS}")
+        if levels not in NOISE_LEVELS:
+            raise ValueError(f"unknown noise levels {levels!r}; choose one of {NOISE_LEVELS}")
         self.sched, self.weighting, self.gamma = sched, weighting, gamma
-        snr = sched.alpha_bar / (1 - sched.alpha_bar)
+        ab = sched.alpha_bar
+        snr = ab / (1 - ab)
+        # the probability of training on each timestep (None: uniform)
+        self.level_probs = None
+        if levels == "lognormal":
+            log_sigma = -0.5 * torch.log(snr)
+            edges = (log_sigma[1:] + log_sigma[:-1]) / 2  # log sigma rises with the index
+            cdf = torch.distributions.Normal(level_mean, level_std).cdf(edges)
+            self.level_probs = torch.diff(cdf, prepend=cdf.new_zeros(1),
+                                          append=cdf.new_ones(1))
         if weighting == "none":
             self.weights = torch.ones_like(snr)
-        else:
+        elif weighting == "min-snr":
             self.weights = snr.clamp(max=gamma) / (snr + (sched.prediction == "v"))
+        else:
+            sigma2, sd2 = 1 / snr, sigma_data ** 2
+            per_target = 1 / (1 + snr) if sched.prediction == "v" else sigma2  # x0 err^2 per
+            w = (sigma2 + sd2) / (sigma2 * sd2) * per_target
+            probs = self.level_probs if self.level_probs is not None else 1 / len(w)
+            self.weights = w / (w * probs).sum()
 
     def draw(self, shape, device, generator=None):
         """Timestep indices ``[N]`` and noise ``shape = [N x C x H x W]`` for one batch."""
-        i = torch.randint(0, len(self.sched), (shape[0],), device=device, generator=generator)
+        if self.level_probs is None:
+            i = torch.randint(0, len(self.sched), (shape[0],), device=device,
+                              generator=generator)
+        else:
+            i = torch.multinomial(self.level_probs.float().to(device), shape[0],
+                                  replacement=True, generator=generator)
         return i, torch.randn(shape, device=device, generator=generator)
 
     def __call__(self, model, x0: torch.Tensor, y: torch.Tensor | None = None, generator=None,

@@ -32,7 +32,7 @@ from .distributed import World
 from .errors import MinidiffError
 from .files import atomic_write_text, run_lock
 from .runtime import autocast_context
-from .settings import DistillConfig, TrainConfig, ema_decay_at
+from .settings import DistillConfig, TrainConfig
 
 METRICS_FILE = "metrics.jsonl"
 T = TypeVar("T")
@@ -157,7 +157,7 @@ def fit(method: Method, run: Run) -> dict:
             _update(method, loss)
 
             # EMA (warmed up per round, so it is not dominated by the round's starting weights)
-            ema_update(method.ema, method.model, ema_decay_at(k, cfg.ema_decay, cfg.ema_power))
+            ema_update(method.ema, method.model, cfg.ema_decay_at(k))
             step += 1
             round_done = step % method.per_round == 0
 

@@ -12,6 +12,7 @@ study's presets are ``minidiff.study.presets.PRESETS`` (torch-free too).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -23,7 +24,8 @@ ECT_STEPS = (1, 2, 4)  # the step counts an ECT student is sampled at
 SPACINGS = ("uniform", "trailing", "quadratic", "karras", "logsnr")
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
-LOSS_WEIGHTINGS = ("none", "min-snr")
+LOSS_WEIGHTINGS = ("none", "min-snr", "edm")
+NOISE_LEVELS = ("uniform", "lognormal")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 DATASET_NAMES = ("mnist", "fashion-mnist")
@@ -176,9 +178,21 @@ class TrainConfig:
     # EMA warm-up: None is (1 + step) / (10 + step); a number p is the power law
     # 1 - (1 + step)^-p of ema-pytorch / diffusers' EMAModel (2/3 or 3/4); capped at ema_decay
     ema_power: float | None = option(None, "EMA power-law warm-up, e.g. 0.75")
-    loss_weighting: str = option("none", "min-snr: Hang et al. 2023, gamma 5",
-                                 choices=LOSS_WEIGHTINGS)
+    loss_weighting: str = option("none", "min-snr: Hang et al. 2023, gamma 5; edm: Karras et "
+                                 "al. 2022, sigma_data 0.5", choices=LOSS_WEIGHTINGS)
     min_snr_gamma: float = 5.0
+    sigma_data: float = 0.5  # the data's standard deviation in EDM's weighting (--loss edm)
+    # which noise levels a step trains on: every timestep alike, or log sigma ~ N(mean, std)
+    # (EDM's P_mean / P_std), sigma = sqrt((1 - alpha_bar) / alpha_bar)
+    noise_levels: str = option("uniform", "lognormal: EDM's log-normal noise levels, "
+                               "N(-1.2, 1.2) in log sigma", choices=NOISE_LEVELS)
+    level_mean: float = -1.2
+    level_std: float = 1.2
+    # EDM2's power-function EMA (Karras et al. 2024) of relative width S, which replaces
+    # ema_decay and its warm-up: the average weighs step t of the run so far by t^gamma
+    ema_std: float | None = option(None, "EDM2's power-function EMA of relative width S, e.g. "
+                                   "0.1, instead of the EMA's fixed decay", type="number",
+                                   metavar="S")
     seed: int = option(0, **SEED_FLAG)
     precision: str = option("auto", **PRECISION_FLAG)
     device: str = option("auto", choices=DEVICES)
@@ -229,6 +243,12 @@ class TrainConfig:
              f"--loss-weighting must be {_one_of(LOSS_WEIGHTINGS)}, got "
              f"{self.loss_weighting!r}"),
             (self.min_snr_gamma > 0, f"--min-snr-gamma must be > 0, got {self.min_snr_gamma}"),
+            (self.sigma_data > 0, f"sigma_data must be > 0, got {self.sigma_data}"),
+            (self.noise_levels in NOISE_LEVELS,
+             f"--noise-levels must be {_one_of(NOISE_LEVELS)}, got {self.noise_levels!r}"),
+            (self.level_std > 0, f"level_std must be > 0, got {self.level_std}"),
+            (self.ema_std is None or 0 < self.ema_std < 0.28, "--ema-std must be in (0, 0.28), "
+             f"got {self.ema_std}"),
             (all(k > 0 for k in self.eval_steps(1)), "--eval-every must be > 0 (a step count "
              "or a list of steps)"),
             (self.eval_n >= 10, f"--eval-n must be >= 10, got {self.eval_n}"),
@@ -248,14 +268,15 @@ class TrainConfig:
 
     def ema_decay_at(self, step: int) -> float:
         """The EMA decay applied after optimizer step ``step`` (0-based)."""
-        return ema_decay_at(step, self.ema_decay, self.ema_power)
+        return ema_decay_at(step, self.ema_decay, self.ema_power, self.ema_std)
 
     def to_dict(self) -> dict:
-        # a run without a time budget writes no `minutes`, so the study's stage names (hashes
-        # of this dict) match the runs written without the field
+        # the fields added after the committed study leave config.json while at their
+        # defaults, so its stage names (hashes of this dict) match the runs written without them
         d = asdict(self)
-        if d["minutes"] is None:
-            del d["minutes"]
+        for f in fields(self):
+            if f.name in _LATER_FIELDS and d[f.name] == f.default:
+                del d[f.name]
         return d
 
     @classmethod
@@ -265,11 +286,35 @@ class TrainConfig:
         return cls(**d)
 
 
-def ema_decay_at(step: int, decay: float, power: float | None = None) -> float:
+_LATER_FIELDS = ("minutes", "sigma_data", "noise_levels", "level_mean", "level_std", "ema_std")
+
+
+def ema_decay_at(step: int, decay: float, power: float | None = None,
+                 std: float | None = None) -> float:
     """The EMA decay after optimizer step ``step`` (0-based): the warm-up ``(1 + step) / (10 +
-    step)`` (``power`` None) or ``1 - (1 + step)^-power``, capped at ``decay``."""
+    step)`` (``power`` None) or ``1 - (1 + step)^-power``, capped at ``decay``; or, with
+    ``std``, EDM2's power function ``(1 - 1 / t)^(gamma + 1)`` after ``t = step + 1`` steps,
+    which makes the average weigh step ``tau`` by about ``tau^gamma`` (Karras et al. 2024,
+    eq. 2)."""
+    if std is not None:
+        return (1 - 1 / (step + 1)) ** (power_ema_exponent(std) + 1)
     warm = (1 + step) / (10 + step) if power is None else 1 - (1 + step) ** -power
     return min(decay, warm)
+
+
+@functools.lru_cache
+def power_ema_exponent(std: float) -> float:
+    """EDM2's exponent ``gamma`` of the power-function EMA of relative width ``std``: the root
+    of ``std^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3))`` (Karras et al. 2024, eq. 3), which
+    falls as gamma grows; ``std`` 0.05 and 0.10 give EDM2's 16.97 and 6.94."""
+    lo, hi = -1.0, 1e6
+    for _ in range(200):  # bisection: the width falls from 0.289 at gamma -1 towards 0
+        mid = (lo + hi) / 2
+        if (mid + 1) / ((mid + 2) ** 2 * (mid + 3)) > std * std:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
 
 
 @dataclass(frozen=True)
@@ -370,6 +415,10 @@ class DistillConfig:
         """ECT's stage after ``step`` of :attr:`updates` optimizer steps: ``stages`` equal
         parts."""
         return min(self.stages - 1, step * self.stages // self.updates)
+
+    def ema_decay_at(self, step: int) -> float:
+        """The EMA decay applied after step ``step`` (0-based) of a round."""
+        return ema_decay_at(step, self.ema_decay, self.ema_power)
 
     def to_dict(self) -> dict:
         return asdict(self)

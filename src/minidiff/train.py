@@ -130,7 +130,9 @@ class Training(Method):
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr,
                                      weight_decay=cfg.weight_decay)
         self.loss_fn = DiffusionLoss(Schedule.from_config(diff_cfg), cfg.loss_weighting,
-                                     cfg.min_snr_gamma)
+                                     cfg.min_snr_gamma, levels=cfg.noise_levels,
+                                     level_mean=cfg.level_mean, level_std=cfg.level_std,
+                                     sigma_data=cfg.sigma_data)
         self.sparse = (extra.get("storage") or {}).get("sparse", [])
         self.eval_at = set(cfg.eval_steps(total)) if world.main else set()
         if self.eval_at:
