@@ -1,7 +1,8 @@
 """Choose `minidiff sample`'s default: the fewest network evaluations within 10% of DDPM-1000.
 
 Run: .venv/bin/python benchmarks/default_sampler.py runs/demo [--n 1000] [--seeds 0 1 2]
-  [--name default_sampler] [--default-only] -> benchmarks/results/NAME.{json,md}
+  [--name default_sampler] [--default-only] [--precision auto|fp32|bf16]
+  -> benchmarks/results/NAME.{json,md}
 (--default-only: today's default alone, its mean over the seeds printed; no table, no choice)
 
 Each candidate samples n images per seed (batch 250, in the precision `--precision auto` picks)
@@ -55,12 +56,14 @@ ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
 ap.add_argument("--name", default="default_sampler", help="results file stem (one per model)")
 ap.add_argument("--default-only", action="store_true",
                 help="score today's default alone (a model's quality as the demo reports it)")
+ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                help="fp32: sample as a CPU without native bf16 does")
 args = ap.parse_args()
 
 out = RESULTS
 path = out / f"{args.name}.json"
 model, config, digest = load_checkpoint(args.checkpoint)
-PRECISION = resolve_precision("auto", torch.device("cpu"))  # bf16 where native, else fp32
+PRECISION = resolve_precision(args.precision, torch.device("cpu"))  # auto: bf16 where native
 res = resume_results(path, args.checkpoint, digest, args.n, PRECISION, batch_size=250)
 if not res["rows"]:
     old = out / "sampler_quality.json"
