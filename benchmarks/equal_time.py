@@ -39,7 +39,7 @@ from minidiff.metrics import Reference
 from minidiff.runtime import cpu_class, environment, resolve_precision
 from minidiff.settings import SamplingConfig, TrainConfig
 from minidiff.train import Training, train
-from minidiff.unet import PRESETS
+from minidiff.unet import PRESETS, UNetConfig
 
 # name -> (what it changes, preset, TrainConfig overrides, DiffusionConfig overrides)
 VARIANTS = {
@@ -66,6 +66,7 @@ VARIANTS = {
     "lr-min0": ("cosine learning rate down to 0 (not to 0.1 lr)", "reduced",
                 {"lr_min_ratio": 0.0}, {}),
     "baseline": ("the wider baseline U-Net (32/64/128)", "baseline", {}, {}),
+    "narrow": ("a narrower U-Net (8/16/32)", "c8-16-32", {}, {}),
     "shallow": ("the shallow U-Net (64/128)", "shallow", {}, {}),
 }
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "equal_time"
@@ -82,13 +83,20 @@ def variant(names: str) -> tuple[str, str, dict, dict]:
     return "; ".join(whats), preset, t_over, d_over
 
 
+def unet_config(preset: str) -> UNetConfig:
+    """A preset's U-Net, or ``c8-16-32``: one with those channels per level."""
+    if preset in PRESETS:
+        return PRESETS[preset]
+    return UNetConfig(channels=tuple(int(c) for c in preset[1:].split("-")))
+
+
 def per_step(preset: str, cfg: TrainConfig, precision: str, cache: dict) -> float:
     key = f"{preset}/bs{cfg.batch_size}"
     if key not in cache:
         images, _ = training_images(cfg.dataset, 4096, 28)
         run = Run(Path("/nonexistent"), images, None, torch.device("cpu"), precision,
                   progress=False)
-        probe = Training(PRESETS[preset], DiffusionConfig(), replace(cfg, eval_every=None), 1,
+        probe = Training(unet_config(preset), DiffusionConfig(), replace(cfg, eval_every=None), 1,
                          {}, run.world, run.device)
         cache[key] = round(seconds_per_step(probe, run), 5)
         print(f"{key}: {cache[key] * 1000:.1f} ms per step", flush=True)
@@ -103,8 +111,8 @@ def run_variant(name: str, seed: int, seconds: float, precision: str, cache: dic
     cfg = replace(base, steps=steps)
     out = RUNS / f"{seconds:g}s" / f"{name.replace('/', '')}-s{seed}"
     resume = (out / "config.json").is_file()
-    summary = train(PRESETS[preset], DiffusionConfig(**d_over), cfg, out, resume=resume,
-                    preset=preset, progress=False)
+    summary = train(unet_config(preset), DiffusionConfig(**d_over), cfg, out, resume=resume,
+                    preset=preset if preset in PRESETS else None, progress=False)
     model, config, digest = load_checkpoint(out)
     scores = [score(model, config, SamplingConfig(seed=s), n, ref) for s in sample_seeds]
     raw = raw_scores(out, ref, n, sample_seeds)
@@ -135,8 +143,10 @@ def markdown(res: dict) -> str:
     env = res["environment"]
     lines = [f"# Recipes at equal training seconds ({res['seconds']:g} s, {env['cpu']}, "
              f"{cpu_class()}, {res['precision']}, {env['date']})", "",
-             f"Command: `{res['command']}` (`benchmarks/equal_time.py`; runs in "
-             "`runs/equal_time/`). torch " + env["torch"] + f", {env['threads']} threads.", "",
+             f"Command: `python benchmarks/equal_time.py --seconds {res['seconds']:g} "
+             "--variants V ... --seeds S ...` for the rows below (each invocation adds its rows; "
+             f"the last was `{res['command']}`; runs in `runs/equal_time/`). torch "
+             + env["torch"] + f", {env['threads']} threads.", "",
              f"Every variant trains for {res['seconds']:g} s of this CPU: its steps are the "
              "seconds over its measured seconds per step. Scores: the default sampler "
              f"(SDE-DPM-Solver++, 20 trailing steps), n = {res['n']} per sampling seed "
@@ -173,9 +183,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--sample-seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--name", default="equal_time", help="results file stem")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the JSON")
     args = ap.parse_args()
     precision = resolve_precision("auto", torch.device("cpu"))
     path = common.RESULTS / f"{args.name}.json"
+    if args.markdown_only:
+        atomic_write_text(path.with_suffix(".md"), markdown(json.loads(path.read_text())))
+        return
     res = json.loads(path.read_text()) if path.is_file() else {}
     if (res.get("seconds"), res.get("n"), res.get("precision")) != (args.seconds, args.n,
                                                                      precision):
