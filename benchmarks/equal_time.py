@@ -67,6 +67,8 @@ VARIANTS = {
                 {"lr_min_ratio": 0.0}, {}),
     "baseline": ("the wider baseline U-Net (32/64/128)", "baseline", {}, {}),
     "narrow": ("a narrower U-Net (8/16/32)", "c8-16-32", {}, {}),
+    "attention": ("self-attention at 7 x 7 between the bottleneck blocks", "reduced-attention",
+                  {}, {}),
     "shallow": ("the shallow U-Net (64/128)", "shallow", {}, {}),
 }
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "equal_time"
@@ -84,9 +86,12 @@ def variant(names: str) -> tuple[str, str, dict, dict]:
 
 
 def unet_config(preset: str) -> UNetConfig:
-    """A preset's U-Net, or ``c8-16-32``: one with those channels per level."""
+    """A preset's U-Net, ``reduced-attention``: with self-attention, or ``c8-16-32``: one
+    with those channels per level."""
     if preset in PRESETS:
         return PRESETS[preset]
+    if preset.endswith("-attention"):
+        return replace(PRESETS[preset.removesuffix("-attention")], attention=True)
     return UNetConfig(channels=tuple(int(c) for c in preset[1:].split("-")))
 
 

@@ -63,3 +63,29 @@ def test_block_structure_follows_the_nominal_layout(tiny_cfg):
     pruned = UNetConfig(**{**tiny_cfg.to_dict(), "widths": {"mid.0.conv1": 8,
                                                             "down_blocks.1.conv1": 8}})
     assert set(UNet(pruned).state_dict()) == keys
+
+
+def test_attention_starts_as_the_identity_and_then_mixes_all_positions(tiny_cfg):
+    """``attention=True`` adds one self-attention block at the lowest resolution, whose zeroed
+    output projection makes a new model compute what the model without it computes; once
+    trained, every output position there depends on every input position (a 3 x 3 conv reaches
+    only its neighbours). The config round-trips and a config without it stays free of the key."""
+    from dataclasses import replace
+
+    cfg = replace(tiny_cfg, attention=True)
+    assert "attention" not in tiny_cfg.to_dict()
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    torch.manual_seed(0)
+    plain = UNet(tiny_cfg)
+    torch.manual_seed(0)
+    with_attn = UNet(cfg)
+    assert set(with_attn.state_dict()) - set(plain.state_dict()) == {
+        k for k in with_attn.state_dict() if k.startswith("mid_attn.")}
+    with_attn.load_state_dict({**with_attn.state_dict(), **plain.state_dict()})
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([3, 700])
+    assert torch.allclose(with_attn(x, t), plain(x, t))
+    attn = with_attn.mid_attn
+    torch.nn.init.normal_(attn.proj.weight)
+    h = torch.randn(1, attn.proj.in_channels, 7, 7, requires_grad=True)
+    attn(h)[0, :, 0, 0].sum().backward()
+    assert (h.grad[0].abs().sum(0) > 0).all()  # the top-left output reads all 49 positions

@@ -7,7 +7,7 @@ real) timesteps ``t: [N]`` to a tensor of the same shape as ``x``. The schedule 
 Layout for ``channels=(c0, c1, c2)`` on 28 x 28 inputs::
 
     ResBlock(c0) @28 -> down -> ResBlock(c1) @14 -> down -> ResBlock(c2) @7
-    bottleneck: ResBlock(c2), ResBlock(c2) @7
+    bottleneck: ResBlock(c2), [self-attention, with attention=True,] ResBlock(c2) @7
     decoder: [concat skip -> ResBlock -> ConvTranspose 2x2 up] per level, then 1x1 conv -> eps
 
 Every ResBlock receives the time embedding through a linear projection added after its first
@@ -37,6 +37,9 @@ class UNetConfig:
     norm_groups: int = 8
     num_classes: int | None = None  # class conditioning (index num_classes = "no label")
     dropout: float = 0.0
+    # self-attention over the lowest resolution's positions between the two bottleneck blocks
+    # (the middle block of Ho et al. 2020 and improved-diffusion)
+    attention: bool = False
     # Per-layer output widths that differ from ``channels`` (a structurally pruned model):
     # module name of a conv -> its output channels, e.g. {"down_blocks.0.conv1": 24}. A width
     # that feeds a GroupNorm must stay a multiple of norm_groups (the model refuses otherwise).
@@ -79,6 +82,8 @@ class UNetConfig:
         d["channels"] = list(self.channels)
         if d["widths"] is None:
             del d["widths"]  # an unpruned config.json stays free of pruning keys
+        if not d["attention"]:
+            del d["attention"]  # nor does a config.json written before the field
         return d
 
     @classmethod
@@ -153,6 +158,26 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+class Attention(nn.Module):
+    """Single-head self-attention over the positions of ``x: [N x C x H x W]``, pre-normed
+    and residual, its output projection zero-initialised so a new block starts as the
+    identity."""
+
+    def __init__(self, c: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)
+        self.proj = nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, c, h * w).transpose(2, 3).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # [N x HW x C]
+        return x + self.proj(out.transpose(1, 2).reshape(n, c, h, w))
+
+
 class UNet(nn.Module):
     """Noise predictor ``eps = UNet(x, t, y)``; see the module docstring for the layout."""
 
@@ -193,6 +218,7 @@ class UNet(nn.Module):
         for j in range(2):
             self.mid.append(block(f"mid.{j}", prev, ch[-1], ch[-1]))
             prev = self.mid[-1].conv2.out_channels
+        self.mid_attn = Attention(prev, g) if cfg.attention else None
 
         self.up_blocks = nn.ModuleList()
         self.upsamples = nn.ModuleList()
@@ -231,8 +257,10 @@ class UNet(nn.Module):
             if i < len(self.downsamples):
                 h = self.downsamples[i](h)
         # bottleneck
-        for block in self.mid:
-            h = block(h, emb)
+        h = self.mid[0](h, emb)
+        if self.mid_attn is not None:
+            h = self.mid_attn(h)
+        h = self.mid[1](h, emb)
         # decoder
         for i, block in enumerate(self.up_blocks):
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
