@@ -78,6 +78,8 @@ def variant(names: str) -> tuple[str, str, dict, dict]:
     """``a+b``: the demo's recipe with the named variants' changes (the last preset named)."""
     whats, preset, t_over, d_over = [], "reduced", {}, {}
     for name in names.split("+"):
+        if name not in VARIANTS:
+            sys.exit(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)} (join with +)")
         what, p, t, d = VARIANTS[name]
         whats.append(what)
         preset = p if p != "reduced" else preset
@@ -203,7 +205,7 @@ def main() -> None:
     res.update(command="python benchmarks/equal_time.py " + " ".join(sys.argv[1:]),
                sample_seeds=args.sample_seeds, environment=environment())
     for v in args.variants:
-        variant(v)  # a KeyError names an unknown one before anything trains
+        variant(v)  # an unknown one stops the run before anything trains
     ref = Reference("mnist", "test")
     for r in res["rows"]:  # rows scored before the raw weights were
         if "raw_pseudo_fid" not in r:

@@ -11,11 +11,9 @@ common noise; the batch is the precision's default (256 in bf16).
 """
 
 import argparse
-import math
 import statistics
 
 import common  # noqa: F401  (puts the checkout's src on sys.path)
-import torch
 
 import minidiff.diffusion as diffusion
 from minidiff.checkpoint import load_checkpoint
@@ -23,19 +21,12 @@ from minidiff.evaluation import score
 from minidiff.metrics import Reference
 from minidiff.settings import SamplingConfig
 
+SPACED = diffusion.Schedule._log_sigma_spaced  # today's, before any setting replaces it
 
-def spacing(rho: float, hi: float):
-    def spaced(self, steps, _rho):
-        log_sigma = 0.5 * (torch.log1p(-self.alpha_bar) - torch.log(self.alpha_bar))
-        ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)[1:]
-        s_lo, s_hi = math.exp(log_sigma[0].item() / rho), math.exp(hi / rho)
-        target = rho * torch.log(s_lo + ramp * (s_hi - s_lo))
-        pos = torch.searchsorted(log_sigma, target).clamp(1, len(self) - 1)
-        below = (target - log_sigma[pos - 1]) < (log_sigma[pos] - target)
-        idx = torch.where(below, pos - 1, pos)
-        idx[-1] = len(self) - 1
-        return idx
-    return spaced
+
+def spacing(rho: float, top: float):
+    """``Schedule._log_sigma_spaced`` with this rho and top noise level, whatever it is asked."""
+    return lambda self, steps, _rho: SPACED(self, steps, rho, top)
 
 
 def main() -> None:
@@ -47,11 +38,11 @@ def main() -> None:
     model, config, _ = load_checkpoint("reduced")
     ref = Reference("mnist", "test")
     for setting in args.settings:
-        rho, hi = (float(v) for v in setting.split(":"))
-        diffusion.Schedule._log_sigma_spaced = spacing(rho, hi)
+        rho, top = (float(v) for v in setting.split(":"))
+        diffusion.Schedule._log_sigma_spaced = spacing(rho, top)
         fids = [score(model, config, SamplingConfig(steps=10, spacing="karras", seed=s), args.n,
                       ref)["pseudo_fid"] for s in args.seeds]
-        print(f"rho {rho:g}, log sigma max {hi:g}: {fids} mean {statistics.mean(fids):.3f}",
+        print(f"rho {rho:g}, log sigma max {top:g}: {fids} mean {statistics.mean(fids):.3f}",
               flush=True)
 
 

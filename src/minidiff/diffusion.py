@@ -145,16 +145,17 @@ class Schedule:
         return Schedule(1.0 - ab / ab_prev, self.timesteps[idx], self.prediction)
 
 
-    def _log_sigma_spaced(self, steps: int, rho: float) -> torch.Tensor:
+    def _log_sigma_spaced(self, steps: int, rho: float, top: float = 2.55) -> torch.Tensor:
         """``steps`` timesteps, in increasing order, whose ``sigma^(1/rho)`` is evenly spaced
-        from the last timestep's noise level down to the first's (rho 1: even in log sigma).
-        The grid has ``steps + 1`` points and its lowest stands for the clean data that the last
-        step lands on, so no network evaluation is spent at ``t = 0``."""
+        from the noise level ``log sigma = top`` (or the last timestep's, if lower) down to the
+        first timestep's (rho 1: even in log sigma). The grid has ``steps + 1`` points and its
+        lowest stands for the clean data that the last step lands on, so no network evaluation
+        is spent at ``t = 0``."""
         log_sigma = 0.5 * (torch.log1p(-self.alpha_bar) - torch.log(self.alpha_bar))
         # A schedule whose alpha_bar reaches ~0 (cosine: SNR 1e-9 at T) would spend steps where
         # the image is already pure noise; the top is clipped at log-SNR -5.1 (diffusers' clip
         # for cosine) whatever the schedule, and the first step starts from the last timestep.
-        hi, lo = min(log_sigma[-1].item(), 2.55), log_sigma[0].item()
+        hi, lo = min(log_sigma[-1].item(), top), log_sigma[0].item()
         if steps == 1:
             return torch.tensor([len(self) - 1])
         ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)[1:]
@@ -232,14 +233,16 @@ class DiffusionLoss:
         self.sched, self.weighting, self.gamma = sched, weighting, gamma
         ab = sched.alpha_bar
         snr = ab / (1 - ab)
-        # the probability of training on each timestep (None: uniform)
-        self.level_probs = None
+        # the probability of training on each timestep (None: uniform), and its float32 copy
+        # that draw() samples from
+        self.level_probs = self._draw_probs = None
         if levels == "lognormal":
             log_sigma = -0.5 * torch.log(snr)
             edges = (log_sigma[1:] + log_sigma[:-1]) / 2  # log sigma rises with the index
             cdf = torch.distributions.Normal(level_mean, level_std).cdf(edges)
             self.level_probs = torch.diff(cdf, prepend=cdf.new_zeros(1),
                                           append=cdf.new_ones(1))
+            self._draw_probs = self.level_probs.float()
         if weighting == "none":
             self.weights = torch.ones_like(snr)
         elif weighting == "min-snr":
@@ -257,8 +260,8 @@ class DiffusionLoss:
             i = torch.randint(0, len(self.sched), (shape[0],), device=device,
                               generator=generator)
         else:
-            i = torch.multinomial(self.level_probs.float().to(device), shape[0],
-                                  replacement=True, generator=generator)
+            i = torch.multinomial(self._draw_probs.to(device), shape[0], replacement=True,
+                                  generator=generator)
         return i, torch.randn(shape, device=device, generator=generator)
 
     def __call__(self, model, x0: torch.Tensor, y: torch.Tensor | None = None, generator=None,

@@ -181,7 +181,7 @@ class TrainConfig:
     loss_weighting: str = option("none", "min-snr: Hang et al. 2023, gamma 5; edm: Karras et "
                                  "al. 2022, sigma_data 0.5", choices=LOSS_WEIGHTINGS)
     min_snr_gamma: float = 5.0
-    sigma_data: float = 0.5  # the data's standard deviation in EDM's weighting (--loss edm)
+    sigma_data: float = 0.5  # the data's standard deviation in EDM's weighting
     # which noise levels a step trains on: every timestep alike, or log sigma ~ N(mean, std)
     # (EDM's P_mean / P_std), sigma = sqrt((1 - alpha_bar) / alpha_bar)
     noise_levels: str = option("uniform", "lognormal: EDM's log-normal noise levels, "
