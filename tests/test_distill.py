@@ -1,9 +1,10 @@
 """Distillation: students are ordinary checkpoints sampled in their recorded number of network
 calls; the progressive and consistency targets checked against the exact Gaussian denoiser of
-test_samplers_gaussian.py; the adversarial terms reach only their own player; exact resume;
-refused step counts."""
+test_samplers_gaussian.py; the adversarial terms reach only their own player; the
+distribution-matching gradient on the Gaussian; exact resume; refused step counts."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,13 +13,14 @@ from minidiff import distill as distill_mod
 from minidiff import loop
 from minidiff.apps.cli import main
 from minidiff.checkpoint import load_checkpoint
-from minidiff.diffusion import Schedule
+from minidiff.diffusion import Schedule, q_sample
 from minidiff.distill import (
     Discriminator,
     ECTLoss,
     adversarial_losses,
     consistency_target,
     distill,
+    dmd_loss,
     progressive_target,
 )
 from minidiff.errors import MinidiffError
@@ -26,7 +28,7 @@ from minidiff.generation import generate, resolve_sampling
 from minidiff.samplers import sample_ddim
 from minidiff.settings import DistillConfig, SamplingConfig
 from tests.test_faults import other_process_holds
-from tests.test_samplers_gaussian import FULL, FULL_V, oracle
+from tests.test_samplers_gaussian import FULL, FULL_V, MU, S, oracle
 
 # four updates over two rounds (8 -> 4 -> 2 steps): the hand-over between rounds is exercised
 TINY_RUN = dict(teacher_steps=8, updates=4, batch_size=4, subset=8, precision="fp32",
@@ -41,7 +43,7 @@ def teacher(tiny_run):
 @pytest.fixture(scope="module")
 def students(teacher):
     runs = {method: DistillConfig(method=method, **TINY_RUN)
-            for method in ("progressive", "consistency", "adversarial", "ect")}
+            for method in ("progressive", "consistency", "adversarial", "ect", "dmd")}
     for name, cfg in runs.items():
         distill(teacher, teacher.parent / name, cfg, progress=False)
     return {name: teacher.parent / name for name in runs}
@@ -64,7 +66,8 @@ class Counting(torch.nn.Module):
 
 
 @pytest.mark.parametrize("method,sampler", [("progressive", "ddim"), ("consistency", "ddpm"),
-                                            ("adversarial", "ddim"), ("ect", "ddpm")])
+                                            ("adversarial", "ddim"), ("ect", "ddpm"),
+                                            ("dmd", "ddim")])
 def test_student_samples_in_its_recorded_network_calls(students, method, sampler):
     model, config, _ = load_checkpoint(students[method])
     assert config["diffusion"]["prediction"] == "v" and config["distill"]["method"] == method
@@ -116,11 +119,11 @@ def test_a_typed_default_step_count_is_refused_too(students, tmp_path, capsys):
     assert sidecar["steps"] == 2 and "chosen" not in sidecar  # a record, not a setting
 
 
-@pytest.mark.parametrize("method,rounds", [("progressive", 2), ("adversarial", 1)])
+@pytest.mark.parametrize("method,rounds", [("progressive", 2), ("adversarial", 1), ("dmd", 1)])
 def test_resume_after_interruption_matches_an_uninterrupted_run(teacher, students, tmp_path,
                                                                 monkeypatch, method, rounds):
     """Progressive: stopped mid-way through its second round; adversarial: its discriminator
-    and that player's optimizer state come back too."""
+    and that player's optimizer state come back too; dmd: its fake score and its state."""
     out = tmp_path / "resumed"
     real = loop.save_state
 
@@ -387,3 +390,45 @@ def test_ect_reads_the_r_level_under_the_t_levels_dropout_mask():
     assert torch.equal(a, b) and 0 < a.count_nonzero() < a.numel()
     with pytest.raises(MinidiffError, match="--method ect samples in 1, 2, 4 steps, got --steps 3"):
         DistillConfig(method="ect", steps=3)
+
+
+def _gaussian_x0(mean: float, x, t):
+    """The exact denoiser's x0 for data N(mean, S^2) at FULL's timesteps ``t: [N]``."""
+    ab = FULL.alpha_bar[t].float().view(-1, 1, 1, 1)
+    eps = (1 - ab).sqrt() * (x - ab.sqrt() * mean) / (ab * S**2 + 1 - ab)
+    return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
+@pytest.mark.parametrize("shift", [0.1, -0.2])
+def test_dmd_gradient_moves_each_sample_towards_the_data_and_vanishes_at_a_match(shift):
+    """On the Gaussian of test_samplers_gaussian.py: a generator whose samples follow
+    N(MU + shift, S^2), a fake score that is the exact denoiser of that distribution and a
+    real one of the data's N(MU, S^2). The loss's gradient has the sign of ``shift`` at every
+    sample (a descent step moves each towards the data), its size per sample is 1 / N times the
+    normalised difference, and with the fake score equal to the real one it is zero."""
+    t = torch.randint(20, 980, (len(X_T),), generator=torch.Generator().manual_seed(1))
+    gen = (MU + shift + S * X_T).requires_grad_(True)
+    xt = q_sample(FULL, gen.detach(), t, torch.randn_like(X_T))
+    real, fake = _gaussian_x0(MU, xt, t), _gaussian_x0(MU + shift, xt, t)
+    dmd_loss(gen, real, fake).backward()
+    assert (gen.grad.sign() == math.copysign(1, shift)).all()
+    norm = (gen.detach() - real).abs().flatten(1).mean(1).view(-1, 1, 1, 1) + 1e-6
+    torch.testing.assert_close(gen.grad, (fake - real) / norm / len(X_T))
+    gen.grad = None
+    dmd_loss(gen, real, real).backward()
+    assert gen.grad.abs().max() == 0
+
+
+def test_dmd_trains_the_fake_score_and_not_the_teacher(teacher, students):
+    """The fake score moved away from the teacher it started as (it learns the student's
+    outputs); the teacher file is untouched; the student's config names its method."""
+    from safetensors.torch import load_file
+
+    t_model = load_checkpoint(teacher)[0].state_dict()
+    state = max((students["dmd"] / "checkpoints").glob("step-*")) / "state.safetensors"
+    fake = {k.removeprefix("model.fake."): v for k, v in load_file(state).items()
+            if k.startswith("model.fake.")}
+    assert fake.keys() == t_model.keys()
+    assert any(not torch.equal(fake[k], t_model[k]) for k in fake)
+    config = load_checkpoint(students["dmd"])[1]
+    assert config["distill"]["method"] == "dmd" and config["sampling"]["sampler"] == "ddim"

@@ -1,6 +1,6 @@
 """Few-step students distilled from a trained model (the teacher), with the teacher's U-Net.
 
-Four methods, all trained on real images noised by the forward process, all with a student
+Five methods, all trained on real images noised by the forward process, all with a student
 that predicts ``v`` (Salimans & Ho 2022), so every sampler reads it through
 :meth:`~minidiff.diffusion.Schedule.eps_x0`:
 
@@ -23,6 +23,12 @@ that predicts ``v`` (Salimans & Ho 2022), so every sampler reads it through
 - ``ect`` (Easy Consistency Tuning, Geng et al. 2024): consistency training started from the
   teacher, with no teacher step: :class:`ECTLoss`. Sampled like a consistency student, at 1, 2
   or 4 steps.
+- ``dmd`` (distribution matching, Yin et al. 2024, DMD and DMD2): on its own ``steps``-level
+  grid the student's x0 is re-noised and moved along the difference between what a *fake score*
+  (a copy of the teacher that keeps learning the student's outputs) and the teacher denoise it
+  to, which is the gradient of the KL divergence between the two distributions; a pull towards
+  its starting network's x0 (``init``) guards against mode collapse: :class:`DMDLoss`. Sampled
+  with DDIM at exactly its step count.
 
 A conditional teacher is distilled with its classifier-free guidance (``guidance``) folded in
 (Meng et al. 2023, stage one): the student then needs one network pass per step instead of two.
@@ -47,7 +53,7 @@ import torch
 
 from . import __version__
 from .checkpoint import dataset_of, load_checkpoint, save_model
-from .diffusion import DiffusionConfig, Schedule, gather, q_sample
+from .diffusion import DiffusionConfig, DiffusionLoss, Schedule, gather, q_sample
 from .errors import MinidiffError
 from .guidance import Guided
 from .loop import Method, Run, drop_labels, fit, hold, previous_run, training_images
@@ -65,7 +71,7 @@ def sampling_entry(cfg: DistillConfig, steps: int, guidance: float | None) -> di
     serves (progressive: exactly its own; consistency: every divisor of the grid)."""
     if cfg.method == "progressive":
         sampler, serves = "ddim", [steps]
-    elif cfg.method == "adversarial":  # trained on its own grid's levels only
+    elif cfg.method in ("adversarial", "dmd"):  # trained on its own grid's levels only
         sampler, serves = "ddim", [steps]
     elif cfg.method == "ect":
         # trained at every level: DDPM's ancestral step on its x0 is ECT's sampler (a jump to
@@ -283,6 +289,73 @@ class ECTLoss:
         return (weight * pseudo_huber(pred, target)).mean()
 
 
+# ------------------------------------------------------------------ distribution matching
+
+def dmd_loss(x0: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """DMD's distribution-matching loss for generated images ``x0: [N x C x H x W]`` (with
+    gradient), given the x0 that the real (teacher) and fake denoisers predict for them re-noised
+    (``real``, ``fake``, no gradient): a scalar whose gradient with respect to each image is
+    ``(fake - real) / mean|x0 - real|`` over ``N`` (Yin et al. 2024a, eq. 7, with DMD2's
+    per-image normalisation), so the images move towards what the teacher sees in them and away
+    from what the fake score, which knows the student's distribution, sees; zero where the two
+    agree."""
+    with torch.no_grad():
+        norm = (x0 - real).float().abs().flatten(1).mean(1).add(1e-6)
+        grad = (fake - real).float() / norm.view(-1, *[1] * (x0.ndim - 1))
+    return 0.5 * (x0.float() - (x0.float() - grad).detach()).pow(2).flatten(1).sum(1).mean()
+
+
+class DMDLoss:
+    """Distribution-matching distillation (Yin et al. 2024a, DMD; 2024b, DMD2) for a student of
+    ``steps`` DDIM steps. As for the adversarial method the student's inputs are real images
+    noised to its own grid's levels (DMD2's multi-step recipe). Each call trains the fake score,
+    a copy of the teacher, on the student's outputs (detached) with the teacher's own diffusion
+    loss; at every ``fake_updates``-th step it also moves the student by :func:`dmd_loss` at a
+    level drawn uniformly from the middle 96% of the teacher's (DMD2's range) plus
+    ``distill_weight`` times the squared distance (summed over pixels) to its starting network's
+    clipped x0 for the same input, which holds each input to its digit (DMD's regression loss,
+    with the start's own output as the pair). One backward pass trains both: the student's terms
+    see the fake score without gradient, the fake score's term the student's output detached."""
+
+    LOW, HIGH = 0.02, 0.98
+
+    def __init__(self, cfg: DistillConfig, diffusion: DiffusionConfig, start_prediction: str,
+                 steps: int, fake: torch.nn.Module):
+        self.sched = Schedule.from_config(diffusion)  # the teacher's and the fake score's
+        grid = self.sched.respace(steps, SPACING)
+        self.student_sched = Schedule(grid.betas, grid.timesteps, "v")
+        self.start_sched = Schedule(grid.betas, grid.timesteps, start_prediction)
+        self.fake, self.fake_loss = fake, DiffusionLoss(self.sched)
+        self.weight, self.every = cfg.distill_weight, cfg.fake_updates
+
+    def __call__(self, student, teacher, start, x0: torch.Tensor, y=None, generator=None,
+                 step: int = 0) -> torch.Tensor:
+        """Mean loss over real images ``x0: [N x C x H x W]`` in [-1, 1] at optimizer step
+        ``step``."""
+        n, dev, nd = len(x0), x0.device, x0.ndim
+        i = torch.randint(0, len(self.student_sched), (n,), device=dev, generator=generator)
+        x = q_sample(self.student_sched, x0, i, torch.randn(x0.shape, device=dev,
+                                                            generator=generator))
+        update = step % self.every == 0
+        with torch.set_grad_enabled(update):
+            _, gen = predict_x0(student, x, self.student_sched, i, y, clip=False)
+        # the fake score learns the student's distribution as it is now
+        loss = self.fake_loss(self.fake, gen.detach().float(), y, generator)
+        if not update:
+            return loss
+        T = len(self.sched)
+        t = torch.randint(int(self.LOW * T), int(self.HIGH * T), (n,), device=dev,
+                          generator=generator)
+        with torch.no_grad():
+            xt = q_sample(self.sched, gen.detach().float(), t,
+                          torch.randn(x0.shape, device=dev, generator=generator))
+            _, real = predict_x0(teacher, xt, self.sched, t, y, clip=False)
+            _, fake = predict_x0(self.fake, xt, self.sched, t, y, clip=False)
+            _, target = predict_x0(start, x, self.start_sched, i, y)
+        pull = (gen.float() - target.float()).pow(2).flatten(1).sum(1).mean()
+        return loss + dmd_loss(gen, real, fake) + self.weight * pull
+
+
 # ---------------------------------------------------------------------------- the run
 
 def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=None,
@@ -312,9 +385,9 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
                                 f"{cfg.teacher_steps}")
         precision = resolve_precision(cfg.precision, device)
         model_cfg = teacher.config
-        if cfg.method == "ect" and model_cfg.num_classes:
-            raise MinidiffError(f"{teacher_path} is class-conditional and --method ect folds no "
-                                "guidance in: use --method progressive for it")
+        if cfg.method in ("ect", "dmd") and model_cfg.num_classes:
+            raise MinidiffError(f"{teacher_path} is class-conditional and --method {cfg.method} "
+                                "folds no guidance in: use --method progressive for it")
         images, labels = training_images(dataset_of(tconfig), cfg.subset, model_cfg.image_size,
                                          data_dir)
         about = {"path": str(teacher_path), "sha256": tsha, "step": tconfig.get("step")}
@@ -350,24 +423,31 @@ class Distillation(Method):
         self.model = UNet(replace(teacher.config, dropout=cfg.dropout)).to(device)
         self.model.load_state_dict(teacher.state_dict())
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.disc = None
+        self.disc = self.fake = None
         if cfg.method == "adversarial":
             torch.manual_seed(cfg.seed)
             self.disc = Discriminator(teacher.config.in_channels,
                                       teacher.config.image_size).to(device)
+        if cfg.method == "dmd":  # the fake score starts as the teacher (DMD2)
+            self.fake = copy.deepcopy(teacher).train().requires_grad_(True)
         self.opt = self.new_optimizer()
 
     @property
     def trained(self) -> torch.nn.Module:
-        """What a training state's "model." tensors hold: the student (and its discriminator)."""
-        if self.disc is None:
-            return self.model
-        return torch.nn.ModuleDict({"student": self.model, "disc": self.disc})
+        """What a training state's "model." tensors hold: the student (and its discriminator or
+        fake score)."""
+        if self.disc is not None:
+            return torch.nn.ModuleDict({"student": self.model, "disc": self.disc})
+        if self.fake is not None:
+            return torch.nn.ModuleDict({"student": self.model, "fake": self.fake})
+        return self.model
 
     def new_optimizer(self) -> torch.optim.Optimizer:
         groups = [{"params": list(self.model.parameters())}]
         if self.disc is not None:  # beta1 0.5, as usual for a GAN's players (Radford et al. 2016)
             groups.append({"params": list(self.disc.parameters()), "betas": (0.5, 0.999)})
+        if self.fake is not None:
+            groups.append({"params": list(self.fake.parameters())})
         return torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=0.0)
 
     def config_at(self, step: int) -> dict:
@@ -383,12 +463,17 @@ class Distillation(Method):
     def begin_round(self, r: int, fresh: bool) -> None:
         """A round's teacher and loss; a round's first step restarts the student from it."""
         self.teacher_net, diffusion = self.round_teacher(r)
+        self.start = self.init[0].eval().requires_grad_(False) if self.init else self.teacher
         if self.cfg.method == "ect":  # the student is its own target
             self.loss_fn = ECTLoss(diffusion)
+        elif self.cfg.method == "dmd":
+            start_cfg = self.init[1] if self.init else self.tconfig
+            self.loss_fn = DMDLoss(self.cfg, diffusion, start_cfg["diffusion"]["prediction"],
+                                   self.plan[r], self.fake)
         else:
             self.loss_fn = DistillLoss(self.cfg, diffusion, self.plan[r], self.disc)
         if fresh:
-            net = self.teacher_net
+            net = self.start if self.cfg.method == "dmd" else self.teacher_net
             start = net.model if isinstance(net, Guided) else net
             self.model.load_state_dict(start.state_dict())
             self.ema.load_state_dict(start.state_dict())
@@ -399,7 +484,8 @@ class Distillation(Method):
         when conditional) or, for an adversarial run with ``init``, that start; then each
         round's student as written to rounds/ (so a resumed run reads what an unbroken one
         used), a `v` model whose guidance is already distilled in."""
-        if r == 0 and self.init is not None:  # adversarial: the start is what it is held near
+        if r == 0 and self.init is not None and self.cfg.method == "adversarial":
+            # the start is what the adversarial student is held near
             net, config = self.init
         elif r == 0:
             net, config = self.teacher, self.tconfig
@@ -420,6 +506,8 @@ class Distillation(Method):
                             generator)
         if self.cfg.method == "ect":
             return self.loss_fn(self.model, x0, y, generator, self.cfg.stage_at(step))
+        if self.cfg.method == "dmd":
+            return self.loss_fn(self.model, self.teacher_net, self.start, x0, y, generator, step)
         return self.loss_fn(self.model, self.teacher_net, x0, y, generator)
 
     def end_round(self, r: int, step: int) -> None:

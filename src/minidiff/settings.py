@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .errors import DataError, MinidiffError
 
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp", "dpmpp-sde", "unipc")
-DISTILL_METHODS = ("progressive", "consistency", "adversarial", "ect")
+DISTILL_METHODS = ("progressive", "consistency", "adversarial", "ect", "dmd")
 ECT_STEPS = (1, 2, 4)  # the step counts an ECT student is sampled at
 SPACINGS = ("uniform", "trailing", "quadratic", "karras", "logsnr")
 SCHEDULES = ("linear", "cosine")
@@ -332,10 +332,14 @@ class DistillConfig:
     # adversarial: the student's first weights (default: the teacher's), e.g. a progressive
     # student to refine, and the weight of the pull towards their output beside the GAN loss
     # (docs/distillation.md compares weights)
-    init: str | None = option(None, "adversarial: start the student from this checkpoint (same "
-                              "U-Net) instead of the teacher", metavar="CKPT")
-    distill_weight: float = option(0.1, "adversarial: weight of the distance to the starting "
-                                   "network's x0 beside the GAN loss", type="number")
+    init: str | None = option(None, "adversarial, dmd: start the student from this checkpoint "
+                              "(same U-Net) instead of the teacher", metavar="CKPT")
+    distill_weight: float = option(0.1, "adversarial, dmd: weight of the distance to the starting "
+                                   "network's x0 beside the GAN or distribution-matching loss",
+                                   type="number")
+    # dmd: the fake score learns the student's outputs at every update, the student moves at
+    # every `fake_updates`-th (DMD2's two time-scale rule: 5 on ImageNet)
+    fake_updates: int = option(1, "dmd: fake-score updates per student update")
     # ect: the stages of its schedule, each halving the gap between the two noise levels it
     # compares (ECT's CIFAR-10 run has 8)
     stages: int = option(4, "ect: times the gap between its two noise levels halves")
@@ -385,8 +389,9 @@ class DistillConfig:
             (self.subset is None or self.subset >= 1, "subset must be >= 1"),
             (self.distill_weight >= 0, f"--distill-weight must be >= 0, got "
              f"{self.distill_weight}"),
-            (self.init is None or self.method == "adversarial", "--init is for --method "
-             "adversarial (the other methods start from the teacher)"),
+            (self.init is None or self.method in ("adversarial", "dmd"), "--init is for "
+             "--method adversarial or dmd (the other methods start from the teacher)"),
+            (self.fake_updates >= 1, f"--fake-updates must be >= 1, got {self.fake_updates}"),
             (self.stages >= 1, f"--stages must be >= 1, got {self.stages}"),
             (self.method != "ect" or self.steps in ECT_STEPS, f"--method ect samples in "
              f"{', '.join(map(str, ECT_STEPS))} steps, got --steps {self.steps}"),

@@ -292,7 +292,8 @@ def cmd_quantize(args):
 @arg("teacher", help="run folder, .safetensors file or shipped model name")
 @arg("--out", required=True, help="student run folder to create")
 @arg("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-@options(s.DistillConfig, "method", "steps", "teacher_steps", "init", "distill_weight", "stages",
+@options(s.DistillConfig, "method", "steps", "teacher_steps", "init", "distill_weight",
+         "fake_updates", "stages",
          "dropout", "updates", "batch_size", "lr", "seed", "subset", "checkpoint_every")
 @shared("--data-dir")
 @options(s.DistillConfig, "precision", "device")
