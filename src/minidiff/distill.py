@@ -332,7 +332,7 @@ class DMDLoss:
                  step: int = 0) -> torch.Tensor:
         """Mean loss over real images ``x0: [N x C x H x W]`` in [-1, 1] at optimizer step
         ``step``."""
-        n, dev, nd = len(x0), x0.device, x0.ndim
+        n, dev = len(x0), x0.device
         i = torch.randint(0, len(self.student_sched), (n,), device=dev, generator=generator)
         x = q_sample(self.student_sched, x0, i, torch.randn(x0.shape, device=dev,
                                                             generator=generator))
