@@ -186,4 +186,4 @@ def test_ect_refuses_a_conditional_teacher_in_one_line(cond_run, tmp_path, capsy
                  "--out", str(tmp_path / "e")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"minidiff: error: {cond_run} is class-conditional and --method ect folds no "
-                   "guidance in: use --method progressive for it"]
+                   "guidance in: use --method progressive or dmd for it"]

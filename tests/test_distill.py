@@ -19,6 +19,7 @@ from minidiff.distill import (
     ECTLoss,
     adversarial_losses,
     consistency_target,
+    ddim_path,
     distill,
     dmd_loss,
     progressive_target,
@@ -40,10 +41,16 @@ def teacher(tiny_run):
     return tiny_run
 
 
+# each run's DistillConfig; "dmd-gan": distribution matching with DMD2's GAN term beside it
+RUNS = {**{method: DistillConfig(method=method, **TINY_RUN)
+           for method in ("progressive", "consistency", "adversarial", "ect", "dmd")},
+        "dmd-gan": DistillConfig(method="dmd", gan_weight=1.0, fake_updates=2, **TINY_RUN),
+        "dmd-sim": DistillConfig(method="dmd", simulate=True, **TINY_RUN)}
+
+
 @pytest.fixture(scope="module")
 def students(teacher):
-    runs = {method: DistillConfig(method=method, **TINY_RUN)
-            for method in ("progressive", "consistency", "adversarial", "ect", "dmd")}
+    runs = RUNS
     for name, cfg in runs.items():
         distill(teacher, teacher.parent / name, cfg, progress=False)
     return {name: teacher.parent / name for name in runs}
@@ -119,11 +126,13 @@ def test_a_typed_default_step_count_is_refused_too(students, tmp_path, capsys):
     assert sidecar["steps"] == 2 and "chosen" not in sidecar  # a record, not a setting
 
 
-@pytest.mark.parametrize("method,rounds", [("progressive", 2), ("adversarial", 1), ("dmd", 1)])
+@pytest.mark.parametrize("method,rounds", [("progressive", 2), ("adversarial", 1), ("dmd", 1),
+                                           ("dmd-gan", 1), ("dmd-sim", 1)])
 def test_resume_after_interruption_matches_an_uninterrupted_run(teacher, students, tmp_path,
                                                                 monkeypatch, method, rounds):
     """Progressive: stopped mid-way through its second round; adversarial: its discriminator
-    and that player's optimizer state come back too; dmd: its fake score and its state."""
+    and that player's optimizer state come back too; dmd: its fake score (and discriminator)
+    and their state."""
     out = tmp_path / "resumed"
     real = loop.save_state
 
@@ -134,7 +143,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(teacher, student
 
     monkeypatch.setattr(loop, "save_state", stop_after_step_3)
     with pytest.raises(KeyboardInterrupt):
-        distill(teacher, out, DistillConfig(method=method, **TINY_RUN), progress=False)
+        distill(teacher, out, RUNS[method], progress=False)
     monkeypatch.setattr(loop, "save_state", real)
     distill(teacher, out, resume=True, progress=False)
     a = load_checkpoint(students[method])[0].state_dict()
@@ -428,7 +437,62 @@ def test_dmd_trains_the_fake_score_and_not_the_teacher(teacher, students):
     state = max((students["dmd"] / "checkpoints").glob("step-*")) / "state.safetensors"
     fake = {k.removeprefix("model.fake."): v for k, v in load_file(state).items()
             if k.startswith("model.fake.")}
+    gan = load_file(max((students["dmd-gan"] / "checkpoints").glob("step-*"))
+                    / "state.safetensors")
+    assert any(k.startswith("model.disc.") for k in gan)  # the GAN run keeps its judge
+    assert not any(k.startswith("model.disc.") for k in load_file(state))
     assert fake.keys() == t_model.keys()
     assert any(not torch.equal(fake[k], t_model[k]) for k in fake)
     config = load_checkpoint(students["dmd"])[1]
     assert config["distill"]["method"] == "dmd" and config["sampling"]["sampler"] == "ddim"
+
+
+def test_dmd_of_a_conditional_teacher_reads_it_guided_and_folds_the_guidance_in(tmp_path,
+                                                                              monkeypatch):
+    """The real score of a conditional teacher is its guided output, also when the student
+    starts from another checkpoint (`--init`, e.g. a guided 2-step student); the fake score
+    learns the student's outputs by class, and the student records the guidance it serves."""
+    from dataclasses import replace
+
+    from minidiff.diffusion import DiffusionConfig
+    from minidiff.settings import TrainConfig
+    from minidiff.train import train
+    from tests.conftest import TINY
+
+    teacher = tmp_path / "cond"
+    train(replace(TINY, num_classes=10), DiffusionConfig(prediction="eps"),
+          TrainConfig(steps=2, batch_size=8, subset=16, precision="fp32"), teacher,
+          progress=False)
+    start = tmp_path / "start"
+    distill(teacher, start, DistillConfig(**TINY_RUN), progress=False)
+    seen = []
+    real = distill_mod.DMDLoss.__call__
+
+    def spy(self, student, teacher_net, start_net, x0, y=None, generator=None, step=0):
+        seen.append((teacher_net, y))
+        return real(self, student, teacher_net, start_net, x0, y, generator, step)
+
+    monkeypatch.setattr(distill_mod.DMDLoss, "__call__", spy)
+    out = tmp_path / "dmd"
+    distill(teacher, out, DistillConfig(method="dmd", init=str(start), **TINY_RUN),
+            progress=False)
+    net, y = seen[0]
+    assert isinstance(net, distill_mod.Guided) and net.scale == DistillConfig().guidance
+    assert y is not None
+    config = load_checkpoint(out)[1]
+    assert config["sampling"]["guidance"] == DistillConfig().guidance
+
+
+def test_the_simulated_path_is_the_students_own_ddim_sample_with_gradient(students):
+    """`--simulate` trains on what the student's sampler computes: the path's last x0, clipped,
+    is sample_ddim's output from the same noise, and the gradient reaches the network through
+    both steps."""
+    model, config, _ = load_checkpoint(students["dmd-sim"])
+    sched = resolve_sampling(SamplingConfig(precision="fp32"), config, torch.device("cpu"))[1]
+    z = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    net = Counting(model)
+    out = ddim_path(net, z, sched)
+    assert net.calls == 2 and out.requires_grad
+    torch.testing.assert_close(out.clamp(-1, 1), sample_ddim(model, z, sched))
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

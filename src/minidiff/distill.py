@@ -58,7 +58,7 @@ from .errors import MinidiffError
 from .guidance import Guided
 from .loop import Method, Run, drop_labels, fit, hold, previous_run, training_images
 from .runtime import resolve_device, resolve_precision
-from .samplers import predict_x0
+from .samplers import predict_x0, sample_ddim
 from .settings import ECT_STEPS, DistillConfig
 from .unet import UNet
 
@@ -305,42 +305,69 @@ def dmd_loss(x0: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.
     return 0.5 * (x0.float() - (x0.float() - grad).detach()).pow(2).flatten(1).sum(1).mean()
 
 
+def ddim_path(model, z: torch.Tensor, sched: Schedule, y=None) -> torch.Tensor:
+    """``model``'s DDIM path (eta 0) over ``sched`` from the noise ``z: [N x C x H x W]``, with
+    gradient: its x0 at the last step, unclipped (every earlier x0 clipped, as
+    :func:`~minidiff.samplers.sample_ddim` does, which returns this clipped)."""
+    x = z
+    for i in reversed(range(len(sched))):
+        _, x0 = predict_x0(model, x, sched, i, y, clip=i > 0)
+        x = ddim_move(x, x0, sched.alpha_bar[i], sched.alpha_bar_prev[i])
+    return x0
+
+
 class DMDLoss:
     """Distribution-matching distillation (Yin et al. 2024a, DMD; 2024b, DMD2) for a student of
     ``steps`` DDIM steps. As for the adversarial method the student's inputs are real images
-    noised to its own grid's levels (DMD2's multi-step recipe). Each call trains the fake score,
+    noised to its own grid's levels (DMD2's multi-step recipe) or, with ``simulate``, pure noise
+    carried down its own DDIM path (:func:`ddim_path`, DMD2's backward simulation, here
+    back-propagated through every step), so it learns from what its sampler will feed it; the
+    pull's pair is then the start's own sample from the same noise. Each call trains the fake
+    score,
     a copy of the teacher, on the student's outputs (detached) with the teacher's own diffusion
     loss; at every ``fake_updates``-th step it also moves the student by :func:`dmd_loss` at a
     level drawn uniformly from the middle 96% of the teacher's (DMD2's range) plus
     ``distill_weight`` times the squared distance (summed over pixels) to its starting network's
     clipped x0 for the same input, which holds each input to its digit (DMD's regression loss,
-    with the start's own output as the pair). One backward pass trains both: the student's terms
-    see the fake score without gradient, the fake score's term the student's output detached."""
+    with the start's own output as the pair), and, with a discriminator ``disc``, ``gan_weight``
+    times the GAN terms of :func:`adversarial_losses` (DMD2's GAN loss; the discriminator trains
+    at every step). One backward pass trains all of them: the student's terms see the fake score
+    and the discriminator without gradient, theirs the student's output detached."""
 
     LOW, HIGH = 0.02, 0.98
 
     def __init__(self, cfg: DistillConfig, diffusion: DiffusionConfig, start_prediction: str,
-                 steps: int, fake: torch.nn.Module):
+                 steps: int, fake: torch.nn.Module, disc: torch.nn.Module | None = None):
         self.sched = Schedule.from_config(diffusion)  # the teacher's and the fake score's
         grid = self.sched.respace(steps, SPACING)
         self.student_sched = Schedule(grid.betas, grid.timesteps, "v")
         self.start_sched = Schedule(grid.betas, grid.timesteps, start_prediction)
         self.fake, self.fake_loss = fake, DiffusionLoss(self.sched)
         self.weight, self.every = cfg.distill_weight, cfg.fake_updates
+        self.disc, self.gan_weight, self.simulate = disc, cfg.gan_weight, cfg.simulate
 
     def __call__(self, student, teacher, start, x0: torch.Tensor, y=None, generator=None,
                  step: int = 0) -> torch.Tensor:
         """Mean loss over real images ``x0: [N x C x H x W]`` in [-1, 1] at optimizer step
         ``step``."""
         n, dev = len(x0), x0.device
-        i = torch.randint(0, len(self.student_sched), (n,), device=dev, generator=generator)
-        x = q_sample(self.student_sched, x0, i, torch.randn(x0.shape, device=dev,
-                                                            generator=generator))
         update = step % self.every == 0
-        with torch.set_grad_enabled(update):
-            _, gen = predict_x0(student, x, self.student_sched, i, y, clip=False)
-        # the fake score learns the student's distribution as it is now
+        if self.simulate:  # the student's own path from pure noise
+            z = torch.randn(x0.shape, device=dev, generator=generator)
+            with torch.set_grad_enabled(update):
+                gen = ddim_path(student, z, self.student_sched, y)
+        else:  # real images noised to a level of its grid
+            i = torch.randint(0, len(self.student_sched), (n,), device=dev, generator=generator)
+            x = q_sample(self.student_sched, x0, i, torch.randn(x0.shape, device=dev,
+                                                                generator=generator))
+            with torch.set_grad_enabled(update):
+                _, gen = predict_x0(student, x, self.student_sched, i, y, clip=False)
+        # the fake score (and the discriminator) learn the student's distribution as it is now
         loss = self.fake_loss(self.fake, gen.detach().float(), y, generator)
+        gan = None
+        if self.disc is not None:
+            gan = adversarial_losses(gen, x0, gen.detach(), self.disc)
+            loss = loss + gan["disc"]
         if not update:
             return loss
         T = len(self.sched)
@@ -351,9 +378,13 @@ class DMDLoss:
                           torch.randn(x0.shape, device=dev, generator=generator))
             _, real = predict_x0(teacher, xt, self.sched, t, y, clip=False)
             _, fake = predict_x0(self.fake, xt, self.sched, t, y, clip=False)
-            _, target = predict_x0(start, x, self.start_sched, i, y)
+            if self.simulate:
+                target = sample_ddim(start, z, self.start_sched, y=y)
+            else:
+                _, target = predict_x0(start, x, self.start_sched, i, y)
         pull = (gen.float() - target.float()).pow(2).flatten(1).sum(1).mean()
-        return loss + dmd_loss(gen, real, fake) + self.weight * pull
+        loss = loss + dmd_loss(gen, real, fake) + self.weight * pull
+        return loss if gan is None else loss + self.gan_weight * gan["gan"]
 
 
 # ---------------------------------------------------------------------------- the run
@@ -385,9 +416,9 @@ def distill(teacher_path, out, cfg: DistillConfig | None = None, *, data_dir=Non
                                 f"{cfg.teacher_steps}")
         precision = resolve_precision(cfg.precision, device)
         model_cfg = teacher.config
-        if cfg.method in ("ect", "dmd") and model_cfg.num_classes:
-            raise MinidiffError(f"{teacher_path} is class-conditional and --method {cfg.method} "
-                                "folds no guidance in: use --method progressive for it")
+        if cfg.method == "ect" and model_cfg.num_classes:
+            raise MinidiffError(f"{teacher_path} is class-conditional and --method ect folds no "
+                                "guidance in: use --method progressive or dmd for it")
         images, labels = training_images(dataset_of(tconfig), cfg.subset, model_cfg.image_size,
                                          data_dir)
         about = {"path": str(teacher_path), "sha256": tsha, "step": tconfig.get("step")}
@@ -424,7 +455,7 @@ class Distillation(Method):
         self.model.load_state_dict(teacher.state_dict())
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.disc = self.fake = None
-        if cfg.method == "adversarial":
+        if cfg.method == "adversarial" or (cfg.method == "dmd" and cfg.gan_weight > 0):
             torch.manual_seed(cfg.seed)
             self.disc = Discriminator(teacher.config.in_channels,
                                       teacher.config.image_size).to(device)
@@ -436,11 +467,10 @@ class Distillation(Method):
     def trained(self) -> torch.nn.Module:
         """What a training state's "model." tensors hold: the student (and its discriminator or
         fake score)."""
-        if self.disc is not None:
-            return torch.nn.ModuleDict({"student": self.model, "disc": self.disc})
-        if self.fake is not None:
-            return torch.nn.ModuleDict({"student": self.model, "fake": self.fake})
-        return self.model
+        if self.disc is None and self.fake is None:
+            return self.model
+        players = {"student": self.model, "disc": self.disc, "fake": self.fake}
+        return torch.nn.ModuleDict({k: v for k, v in players.items() if v is not None})
 
     def new_optimizer(self) -> torch.optim.Optimizer:
         groups = [{"params": list(self.model.parameters())}]
@@ -469,7 +499,7 @@ class Distillation(Method):
         elif self.cfg.method == "dmd":
             start_cfg = self.init[1] if self.init else self.tconfig
             self.loss_fn = DMDLoss(self.cfg, diffusion, start_cfg["diffusion"]["prediction"],
-                                   self.plan[r], self.fake)
+                                   self.plan[r], self.fake, self.disc)
         else:
             self.loss_fn = DistillLoss(self.cfg, diffusion, self.plan[r], self.disc)
         if fresh:
@@ -492,7 +522,9 @@ class Distillation(Method):
         else:
             net, config, _ = load_checkpoint(self.round_folder(r - 1), self.device)
         net = net.eval().requires_grad_(False)
-        guided = bool(self.teacher.config.num_classes) and r == 0 and self.init is None
+        # dmd: the guided teacher is the real score whatever the student starts from
+        guided = (bool(self.teacher.config.num_classes) and r == 0
+                  and (self.init is None or self.cfg.method == "dmd"))
         diffusion = DiffusionConfig.from_dict(config["diffusion"])
         return (Guided(net, self.cfg.guidance) if guided else net), diffusion
 

@@ -340,6 +340,13 @@ class DistillConfig:
     # dmd: the fake score learns the student's outputs at every update, the student moves at
     # every `fake_updates`-th (DMD2's two time-scale rule: 5 on ImageNet)
     fake_updates: int = option(1, "dmd: fake-score updates per student update")
+    # dmd: train on the student's own DDIM path from pure noise, back-propagated through every
+    # step (DMD2's backward simulation), instead of real images noised to its grid's levels
+    simulate: bool = option(False, "dmd: train on the student's own sampling path from noise "
+                            "instead of real images noised to its levels")
+    # dmd: DMD2's GAN term beside it, with the adversarial method's discriminator (0: none)
+    gan_weight: float = option(0.0, "dmd: weight of a GAN term beside distribution matching "
+                               "(DMD2); 0 for none", type="number")
     # ect: the stages of its schedule, each halving the gap between the two noise levels it
     # compares (ECT's CIFAR-10 run has 8)
     stages: int = option(4, "ect: times the gap between its two noise levels halves")
@@ -392,6 +399,7 @@ class DistillConfig:
             (self.init is None or self.method in ("adversarial", "dmd"), "--init is for "
              "--method adversarial or dmd (the other methods start from the teacher)"),
             (self.fake_updates >= 1, f"--fake-updates must be >= 1, got {self.fake_updates}"),
+            (self.gan_weight >= 0, f"--gan-weight must be >= 0, got {self.gan_weight}"),
             (self.stages >= 1, f"--stages must be >= 1, got {self.stages}"),
             (self.method != "ect" or self.steps in ECT_STEPS, f"--method ect samples in "
              f"{', '.join(map(str, ECT_STEPS))} steps, got --steps {self.steps}"),

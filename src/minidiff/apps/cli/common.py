@@ -81,6 +81,10 @@ def options(config, *names: str, **kw):
             if f.default is not None:
                 shown = f"default {f.default}"
                 meta["help"] = f"{meta['help']} ({shown})" if meta["help"] else shown
+            if kind == "bool":  # a switch: typed -> True, else None (the field's default)
+                handler = arg("--" + f.name.replace("_", "-"), action="store_const", const=True,
+                              **meta, **kw)(handler)
+                continue
             handler = arg("--" + f.name.replace("_", "-"), type=TYPES[kind], **meta, **kw)(handler)
         return handler
     return add
