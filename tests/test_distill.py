@@ -430,7 +430,8 @@ def test_dmd_gradient_moves_each_sample_towards_the_data_and_vanishes_at_a_match
 
 def test_dmd_trains_the_fake_score_and_not_the_teacher(teacher, students):
     """The fake score moved away from the teacher it started as (it learns the student's
-    outputs); the teacher file is untouched; the student's config names its method."""
+    outputs), a run without a GAN term keeps no discriminator, and the student's config names
+    its method and sampler."""
     from safetensors.torch import load_file
 
     t_model = load_checkpoint(teacher)[0].state_dict()
