@@ -4,6 +4,8 @@ Run: .venv/bin/python benchmarks/default_sampler.py runs/demo [--n 1000] [--seed
   [--name default_sampler] [--default-only] [--precision auto|fp32|bf16]
   -> benchmarks/results/NAME.{json,md}
 (--default-only: today's default alone, its mean over the seeds printed; no table, no choice)
+A class-conditional model (the demo's) is scored as it is drawn: n / 10 of each digit with the
+default guidance, its conditional accuracy beside the other scores.
 
 Each candidate samples n images per seed (batch 250, in the precision `--precision auto` picks)
 and is scored by the project's pseudo-FID against the MNIST test split; the rule compares the
@@ -28,6 +30,7 @@ from common import RESULTS, resume_results  # noqa: E402
 
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.evaluation import score  # noqa: E402
+from minidiff.generation import class_labels  # noqa: E402
 from minidiff.metrics import Reference  # noqa: E402
 from minidiff.runtime import environment_line, resolve_precision  # noqa: E402
 from minidiff.settings import SamplingConfig  # noqa: E402
@@ -81,6 +84,7 @@ def key(r):
 
 
 ref = Reference("mnist", "test")
+labels = class_labels("all", args.n, 10, args.checkpoint) if model.config.num_classes else None
 done = {key(r) for r in res["rows"]}
 # today's default first, DDPM-1000 (the slowest) last: a partial run already says the most
 DEFAULT_CANDIDATE = (SamplingConfig().sampler, SamplingConfig().steps, SamplingConfig().spacing)
@@ -94,7 +98,7 @@ for name, steps, spacing in ORDER:
         cfg = SamplingConfig(name, steps, spacing, seed=seed, batch_size=250,
                              precision=PRECISION)
         row = {"sampler": name, "steps": steps, "spacing": spacing, "seed": seed,
-               **score(model, config, cfg, args.n, ref)}
+               **score(model, config, cfg, args.n, ref, y=labels)}
         res["rows"].append(row)
         res["date"] = str(date.today())
         path.write_text(json.dumps(res, indent=2) + "\n")
@@ -104,7 +108,8 @@ if args.default_only:
     rows = [r for r in res["rows"] if key(r)[:3] == ORDER[0] and r["seed"] in args.seeds]
     print(json.dumps({"sampler": ORDER[0], **{
         f"{k}_mean": round(statistics.mean(r[k] for r in rows), 4)
-        for k in ("pseudo_fid", "confidence", "precision", "recall")},
+        for k in ("pseudo_fid", "confidence", "precision", "recall", "conditional_accuracy")
+        if k in rows[0]},
         "pseudo_fid_min": min(r["pseudo_fid"] for r in rows),
         "pseudo_fid_max": max(r["pseudo_fid"] for r in rows)}))
     sys.exit(0)

@@ -34,6 +34,7 @@ from minidiff.checkpoint import load_checkpoint, load_state
 from minidiff.diffusion import DiffusionConfig
 from minidiff.evaluation import score
 from minidiff.files import atomic_write_text
+from minidiff.generation import class_labels
 from minidiff.loop import Run, seconds_per_step, training_images
 from minidiff.metrics import Reference
 from minidiff.runtime import cpu_class, environment, resolve_precision
@@ -70,6 +71,8 @@ VARIANTS = {
     "attention": ("self-attention at 7 x 7 between the bottleneck blocks", "reduced-attention",
                   {}, {}),
     "shallow": ("the shallow U-Net (64/128)", "shallow", {}, {}),
+    "cond": ("class-conditional (10% of labels dropped), scored on 100 digits per class drawn "
+             "with the default guidance", "reduced-cond", {}, {}),
 }
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "equal_time"
 
@@ -88,10 +91,12 @@ def variant(names: str) -> tuple[str, str, dict, dict]:
 
 
 def unet_config(preset: str) -> UNetConfig:
-    """A preset's U-Net, ``reduced-attention``: with self-attention, or ``c8-16-32``: one
-    with those channels per level."""
+    """A preset's U-Net, ``reduced-attention``: with self-attention, ``reduced-cond``:
+    class-conditional, or ``c8-16-32``: one with those channels per level."""
     if preset in PRESETS:
         return PRESETS[preset]
+    if preset.endswith("-cond"):
+        return replace(PRESETS[preset.removesuffix("-cond")], num_classes=10)
     if preset.endswith("-attention"):
         return replace(PRESETS[preset.removesuffix("-attention")], attention=True)
     return UNetConfig(channels=tuple(int(c) for c in preset[1:].split("-")))
@@ -100,9 +105,10 @@ def unet_config(preset: str) -> UNetConfig:
 def per_step(preset: str, cfg: TrainConfig, precision: str, cache: dict) -> float:
     key = f"{preset}/bs{cfg.batch_size}"
     if key not in cache:
-        images, _ = training_images(cfg.dataset, 4096, 28)
-        run = Run(Path("/nonexistent"), images, None, torch.device("cpu"), precision,
-                  progress=False)
+        images, labels = training_images(cfg.dataset, 4096, 28)
+        conditional = unet_config(preset).num_classes is not None
+        run = Run(Path("/nonexistent"), images, labels if conditional else None,
+                  torch.device("cpu"), precision, progress=False)
         probe = Training(unet_config(preset), DiffusionConfig(), replace(cfg, eval_every=None), 1,
                          {}, run.world, run.device)
         cache[key] = round(seconds_per_step(probe, run), 5)
@@ -121,7 +127,8 @@ def run_variant(name: str, seed: int, seconds: float, precision: str, cache: dic
     summary = train(unet_config(preset), DiffusionConfig(**d_over), cfg, out, resume=resume,
                     preset=preset if preset in PRESETS else None, progress=False)
     model, config, digest = load_checkpoint(out)
-    scores = [score(model, config, SamplingConfig(seed=s), n, ref) for s in sample_seeds]
+    scores = [score(model, config, SamplingConfig(seed=s), n, ref, y=labels(model, n))
+              for s in sample_seeds]
     raw = raw_scores(out, ref, n, sample_seeds)
     return {"variant": name, "seed": seed, "what": what, "preset": preset, "steps": steps,
             "images": steps * cfg.batch_size, "s_per_step": cache[f"{preset}/bs{cfg.batch_size}"],
@@ -129,7 +136,14 @@ def run_variant(name: str, seed: int, seconds: float, precision: str, cache: dic
             "sha256": digest, "train": cfg.to_dict(),
             "diffusion": DiffusionConfig(**d_over).to_dict(),
             "pseudo_fid": [s["pseudo_fid"] for s in scores],
-            "confidence": [s["confidence"] for s in scores], **raw}
+            "confidence": [s["confidence"] for s in scores], **raw,
+            **({"conditional_accuracy": [s["conditional_accuracy"] for s in scores]}
+               if "conditional_accuracy" in scores[0] else {})}
+
+
+def labels(model, n: int) -> torch.Tensor | None:
+    """A conditional model is scored as its user samples it: ``n / 10`` of each class."""
+    return None if model.config.num_classes is None else class_labels("all", n, 10, "")
 
 
 def raw_scores(out: Path, ref: Reference, n: int, sample_seeds: list[int]) -> dict:
@@ -137,7 +151,8 @@ def raw_scores(out: Path, ref: Reference, n: int, sample_seeds: list[int]) -> di
     ema, config, _ = load_checkpoint(out)
     raw = copy.deepcopy(ema)
     load_state(out, raw, copy.deepcopy(ema), torch.optim.AdamW(raw.parameters()))
-    scores = [score(raw.eval(), config, SamplingConfig(seed=s), n, ref) for s in sample_seeds]
+    scores = [score(raw.eval(), config, SamplingConfig(seed=s), n, ref, y=labels(raw, n))
+              for s in sample_seeds]
     return {"raw_pseudo_fid": [s["pseudo_fid"] for s in scores],
             "raw_confidence": [s["confidence"] for s in scores]}
 

@@ -187,3 +187,37 @@ def test_ect_refuses_a_conditional_teacher_in_one_line(cond_run, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"minidiff: error: {cond_run} is class-conditional and --method ect folds no "
                    "guidance in: use --method progressive or dmd for it"]
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+def test_the_demo_draws_each_digit_guided_and_reports_their_accuracy(tmp_path, monkeypatch,
+                                                                     capsys):
+    """The demo trains a class-conditional U-Net and draws n / 10 of each digit with the
+    default guidance; the report and metrics.json carry the share read as the digit asked
+    for. A folder of an earlier, unconditional demo is not resumed as if it were this one."""
+    from dataclasses import replace
+
+    from minidiff.apps import demo
+    from minidiff.samplefiles import read_samples
+
+    monkeypatch.setattr(demo, "DEMO_SAMPLING", SamplingConfig(steps=2))
+    monkeypatch.setattr(demo, "DEMO_TRAIN", replace(demo.DEMO_TRAIN, subset=64, batch_size=8,
+                                                    warmup_steps=1))
+    out = tmp_path / "demo"
+    demo.run_demo(out, steps=2, n=20)
+    _, labels, meta = read_samples(out / "samples.npz")
+    assert labels.tolist() == [c for c in range(10) for _ in range(2)]
+    assert meta["guidance"] == SamplingConfig().guidance and meta["class"] == "all"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["num_classes"] == 10 and config["preset"] == "reduced"
+    accuracy = json.loads((out / "metrics.json").read_text())["conditional_accuracy"]
+    assert f"{accuracy:.1%} of the samples as the digit" in (out / "report.md").read_text()
+
+    assert main(["demo", "--out", str(out), "--n", "25"]) == 1
+    assert "--n must be a multiple of 10" in capsys.readouterr().err
+    config["model"]["num_classes"] = None  # a demo folder from before
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MinidiffError, match="holds a demo run of another recipe"):
+        demo.run_demo(out, steps=2, n=20)

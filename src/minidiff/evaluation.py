@@ -16,7 +16,7 @@ import torch
 from .classifier import features_and_logits
 from .diffusion import DiffusionConfig
 from .generation import resolve_sampling, time_generation
-from .metrics import Reference, evaluate_images, frechet_distance
+from .metrics import Reference, evaluate_conditional, evaluate_images, frechet_distance
 from .settings import EVAL_N, EVAL_SAMPLING, SamplingConfig
 
 
@@ -48,11 +48,16 @@ SCORES = ("pseudo_fid", "kid", "precision", "recall", "confidence", "class_max_d
 
 
 def score(model: torch.nn.Module, config: dict, cfg: SamplingConfig, n: int, ref: Reference,
-          device: torch.device | str = "cpu") -> dict:
-    """``{"seconds", "pseudo_fid", "kid", "precision", "recall", "confidence"}`` of ``n``
+          device: torch.device | str = "cpu", y: torch.Tensor | None = None) -> dict:
+    """``{"seconds", "pseudo_fid", "kid", "precision", "recall", "confidence", ...}`` of ``n``
     images drawn from ``model`` (``config``: its checkpoint's) with ``cfg``, the draw timed and
-    scored against ``ref``; rounded as the benchmarks' result files keep them."""
+    scored against ``ref``; rounded as the benchmarks' result files keep them. With labels
+    ``y: [n]`` (a conditional model, guided by ``cfg.guidance``), also the share the classifier
+    assigns to the requested class, ``conditional_accuracy``."""
     cfg, sched = resolve_sampling(cfg, config, torch.device(device))
-    run = time_generation(model, sched, cfg, n, device=device)
+    run = time_generation(model, sched, cfg, n, device=device, y=y)
     m = evaluate_images(run.result, ref)
-    return {"seconds": round(run.seconds, 1), **{k: round(m[k], 4) for k in SCORES}}
+    if y is not None:
+        m.update(evaluate_conditional(run.result, y, ref))
+    keys = SCORES + (("conditional_accuracy",) if y is not None else ())
+    return {"seconds": round(run.seconds, 1), **{k: round(m[k], 4) for k in keys}}

@@ -1,5 +1,9 @@
 """``minidiff demo``: train the reduced U-Net briefly on MNIST, sample a grid, write a report.
 
+The demo's U-Net is class-conditional (10% of labels dropped in training) and draws ten of each
+digit with classifier-free guidance: at the same CPU seconds that scores a pseudo-FID several times
+lower than an unconditional model's, and the grid shows one digit per row (docs/training.md).
+
 The demo trains for a time, not a step count: a short probe of this machine's training speed
 turns ``--minutes`` into steps before the run (:func:`minidiff.train.train`), and config.json and
 the report record them, so ``--steps N`` with the recorded count repeats the run bit for bit and
@@ -20,8 +24,6 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from ..checkpoint import CHECKPOINTS, CONFIG_FILE, MODEL_FILE
 from ..diffusion import DiffusionConfig
 from ..errors import MinidiffError
@@ -29,12 +31,13 @@ from ..files import atomic_write_text, run_lock
 from ..generation import sample_to_file
 from ..metrics import MIN_SAMPLES, evaluate
 from ..runtime import environment_line, resolve_device, resolve_precision, timed
-from ..samplefiles import load_samples
+from ..samplefiles import read_samples
 from ..settings import DEMO_MINUTES, SamplingConfig, TrainConfig
 from ..train import train
 from ..unet import PRESETS, UNet, count_params
 
 DEMO_PRESET = "reduced"
+DEMO_UNET = replace(PRESETS[DEMO_PRESET], num_classes=10)  # class-conditional, guided
 DEMO_TRAIN = TrainConfig(checkpoint_every=250)  # the default recipe, for DEMO_MINUTES
 DEMO_SAMPLING = SamplingConfig()  # the sampling defaults
 # what a demo run writes into its folder: all that --force removes
@@ -48,8 +51,10 @@ def run_demo(out: str | Path = "runs/demo", *, steps: int | None = None,
     """Train (or resume, or reuse) the demo run in ``out`` for ``minutes`` of this machine (or
     exactly ``steps``); write samples, grid and report."""
     out = Path(out)
-    if n < MIN_SAMPLES:
-        raise MinidiffError(f"--n must be >= {MIN_SAMPLES}: the demo evaluates its samples")
+    if n < MIN_SAMPLES or n % DEMO_UNET.num_classes:
+        raise MinidiffError(f"--n must be a multiple of {DEMO_UNET.num_classes} and >= "
+                            f"{MIN_SAMPLES}: the demo draws as many of each digit and evaluates "
+                            "them")
     precision = resolve_precision(DEMO_TRAIN.precision, resolve_device(DEMO_TRAIN.device))
     cfg = replace(DEMO_TRAIN, steps=steps) if steps else replace(DEMO_TRAIN, minutes=minutes)
     with run_lock(out):
@@ -62,9 +67,11 @@ def _run_demo(out: Path, cfg: TrainConfig, precision: str, *, n: int, data_dir,
         _remove_demo_files(out)
     resume = (out / CONFIG_FILE).exists()
     if resume:
-        saved = json.loads((out / CONFIG_FILE).read_text()).get("train", {})
+        run_config = json.loads((out / CONFIG_FILE).read_text())
+        saved = run_config.get("train", {})
         # a budgeted run continues with the steps its probe fixed
-        if saved != cfg.to_dict() and saved != {**cfg.to_dict(), "steps": saved.get("steps")}:
+        if run_config.get("model") != DEMO_UNET.to_dict() or (
+                saved != cfg.to_dict() and saved != {**cfg.to_dict(), "steps": saved.get("steps")}):
             raise MinidiffError(f"{out} holds a demo run of another recipe or length "
                                 f"({saved.get('steps')} steps); pass --force to start over or "
                                 "another --out")
@@ -76,18 +83,19 @@ def _run_demo(out: Path, cfg: TrainConfig, precision: str, *, n: int, data_dir,
 
     timings = {}  # each step's wall time, one call each
     timings["train"], _, summary = timed(lambda: train(
-        PRESETS[DEMO_PRESET], DiffusionConfig(), cfg, out, data_dir=data_dir, resume=resume,
+        DEMO_UNET, DiffusionConfig(), cfg, out, data_dir=data_dir, resume=resume,
         preset=DEMO_PRESET))
     timings["sample"], _, meta = timed(lambda: sample_to_file(
-        out, out / "samples.npz", DEMO_SAMPLING, n=n, grid=str(out / "grid.png")))
-    timings["eval"], _, metrics = timed(lambda: evaluate(
-        torch.from_numpy(load_samples(out / "samples.npz")), "mnist", "test", data_dir))
+        out, out / "samples.npz", DEMO_SAMPLING, n=n, classes="all", grid=str(out / "grid.png")))
+    images, labels, _ = read_samples(out / "samples.npz")
+    timings["eval"], _, metrics = timed(lambda: evaluate(images, "mnist", "test", data_dir,
+                                                         labels=labels))
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     rows = "\n".join(
         f"| `{k}` | {metrics[k]:.4f} | {metrics['floor'][k]:.4f} |"
         for k in ("pseudo_fid", "kid", "precision", "recall", "ssim", "class_max_dev",
                   "confidence", "memorization"))
-    params = count_params(UNet(PRESETS[DEMO_PRESET]))
+    params = count_params(UNet(DEMO_UNET))
     last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x]
     loss_line = f"{last[-1]['loss']:.4f} at step {last[-1]['step']}" if last else "n/a"
     run_config = json.loads((out / CONFIG_FILE).read_text())
@@ -108,15 +116,19 @@ Command: `minidiff demo` ({resumed})
 
 | step | what | time |
 |---|---|---|
-| train | `{DEMO_PRESET}` U-Net ({params:,} parameters), {cfg.steps} steps of batch \
-{cfg.batch_size} on MNIST, AdamW lr {cfg.lr}, {precision} | \
+| train | `{DEMO_PRESET}` U-Net ({params:,} parameters), class-conditional, {cfg.steps} steps \
+of batch {cfg.batch_size} on MNIST, AdamW lr {cfg.lr}, {precision} | \
 {timings['train']:.0f} s |
-| sample | {n} images, {meta['sampler']}, {meta['steps']} steps ({meta['spacing']}), seed \
-{meta['seed']}, {meta['precision']} | {timings['sample']:.0f} s |
+| sample | {n} images, {n // DEMO_UNET.num_classes} of each digit, {meta['sampler']}, \
+{meta['steps']} steps ({meta['spacing']}), guidance {meta['guidance']}, seed {meta['seed']}, \
+{meta['precision']} | {timings['sample']:.0f} s |
 | eval | metrics of the {n} samples and of {n} real training images (the floor) | \
 {timings['eval']:.0f} s |
 
 Final training loss (one batch): {loss_line}. {steps_note}
+
+The classifier reads {metrics['conditional_accuracy']:.1%} of the samples as the digit they were
+drawn for.
 
 Quality against the MNIST test split (definitions in docs/metrics.md of the minidiff
 repository; with only {n} samples FID and KID are biased upwards, which is why the floor, the same
@@ -132,7 +144,8 @@ Files: `config.json` + `model.safetensors` (EMA weights), `checkpoints/` (to res
 
 ![samples](grid.png)
 
-Sample again with `minidiff sample {out} --n 64 --out more.npz --grid more.png`.
+Sample again with `minidiff sample {out} --class all --n 100 --out more.npz --grid more.png`
+(or `--class 7` for sevens only).
 """
     atomic_write_text(out / "report.md", report)
     return out / "report.md"

@@ -214,7 +214,8 @@ def cmd_eval(args):
         atomic_write_text(args.json, json.dumps(res, indent=2) + "\n")
 
 
-@command("demo", "train the reduced model briefly, sample, write a report",
+@command("demo", "train the reduced model briefly (class-conditional), draw each digit, write "
+         "a report",
          "minidiff demo            # 9 minutes of training, ~11 in all on 2 cores: runs/demo/",
          "minidiff demo --minutes 3 --out runs/demo3   # a shorter look",
          "minidiff demo --steps 3200 --out runs/demo-b   # a recorded step count, no probe")
@@ -222,7 +223,8 @@ def cmd_eval(args):
 @arg("--minutes", type=c.positive_float, default=s.DEMO_MINUTES, help="training time on this "
      "machine, turned into steps by a short probe (default %(default)s)")
 @arg("--steps", type=c.positive_int, help="training steps instead of --minutes")
-@arg("--n", type=c.positive_int, default=100, help="images to sample (default %(default)s)")
+@arg("--n", type=c.positive_int, default=100, help="images to sample, n / 10 of each digit "
+     "(default %(default)s)")
 @shared("--data-dir")
 @arg("--force", action="store_true", help="start over in --out (only the demo's own files "
      "are removed)")
