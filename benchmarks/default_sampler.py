@@ -50,6 +50,8 @@ CANDIDATES = [("ddpm", 1000, "uniform"),
 CANDIDATES += [(name, steps, spacing) for name in ("unipc", "dpmpp", "dpmpp-sde")
                for spacing in ("karras", "logsnr", "trailing") for steps in (10, 8, 6)
                if (name, steps, spacing) not in CANDIDATES]
+# Karras spacing at rho 2, more steps at high noise (benchmarks/karras_rho.py found it best)
+CANDIDATES += [("dpmpp-sde", steps, "karras-rho2") for steps in (10, 8, 6)]
 TOLERANCE = 0.10
 
 ap = argparse.ArgumentParser()
@@ -79,15 +81,23 @@ if not res["rows"]:
                             in CANDIDATES]
 
 
+def spacing_label(spacing: str, rho: float | None) -> str:
+    """A spacing as the rows name it: ``karras`` is Karras et al.'s rho 7 (every karras row
+    before `--rho` existed), ``karras-rho2`` another rho."""
+    return f"karras-rho{rho:g}" if spacing == "karras" and rho not in (None, 7.0) else spacing
+
+
 def key(r):
-    return r["sampler"], r["steps"], r.get("spacing", "uniform"), r["seed"]
+    spacing = spacing_label(r.get("spacing", "uniform"), r.get("rho"))
+    return r["sampler"], r["steps"], spacing, r["seed"]
 
 
 ref = Reference("mnist", "test")
 labels = class_labels("all", args.n, 10, args.checkpoint) if model.config.num_classes else None
 done = {key(r) for r in res["rows"]}
 # today's default first, DDPM-1000 (the slowest) last: a partial run already says the most
-DEFAULT_CANDIDATE = (SamplingConfig().sampler, SamplingConfig().steps, SamplingConfig().spacing)
+D = SamplingConfig()
+DEFAULT_CANDIDATE = (D.sampler, D.steps, spacing_label(D.spacing, D.rho))
 ORDER = sorted(CANDIDATES, key=lambda c: (c[1] == 1000, c != DEFAULT_CANDIDATE))
 if args.default_only:
     ORDER = [DEFAULT_CANDIDATE]
@@ -95,9 +105,11 @@ for name, steps, spacing in ORDER:
     for seed in args.seeds:
         if (name, steps, spacing, seed) in done:
             continue
-        cfg = SamplingConfig(name, steps, spacing, seed=seed, batch_size=250,
-                             precision=PRECISION)
-        row = {"sampler": name, "steps": steps, "spacing": spacing, "seed": seed,
+        spacing_, _, rho = spacing.partition("-rho")
+        cfg = SamplingConfig(name, steps, spacing_, rho=float(rho or 7.0), seed=seed,
+                             batch_size=250, precision=PRECISION)
+        row = {"sampler": name, "steps": steps, "spacing": spacing_,
+               **({"rho": cfg.rho} if spacing_ == "karras" else {}), "seed": seed,
                **score(model, config, cfg, args.n, ref, y=labels)}
         res["rows"].append(row)
         res["date"] = str(date.today())
@@ -152,10 +164,12 @@ for s in sorted(summary, key=lambda s: (s["sampler"], s["spacing"], -s["steps"])
                  f" | {s['vs_ddpm_1000']:+.1%} | {s['precision_mean']:.3f} | "
                  f"{s['recall_mean']:.3f} |")
 verdict = "Chosen" if ok else f"No candidate within {TOLERANCE:.0%}; the closest"
+chosen_spacing, _, chosen_rho = choice["spacing"].partition("-rho")
 lines += ["", f"{verdict}: `--sampler {choice['sampler']} --steps {choice['steps']} --spacing "
-          f"{choice['spacing']}` ({choice['vs_ddpm_1000']:+.1%} vs DDPM-1000). Today's default: "
-          f"`--sampler {SamplingConfig().sampler} --steps {SamplingConfig().steps} --spacing "
-          f"{SamplingConfig().spacing}`.", "",
+          f"{chosen_spacing}{' --rho ' + chosen_rho if chosen_rho else ''}` "
+          f"({choice['vs_ddpm_1000']:+.1%} vs DDPM-1000). Today's default: "
+          f"`--sampler {D.sampler} --steps {D.steps} --spacing {D.spacing} --rho {D.rho:g}`.",
+          "",
           f"Command: `.venv/bin/python benchmarks/default_sampler.py {res['checkpoint']} "
           f"--n {args.n} --seeds {' '.join(map(str, args.seeds))} --name {args.name}`"]
 (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")

@@ -11,7 +11,7 @@ gets the same training *seconds* on this machine, so a variant that changes the 
 measured once per (preset, batch size), as ``minidiff train --minutes`` probes them (median of
 20 steps after 5, :func:`minidiff.loop.seconds_per_step`), and every variant with that cost
 trains the same count, so the comparison is deterministic given the counts (recorded). Each run
-is scored at the default sampler (``SamplingConfig()``: what the demo's user sees), n samples per
+is scored at :data:`RULER` (the default sampler when the rows were made), n samples per
 sampling seed against the MNIST test split: pseudo-FID and classifier confidence, mean and
 min..max over training seeds x sampling seeds.
 
@@ -75,6 +75,9 @@ VARIANTS = {
              "with the default guidance", "reduced-cond", {}, {}),
 }
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "equal_time"
+# every committed row was scored with 20 trailing steps of SDE-DPM-Solver++ (the default sampler
+# until 2026-12-06), so new rows keep that ruler
+RULER = SamplingConfig(steps=20, spacing="trailing")
 
 
 def variant(names: str) -> tuple[str, str, dict, dict]:
@@ -127,7 +130,7 @@ def run_variant(name: str, seed: int, seconds: float, precision: str, cache: dic
     summary = train(unet_config(preset), DiffusionConfig(**d_over), cfg, out, resume=resume,
                     preset=preset if preset in PRESETS else None, progress=False)
     model, config, digest = load_checkpoint(out)
-    scores = [score(model, config, SamplingConfig(seed=s), n, ref, y=labels(model, n))
+    scores = [score(model, config, replace(RULER, seed=s), n, ref, y=labels(model, n))
               for s in sample_seeds]
     raw = raw_scores(out, ref, n, sample_seeds)
     return {"variant": name, "seed": seed, "what": what, "preset": preset, "steps": steps,
@@ -151,7 +154,7 @@ def raw_scores(out: Path, ref: Reference, n: int, sample_seeds: list[int]) -> di
     ema, config, _ = load_checkpoint(out)
     raw = copy.deepcopy(ema)
     load_state(out, raw, copy.deepcopy(ema), torch.optim.AdamW(raw.parameters()))
-    scores = [score(raw.eval(), config, SamplingConfig(seed=s), n, ref, y=labels(raw, n))
+    scores = [score(raw.eval(), config, replace(RULER, seed=s), n, ref, y=labels(raw, n))
               for s in sample_seeds]
     return {"raw_pseudo_fid": [s["pseudo_fid"] for s in scores],
             "raw_confidence": [s["confidence"] for s in scores]}
@@ -170,8 +173,8 @@ def markdown(res: dict) -> str:
              f"the last was `{res['command']}`; runs in `runs/equal_time/`). torch "
              + env["torch"] + f", {env['threads']} threads.", "",
              f"Every variant trains for {res['seconds']:g} s of this CPU: its steps are the "
-             "seconds over its measured seconds per step. Scores: the default sampler "
-             f"(SDE-DPM-Solver++, 20 trailing steps), n = {res['n']} per sampling seed "
+             "seconds over its measured seconds per step. Scores: the default sampler until "
+             f"2026-12-06 (SDE-DPM-Solver++, 20 trailing steps), n = {res['n']} per sampling seed "
              f"{res['sample_seeds']}, mean (min..max) over training seeds x sampling seeds.", "",
              "| variant | change | steps x batch | training seeds | pseudo-FID | confidence | "
              "pseudo-FID, raw weights | confidence, raw |",

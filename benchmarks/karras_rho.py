@@ -1,32 +1,38 @@
-"""Does another rho, or another top noise level, make Karras spacing better at 10 steps?
+"""Which rho, or top noise level, makes Karras spacing best at a few steps?
 
-Run: .venv/bin/python benchmarks/karras_rho.py [--seeds 0 1 2] [--n 1000] RHO:LOG_SIGMA_MAX ...
-  e.g. 7:2.55 (today's `--spacing karras`) 5:2.55 10:2.55 7:2.0 7:3.0   -> printed
+Run: .venv/bin/python benchmarks/karras_rho.py [--seeds 0 1 2] [--n 1000] [--steps 10]
+       [--checkpoint reduced] RHO:LOG_SIGMA_MAX ...
+  e.g. 7:2.55 (Karras et al.'s rho) 2:2.55 3:2.55 7:2.0 7:3.0   -> printed
+  (a setting `trailing` samples `--spacing trailing` at the same steps, for comparison)
 
-Samples the shipped `reduced` with 10 steps of the default SDE solver on Karras spacing with the
-given rho and top noise level (log sigma; today's clip is 2.55, log-SNR -5.1), everything else as
-`--spacing karras` does (``Schedule._log_sigma_spaced``, replaced here for the run), and prints
-the pseudo-FID per seed and the mean. Every setting draws the same seeds, so settings compare on
-common noise; the batch is the precision's default (256 in bf16).
+Samples a checkpoint (default: the shipped `reduced`) with the default SDE solver on
+`--spacing karras --rho RHO` and, where the top noise level (log sigma) is not the clip of
+2.55 (log-SNR -5.1), that top instead (``Schedule._log_sigma_spaced``, replaced here for the
+run), and prints the pseudo-FID per seed and the mean. Every setting draws the same seeds, so
+settings compare on common noise; the batch is the precision's default (256 in bf16). A
+class-conditional checkpoint is drawn as its users draw it: n / 10 of each class, guided with the
+default scale.
 """
 
 import argparse
 import statistics
+from dataclasses import replace
 
 import common  # noqa: F401  (puts the checkout's src on sys.path)
 
 import minidiff.diffusion as diffusion
 from minidiff.checkpoint import load_checkpoint
 from minidiff.evaluation import score
+from minidiff.generation import class_labels
 from minidiff.metrics import Reference
 from minidiff.settings import SamplingConfig
 
-SPACED = diffusion.Schedule._log_sigma_spaced  # today's, before any setting replaces it
+SPACED = diffusion.Schedule._log_sigma_spaced  # the library's, before a setting replaces it
 
 
-def spacing(rho: float, top: float):
-    """``Schedule._log_sigma_spaced`` with this rho and top noise level, whatever it is asked."""
-    return lambda self, steps, _rho: SPACED(self, steps, rho, top)
+def with_top(top: float):
+    """``Schedule._log_sigma_spaced`` with this top noise level."""
+    return lambda self, steps, rho: SPACED(self, steps, rho, top)
 
 
 def main() -> None:
@@ -34,16 +40,24 @@ def main() -> None:
     ap.add_argument("settings", nargs="+", help="RHO:LOG_SIGMA_MAX")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--checkpoint", default="reduced")
     args = ap.parse_args()
-    model, config, _ = load_checkpoint("reduced")
+    model, config, _ = load_checkpoint(args.checkpoint)
     ref = Reference("mnist", "test")
+    y = class_labels("all", args.n, 10, args.checkpoint) if model.config.num_classes else None
     for setting in args.settings:
-        rho, top = (float(v) for v in setting.split(":"))
-        diffusion.Schedule._log_sigma_spaced = spacing(rho, top)
-        fids = [score(model, config, SamplingConfig(steps=10, spacing="karras", seed=s), args.n,
-                      ref)["pseudo_fid"] for s in args.seeds]
-        print(f"rho {rho:g}, log sigma max {top:g}: {fids} mean {statistics.mean(fids):.3f}",
-              flush=True)
+        if setting == "trailing":
+            cfg, what = SamplingConfig(steps=args.steps, spacing="trailing"), "trailing"
+        else:
+            rho, top = (float(v) for v in setting.split(":"))
+            diffusion.Schedule._log_sigma_spaced = with_top(top)
+            cfg = SamplingConfig(steps=args.steps, spacing="karras", rho=rho)
+            what = f"rho {rho:g}, log sigma max {top:g}"
+        fids = [score(model, config, replace(cfg, seed=s), args.n, ref, y=y)["pseudo_fid"]
+                for s in args.seeds]
+        print(f"{args.checkpoint}, {args.steps} steps, {what}: {fids} mean "
+              f"{statistics.mean(fids):.3f}", flush=True)
 
 
 if __name__ == "__main__":

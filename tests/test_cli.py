@@ -67,7 +67,7 @@ def test_sample_writes_npz_sidecar_and_grid(run_dir, tmp_path, capsys):
     images = np.load(out)["images"]
     assert images.shape == (5, 28, 28) and images.dtype == np.uint8
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["sampler"] == "dpmpp-sde" and meta["spacing"] == "trailing"  # the defaults
+    assert (meta["sampler"], meta["spacing"], meta["rho"]) == ("dpmpp-sde", "karras", 2.0)
     assert meta["steps"] == 4 and meta["seed"] == 0
     # the whole SamplingConfig, resolved (precision auto -> what ran; no class, no guidance)
     assert SamplingConfig.from_dict(meta) == SamplingConfig(

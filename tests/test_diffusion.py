@@ -93,6 +93,21 @@ def test_noise_level_spacings_follow_their_rule_and_fit_any_step_count(spacing):
         assert len(ts) == steps and ts[-1] == 999 and bool((ts[1:] > ts[:-1]).all())
 
 
+@pytest.mark.parametrize("rho", [2.0, 3.0, 12.0])
+def test_karras_spacing_follows_its_rho(rho):
+    """Another rho keeps sigma^(1/rho) evenly spaced; a lower rho puts more steps at high
+    noise (more of the kept timesteps in the upper half of the schedule)."""
+    full = Schedule.from_config(DiffusionConfig())
+    ab = full.respace(12, "karras", rho).alpha_bar
+    u = (0.5 * ((1 - ab).log() - ab.log())[:-1] / rho).exp()
+    gaps = u[1:] - u[:-1]
+    assert float(gaps.max() / gaps.min()) < 1.6, gaps
+
+    def upper(r):
+        return int((full.respace(10, "karras", r).timesteps >= 500).sum())
+    assert (upper(rho) > upper(7.0)) == (rho < 7.0)
+
+
 def test_quadratic_spacing_is_denser_at_low_noise_and_never_repeats():
     full = Schedule.from_config(DiffusionConfig())
     q = full.respace(20, "quadratic").timesteps

@@ -8,7 +8,7 @@ import pytest
 
 from minidiff import settings
 from minidiff.errors import MinidiffError
-from minidiff.settings import SamplingConfig
+from minidiff.settings import EVAL_SAMPLING, SamplingConfig
 
 
 def test_names_are_the_registries():
@@ -51,7 +51,9 @@ def test_every_listed_choice_is_one_the_code_takes():
 
 def test_defaults_are_the_chosen_sampler():
     d = SamplingConfig()
-    assert (d.sampler, d.steps, d.spacing, d.guidance) == ("dpmpp-sde", 20, "trailing", 1.5)
+    assert (d.sampler, d.steps, d.spacing, d.rho, d.guidance) == ("dpmpp-sde", 8, "karras", 2.0,
+                                                                  1.5)
+    assert (EVAL_SAMPLING.steps, EVAL_SAMPLING.spacing) == (8, "trailing")  # the curves' ruler
     assert SamplingConfig.from_dict(d.to_dict()) == d
 
 
@@ -61,6 +63,8 @@ def test_defaults_are_the_chosen_sampler():
     ({"steps": 0}, "--steps must be >= 1, got 0"),
     ({"spacing": "cubic"}, "--spacing cubic: unknown spacing 'cubic'"),
     ({"eta": 0.5}, "--eta applies to --sampler ddim only"),
+    ({"spacing": "karras", "rho": 0.0}, "--rho must be > 0, got 0.0"),
+    ({"spacing": "uniform", "rho": 3.0}, "--rho applies to --spacing karras only"),
     ({"sampler": "ddim", "eta": -1.0}, "--eta must be >= 0, got -1.0"),
     ({"guidance": -1.0}, "--guidance must be >= 0, got -1.0"),
     ({"precision": "fp8"}, "--precision must be one of auto, fp32, bf16, got 'fp8'"),

@@ -110,15 +110,16 @@ class Schedule:
     def __len__(self) -> int:
         return len(self.betas)
 
-    def respace(self, steps: int, spacing: str = "uniform") -> "Schedule":
+    def respace(self, steps: int, spacing: str = "uniform", rho: float = 7.0) -> "Schedule":
         """A schedule over ``steps`` timesteps of this one (improved-diffusion's respacing).
 
         ``uniform``: evenly spaced from the first to the last timestep. ``trailing``: evenly
         spaced ending at the last timestep (Lin et al. 2024, table 2). ``quadratic``: denser at
         low noise, ``t_k = floor((k * sqrt(0.8 T) / (S - 1))^2)`` (Song et al. 2021, DDIM, C.2).
-        ``karras``: ``sigma = sqrt((1 - ab) / ab)`` spaced as ``sigma_k^(1/rho)`` uniform with
-        rho = 7 (Karras et al. 2022, eq. 5). ``logsnr``: uniform in log-SNR, i.e. in
-        ``log sigma`` (Lu et al. 2022, DPM-Solver, sec. 3.3). Both map each sigma to the nearest
+        ``karras``: ``sigma = sqrt((1 - ab) / ab)`` spaced as ``sigma_k^(1/rho)`` uniform
+        (Karras et al. 2022, eq. 5, whose rho is 7; lower puts more steps at high noise).
+        ``logsnr``: uniform in log-SNR, i.e. in ``log sigma`` (Lu et al. 2022, DPM-Solver,
+        sec. 3.3). Both map each sigma to the nearest
         timestep in ``log sigma`` and start at the last timestep (pure noise). A repeated
         timestep is moved to the next free one: it would be a zero-length step.
         """
@@ -137,7 +138,7 @@ class Schedule:
             idx = (torch.linspace(0, math.sqrt(0.8 * T), steps, dtype=torch.float64) ** 2).long()
             idx = _distinct(idx)
         else:
-            idx = _distinct(self._log_sigma_spaced(steps, 7.0 if spacing == "karras" else 1.0),
+            idx = _distinct(self._log_sigma_spaced(steps, rho if spacing == "karras" else None),
                             top=T - 1)
         assert idx[-1] <= T - 1
         ab = self.alpha_bar[idx]
@@ -145,12 +146,13 @@ class Schedule:
         return Schedule(1.0 - ab / ab_prev, self.timesteps[idx], self.prediction)
 
 
-    def _log_sigma_spaced(self, steps: int, rho: float, top: float = 2.55) -> torch.Tensor:
+    def _log_sigma_spaced(self, steps: int, rho: float | None, top: float = 2.55
+                          ) -> torch.Tensor:
         """``steps`` timesteps, in increasing order, whose ``sigma^(1/rho)`` is evenly spaced
         from the noise level ``log sigma = top`` (or the last timestep's, if lower) down to the
-        first timestep's (rho 1: even in log sigma). The grid has ``steps + 1`` points and its
-        lowest stands for the clean data that the last step lands on, so no network evaluation
-        is spent at ``t = 0``."""
+        first timestep's (rho None: even in log sigma, the limit of a large rho). The grid has
+        ``steps + 1`` points and its lowest stands for the clean data that the last step lands
+        on, so no network evaluation is spent at ``t = 0``."""
         log_sigma = 0.5 * (torch.log1p(-self.alpha_bar) - torch.log(self.alpha_bar))
         # A schedule whose alpha_bar reaches ~0 (cosine: SNR 1e-9 at T) would spend steps where
         # the image is already pure noise; the top is clipped at log-SNR -5.1 (diffusers' clip
@@ -159,7 +161,7 @@ class Schedule:
         if steps == 1:
             return torch.tensor([len(self) - 1])
         ramp = torch.linspace(0, 1, steps + 1, dtype=torch.float64)[1:]
-        if rho == 1.0:
+        if rho is None:
             target = lo + ramp * (hi - lo)
         else:
             s_lo, s_hi = math.exp(lo / rho), math.exp(hi / rho)

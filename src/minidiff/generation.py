@@ -78,16 +78,16 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def sampling_schedule(config: dict, steps: int | None, spacing: str):
+def sampling_schedule(config: dict, steps: int | None, spacing: str, rho: float = 7.0):
     """The respaced schedule a checkpoint's ``config`` is sampled with -> ``(sched, steps)``;
-    ``steps=None`` means all T."""
+    ``steps=None`` means all T; ``rho`` is karras spacing's."""
     diff_cfg = DiffusionConfig.from_dict(config["diffusion"])
     T = diff_cfg.timesteps
     steps = steps or T
     if not 1 <= steps <= T:
         raise MinidiffError(f"--steps must be in 1..{T} (the model's T), got {steps}")
     try:
-        return Schedule.from_config(diff_cfg).respace(steps, spacing), steps
+        return Schedule.from_config(diff_cfg).respace(steps, spacing, rho), steps
     except ValueError as e:
         raise MinidiffError(f"--spacing {spacing}: {e}") from None
 
@@ -103,9 +103,10 @@ def own_sampling(cfg: SamplingConfig, config: dict) -> SamplingConfig:
     pick = {k: getattr(cfg, k) if cfg.given(k) else own[k] for k in ("sampler", "steps", "spacing")}
     what = (f"this model is a {own['steps']}-step {own.get('method', 'distilled')} student, "
             f"sampled with --sampler {own['sampler']} --spacing {own['spacing']}")
-    if (pick["sampler"], pick["spacing"]) != (own["sampler"], own["spacing"]) or cfg.given("eta"):
+    if ((pick["sampler"], pick["spacing"]) != (own["sampler"], own["spacing"])
+            or cfg.given("eta") or cfg.given("rho")):
         raise MinidiffError(f"{what} only (got --sampler {pick['sampler']} --spacing "
-                            f"{pick['spacing']}); drop --sampler, --spacing and --eta")
+                            f"{pick['spacing']}); drop --sampler, --spacing, --rho and --eta")
     if pick["steps"] not in own["serves"]:
         served = ", ".join(map(str, own["serves"]))
         raise MinidiffError(f"{what}: it serves --steps {served}, got {pick['steps']}; drop "
@@ -123,7 +124,7 @@ def resolve_sampling(cfg: SamplingConfig, config: dict, device: torch.device
     sampling, :func:`own_sampling`; steps None -> the model's T, precision auto -> what runs
     natively there) and the schedule it samples with."""
     cfg = own_sampling(cfg, config)
-    sched, steps = sampling_schedule(config, cfg.steps, cfg.spacing)
+    sched, steps = sampling_schedule(config, cfg.steps, cfg.spacing, cfg.rho)
     precision = resolve_precision(cfg.precision, device)
     batch = cfg.batch_size or BATCH_BY_PRECISION[precision]
     return replace(cfg, steps=steps, precision=precision, batch_size=batch), sched

@@ -38,6 +38,10 @@ DIFFUSERS_SCHEDULERS = {"ddpm": ("DDPMScheduler", {}),
                                       {"algorithm_type": "sde-dpmsolver++"})}
 
 
+# the timesteps both implementations sample (a step's cost does not depend on which): one that
+# diffusers' schedulers offer too
+BENCH_SPACING = "trailing"
+
 def _median_seconds(fn: Callable[[], object], reps: int) -> float:
     return timed(fn, reps, warmup=fn).seconds
 
@@ -87,7 +91,7 @@ def train_rate(net: nn.Module, batch: int, precision: str, reps: int = 8) -> flo
 def sample_seconds_ours(net: nn.Module, cfg: SamplingConfig, n: int,
                         compile: bool = False) -> tuple[float, float]:
     """``(seconds for n samples, seconds of the first run)``: compiled, the first run compiles."""
-    sched = Schedule.from_config(DiffusionConfig()).respace(cfg.steps, cfg.spacing)
+    sched = Schedule.from_config(DiffusionConfig()).respace(cfg.steps, cfg.spacing, cfg.rho)
     run = time_generation(net, sched, cfg, n, warmup=n, repeats=3, compile=compile)
     return run.seconds, run.warmup_seconds
 
@@ -98,7 +102,7 @@ def sample_seconds_diffusers(net: DiffusersEps, sampler: str, steps: int, n: int
     import diffusers
 
     cls_name, kw = DIFFUSERS_SCHEDULERS[sampler]
-    # timestep_spacing: SamplingConfig().spacing, in diffusers' terms
+    # timestep_spacing: BENCH_SPACING, in diffusers' terms
     sched = getattr(diffusers, cls_name)(num_train_timesteps=1000, beta_schedule="linear",
                                          beta_start=1e-4, beta_end=0.02,
                                          timestep_spacing="trailing", **kw)
@@ -144,7 +148,7 @@ def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch
     env = environment()
     res = {**env, "precision": precision, "sample_n": n,
            "sample_batch": batch, "train_batch": train_batch, "steps": steps,
-           "spacing": SamplingConfig().spacing, "rows": []}
+           "spacing": BENCH_SPACING, "rows": []}
     res["peak_gflops"] = measure_peaks()
     log(f"matmul peak GFLOP/s: {res['peak_gflops']}", res)
     if anchor:
@@ -182,7 +186,8 @@ def run_bench(*, presets=("reduced", "baseline", "shallow"), n: int = 500, batch
                 compiled_too = (impl == "minidiff" and compile_
                                 and sampler == SamplingConfig().sampler)
                 for comp in (False, True) if compiled_too else (False,):
-                    cfg = SamplingConfig(sampler=sampler, steps=steps, batch_size=batch)
+                    cfg = SamplingConfig(sampler=sampler, steps=steps, spacing=BENCH_SPACING,
+                                         batch_size=batch)
                     (sec, first), prec = min(
                         ((sample_seconds_ours(net, replace(cfg, precision=p), n, compile=comp)
                           if impl == "minidiff" else

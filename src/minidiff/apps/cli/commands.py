@@ -96,7 +96,7 @@ def cmd_train(args):
 @arg("--out", required=True, help="output .npz (images uint8 [N x 28 x 28])")
 @arg("--grid", help="also write a PNG grid of the samples")
 @arg("--n", type=c.positive_int, default=64, help="number of images (default %(default)s)")
-@options(S, "sampler", "steps", "spacing", "eta")
+@options(S, "sampler", "steps", "spacing", "rho", "eta")
 @arg("--class", dest="classes", metavar="C", help="a conditional model's class, or all (n/10 each)")
 @options(S, "guidance", "seed", "batch_size", "precision")
 @arg("--device", choices=s.DEVICES, default="auto")
@@ -180,7 +180,7 @@ def cmd_classifier_evaluate(args):
 @arg("--dataset", choices=s.DATASET_NAMES, help="default: the samples' dataset")
 @shared("--data-dir")
 @arg("--json", metavar="OUT", help="also write the results as JSON")
-@options(S, "sampler", "steps", "spacing", section="with --model")
+@options(S, "sampler", "steps", "spacing", "rho", section="with --model")
 @arg("--time-n", type=c.positive_int, default=256, section="with --model", help="samples timed, "
      "scaled to 10,000 (default %(default)s)")
 @shared("--force")
