@@ -124,6 +124,19 @@ def test_sample_with_spacing_and_fast_samplers_records_them(run_dir, tmp_path, c
     capsys.readouterr()
     assert main(["sample", str(run_dir), "--eta", "1", "--out", str(tmp_path / "e.npz")]) == 1
     assert "--eta applies to --sampler ddim only" in one_error_line(capsys)
+    # --rho reaches the spacing: other timesteps, other images, and the sidecar says which
+    draws = {}
+    for rho in ("2", "7"):
+        out = tmp_path / f"rho{rho}.npz"
+        assert main(["sample", str(run_dir), "--n", "2", "--steps", "4", "--rho", rho,
+                     "--out", str(out), "--no-progress"]) == 0
+        assert json.loads(out.with_suffix(".json").read_text())["rho"] == float(rho)
+        draws[rho] = np.load(out)["images"]
+    assert not np.array_equal(draws["2"], draws["7"])
+    capsys.readouterr()
+    assert main(["sample", str(run_dir), "--spacing", "trailing", "--rho", "3",
+                 "--out", str(tmp_path / "r.npz")]) == 1
+    assert "--rho applies to --spacing karras only" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("flag", ["--help", "--version"])
