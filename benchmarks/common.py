@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: where results go, and a results file to continue.
+"""What the benchmark scripts share: where results go, a results file to continue, and the
+labels a conditional model is scored with.
 
 Each script runs as a file (``.venv/bin/python benchmarks/NAME.py``), which puts this folder on
 ``sys.path``; ``import common`` also puts the checkout's ``src`` there, so the scripts measure
@@ -11,10 +12,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from minidiff.generation import class_labels  # noqa: E402
 from minidiff.runtime import environment  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RESULTS.mkdir(exist_ok=True)
+
+
+def as_drawn(model, n: int):
+    """The labels a model is scored with, as its user draws it: ``n / num_classes`` of each
+    class for a class-conditional model (guided by the default scale), None otherwise."""
+    classes = model.config.num_classes
+    return class_labels("all", n, classes, "") if classes else None
 
 
 def resume_results(path: Path, checkpoint, digest: str, n: int, precision: str, **record) -> dict:

@@ -26,11 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import RESULTS, resume_results  # noqa: E402
+from common import RESULTS, as_drawn, resume_results  # noqa: E402
 
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.evaluation import score  # noqa: E402
-from minidiff.generation import class_labels  # noqa: E402
 from minidiff.metrics import Reference  # noqa: E402
 from minidiff.runtime import environment_line, resolve_precision  # noqa: E402
 from minidiff.settings import SamplingConfig  # noqa: E402
@@ -93,7 +92,7 @@ def key(r):
 
 
 ref = Reference("mnist", "test")
-labels = class_labels("all", args.n, 10, args.checkpoint) if model.config.num_classes else None
+labels = as_drawn(model, args.n)
 done = {key(r) for r in res["rows"]}
 # today's default first, DDPM-1000 (the slowest) last: a partial run already says the most
 D = SamplingConfig()

@@ -34,7 +34,6 @@ from minidiff.checkpoint import load_checkpoint, load_state
 from minidiff.diffusion import DiffusionConfig
 from minidiff.evaluation import score
 from minidiff.files import atomic_write_text
-from minidiff.generation import class_labels
 from minidiff.loop import Run, seconds_per_step, training_images
 from minidiff.metrics import Reference
 from minidiff.runtime import cpu_class, environment, resolve_precision
@@ -130,7 +129,7 @@ def run_variant(name: str, seed: int, seconds: float, precision: str, cache: dic
     summary = train(unet_config(preset), DiffusionConfig(**d_over), cfg, out, resume=resume,
                     preset=preset if preset in PRESETS else None, progress=False)
     model, config, digest = load_checkpoint(out)
-    scores = [score(model, config, replace(RULER, seed=s), n, ref, y=labels(model, n))
+    scores = [score(model, config, replace(RULER, seed=s), n, ref, y=common.as_drawn(model, n))
               for s in sample_seeds]
     raw = raw_scores(out, ref, n, sample_seeds)
     return {"variant": name, "seed": seed, "what": what, "preset": preset, "steps": steps,
@@ -144,17 +143,12 @@ def run_variant(name: str, seed: int, seconds: float, precision: str, cache: dic
                if "conditional_accuracy" in scores[0] else {})}
 
 
-def labels(model, n: int) -> torch.Tensor | None:
-    """A conditional model is scored as its user samples it: ``n / 10`` of each class."""
-    return None if model.config.num_classes is None else class_labels("all", n, 10, "")
-
-
 def raw_scores(out: Path, ref: Reference, n: int, sample_seeds: list[int]) -> dict:
     """The scores of the run's last raw (not averaged) weights: its newest training state."""
     ema, config, _ = load_checkpoint(out)
     raw = copy.deepcopy(ema)
     load_state(out, raw, copy.deepcopy(ema), torch.optim.AdamW(raw.parameters()))
-    scores = [score(raw.eval(), config, replace(RULER, seed=s), n, ref, y=labels(raw, n))
+    scores = [score(raw.eval(), config, replace(RULER, seed=s), n, ref, y=common.as_drawn(raw, n))
               for s in sample_seeds]
     return {"raw_pseudo_fid": [s["pseudo_fid"] for s in scores],
             "raw_confidence": [s["confidence"] for s in scores]}

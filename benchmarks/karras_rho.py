@@ -18,12 +18,11 @@ import argparse
 import statistics
 from dataclasses import replace
 
-import common  # noqa: F401  (puts the checkout's src on sys.path)
+import common
 
 import minidiff.diffusion as diffusion
 from minidiff.checkpoint import load_checkpoint
 from minidiff.evaluation import score
-from minidiff.generation import class_labels
 from minidiff.metrics import Reference
 from minidiff.settings import SamplingConfig
 
@@ -45,7 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     model, config, _ = load_checkpoint(args.checkpoint)
     ref = Reference("mnist", "test")
-    y = class_labels("all", args.n, 10, args.checkpoint) if model.config.num_classes else None
+    y = common.as_drawn(model, args.n)
     for setting in args.settings:
         if setting == "trailing":
             cfg, what = SamplingConfig(steps=args.steps, spacing="trailing"), "trailing"

@@ -78,7 +78,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def sampling_schedule(config: dict, steps: int | None, spacing: str, rho: float = 7.0):
+def sampling_schedule(config: dict, steps: int | None, spacing: str, rho: float):
     """The respaced schedule a checkpoint's ``config`` is sampled with -> ``(sched, steps)``;
     ``steps=None`` means all T; ``rho`` is karras spacing's."""
     diff_cfg = DiffusionConfig.from_dict(config["diffusion"])

@@ -79,9 +79,9 @@ class SamplingConfig:
     """
 
     # the fewest network evaluations whose pseudo-FID stays within 10% of DDPM-1000's on the
-    # same checkpoint (shipped `reduced`, 3 seeds x 1,000: 8 karras steps at rho 2 -23%, 6 +19%;
-    # at 10,000 samples 8 of them score 0.174 against 0.253 for the 20 trailing steps that were
-    # the default before; docs/sampling.md)
+    # same checkpoint (shipped `reduced`, 3 seeds x 1,000: 8 karras steps at rho 2 -39%, 6 +71%;
+    # results/default_sampler-reduced.md); at 10,000 samples 8 of them score 0.174 against 0.253
+    # for the 20 trailing steps that were the default before (docs/sampling.md)
     sampler: str = option("dpmpp-sde", "docs/sampling.md compares them; a distilled student "
                           "takes its own", choices=SAMPLER_NAMES)
     steps: int | None = option(8, "network evaluations; the original DDPM takes 1000")

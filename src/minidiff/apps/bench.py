@@ -42,6 +42,7 @@ DIFFUSERS_SCHEDULERS = {"ddpm": ("DDPMScheduler", {}),
 # diffusers' schedulers offer too
 BENCH_SPACING = "trailing"
 
+
 def _median_seconds(fn: Callable[[], object], reps: int) -> float:
     return timed(fn, reps, warmup=fn).seconds
 
@@ -102,10 +103,9 @@ def sample_seconds_diffusers(net: DiffusersEps, sampler: str, steps: int, n: int
     import diffusers
 
     cls_name, kw = DIFFUSERS_SCHEDULERS[sampler]
-    # timestep_spacing: BENCH_SPACING, in diffusers' terms
     sched = getattr(diffusers, cls_name)(num_train_timesteps=1000, beta_schedule="linear",
                                          beta_start=1e-4, beta_end=0.02,
-                                         timestep_spacing="trailing", **kw)
+                                         timestep_spacing=BENCH_SPACING, **kw)
     gen = torch.Generator().manual_seed(0)
 
     def run():
