@@ -23,9 +23,10 @@ from minidiff.distill import (
     distill,
     dmd_loss,
     progressive_target,
+    teacher_pairs,
 )
 from minidiff.errors import MinidiffError
-from minidiff.generation import generate, resolve_sampling
+from minidiff.generation import generate, resolve_sampling, to_uint8
 from minidiff.samplers import sample_ddim
 from minidiff.settings import DistillConfig, SamplingConfig
 from tests.test_faults import other_process_holds
@@ -45,7 +46,8 @@ def teacher(tiny_run):
 RUNS = {**{method: DistillConfig(method=method, **TINY_RUN)
            for method in ("progressive", "consistency", "adversarial", "ect", "dmd")},
         "dmd-gan": DistillConfig(method="dmd", gan_weight=1.0, fake_updates=2, **TINY_RUN),
-        "dmd-sim": DistillConfig(method="dmd", simulate=True, **TINY_RUN)}
+        "dmd-sim": DistillConfig(method="dmd", simulate=True, **TINY_RUN),
+        "dmd-pairs": DistillConfig(method="dmd", pairs=6, distill_weight=1.0, **TINY_RUN)}
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +129,8 @@ def test_a_typed_default_step_count_is_refused_too(students, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method,rounds", [("progressive", 2), ("adversarial", 1), ("dmd", 1),
-                                           ("dmd-gan", 1), ("dmd-sim", 1)])
+                                           ("dmd-gan", 1), ("dmd-sim", 1),
+                                           ("dmd-pairs", 1)])
 def test_resume_after_interruption_matches_an_uninterrupted_run(teacher, students, tmp_path,
                                                                 monkeypatch, method, rounds):
     """Progressive: stopped mid-way through its second round; adversarial: its discriminator
@@ -497,3 +500,34 @@ def test_the_simulated_path_is_the_students_own_ddim_sample_with_gradient(studen
     torch.testing.assert_close(out.clamp(-1, 1), sample_ddim(model, z, sched))
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_pairs_are_the_teachers_deterministic_draws_from_their_own_noise(teacher, students,
+                                                                         monkeypatch):
+    """`--pairs N`: each pair is what `minidiff sample --sampler dpmpp --steps 10 --spacing
+    karras --rho 2` draws from the pair's noise, the same pairs come back for the same seed
+    (so a resumed run pulls towards the same images), a conditional teacher's labels take each
+    class in turn, and the run pulls the student's own path from those noises towards them."""
+    model, config, _ = load_checkpoint(teacher)
+    sched = Schedule.from_config(distill_mod.DiffusionConfig.from_dict(config["diffusion"]))
+    z, x, y = teacher_pairs(model, sched, 5, (1, 28, 28), seed=3, num_classes=None)
+    grid = sched.respace(10, "karras", 2.0)
+    drawn = generate(model, grid, 5, sampler="dpmpp", seed=3, batch_size=5)
+    assert y is None and torch.equal(to_uint8(x)[:, 0], drawn)
+    again = teacher_pairs(model, sched, 5, (1, 28, 28), seed=3, num_classes=None)
+    assert torch.equal(again[0], z) and torch.equal(again[1], x)
+    assert torch.equal(teacher_pairs(model, sched, 5, (1, 28, 28), 3, 3)[2],
+                       torch.tensor([0, 1, 2, 0, 1]))
+
+    seen = []
+    real = distill_mod.ddim_path
+
+    def spy(net, z, sched, y=None):
+        seen.append(z)
+        return real(net, z, sched, y)
+
+    monkeypatch.setattr(distill_mod, "ddim_path", spy)
+    distill(teacher, teacher.parent / "pairs-spy", RUNS["dmd-pairs"], progress=False)
+    bank = teacher_pairs(model, sched, 6, (1, 28, 28), seed=0, num_classes=None)[0]
+    assert seen and all(any(torch.equal(row, b) for b in bank) for z in seen for row in z)
+    assert load_checkpoint(students["dmd-pairs"])[1]["distill"]["pairs"] == 6

@@ -27,8 +27,9 @@ that predicts ``v`` (Salimans & Ho 2022), so every sampler reads it through
   grid the student's x0 is re-noised and moved along the difference between what a *fake score*
   (a copy of the teacher that keeps learning the student's outputs) and the teacher denoise it
   to, which is the gradient of the KL divergence between the two distributions; a pull towards
-  its starting network's x0 (``init``) guards against mode collapse: :class:`DMDLoss`. Sampled
-  with DDIM at exactly its step count.
+  its starting network's x0 (``init``), or with ``pairs`` towards the teacher's own
+  deterministic samples from fixed noises (DMD's regression loss), guards against mode
+  collapse: :class:`DMDLoss`. Sampled with DDIM at exactly its step count.
 
 A conditional teacher is distilled with its classifier-free guidance (``guidance``) folded in
 (Meng et al. 2023, stage one): the student then needs one network pass per step instead of two.
@@ -58,7 +59,7 @@ from .errors import MinidiffError
 from .guidance import Guided
 from .loop import Method, Run, drop_labels, fit, hold, previous_run, training_images
 from .runtime import resolve_device, resolve_precision
-from .samplers import predict_x0, sample_ddim
+from .samplers import SAMPLERS, predict_x0, sample_ddim
 from .settings import ECT_STEPS, DistillConfig
 from .unet import UNet
 
@@ -305,6 +306,29 @@ def dmd_loss(x0: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.
     return 0.5 * (x0.float() - (x0.float() - grad).detach()).pow(2).flatten(1).sum(1).mean()
 
 
+# `--pairs`: the teacher's deterministic solver that draws them, DPM-Solver++(2M) at 10 Karras
+# steps (rho 2), which scores like the stochastic default on the shipped `reduced`
+# (docs/distillation.md); deterministic, so each pair is a function of its noise
+PAIR_SOLVER, PAIR_STEPS, PAIR_RHO = "dpmpp", 10, 2.0
+
+
+def teacher_pairs(teacher, sched: Schedule, n: int, shape: tuple, seed: int,
+                  num_classes: int | None, batch_size: int = 512):
+    """``n`` fixed noises ``z: [n x C x H x W]`` (drawn from ``seed``), the images the
+    teacher's deterministic solver draws from them (``x``, clipped to [-1, 1]) and their labels
+    (``y``, each class in turn; None for an unconditional teacher): DMD's regression pairs."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn((n, *shape), generator=gen)
+    y = torch.arange(n) % num_classes if num_classes else None
+    grid = sched.respace(PAIR_STEPS, "karras", PAIR_RHO)
+    xs = []
+    with torch.no_grad():
+        for s in range(0, n, batch_size):
+            yb = None if y is None else y[s:s + batch_size]
+            xs.append(SAMPLERS[PAIR_SOLVER](teacher, z[s:s + batch_size], grid, y=yb).float())
+    return z, torch.cat(xs), y
+
+
 def ddim_path(model, z: torch.Tensor, sched: Schedule, y=None) -> torch.Tensor:
     """``model``'s DDIM path (eta 0) over ``sched`` from the noise ``z: [N x C x H x W]``, with
     gradient: its x0 at the last step, unclipped (every earlier x0 clipped, as
@@ -332,12 +356,18 @@ class DMDLoss:
     with the start's own output as the pair), and, with a discriminator ``disc``, ``gan_weight``
     times the GAN terms of :func:`adversarial_losses` (DMD2's GAN loss; the discriminator trains
     at every step). One backward pass trains all of them: the student's terms see the fake score
-    and the discriminator without gradient, theirs the student's output detached."""
+    and the discriminator without gradient, theirs the student's output detached.
+
+    With ``pairs`` (DMD's regression loss), the student's path starts from one of ``pairs``
+    fixed noises and the pull's pair is what the teacher's deterministic solver draws from that
+    noise (:func:`teacher_pairs`, made at the first call): the pull then holds the student to
+    the teacher, not to where it started, and a run can start from the teacher itself."""
 
     LOW, HIGH = 0.02, 0.98
 
     def __init__(self, cfg: DistillConfig, diffusion: DiffusionConfig, start_prediction: str,
-                 steps: int, fake: torch.nn.Module, disc: torch.nn.Module | None = None):
+                 steps: int, fake: torch.nn.Module, disc: torch.nn.Module | None = None,
+                 num_classes: int | None = None):
         self.sched = Schedule.from_config(diffusion)  # the teacher's and the fake score's
         grid = self.sched.respace(steps, SPACING)
         self.student_sched = Schedule(grid.betas, grid.timesteps, "v")
@@ -345,6 +375,8 @@ class DMDLoss:
         self.fake, self.fake_loss = fake, DiffusionLoss(self.sched)
         self.weight, self.every = cfg.distill_weight, cfg.fake_updates
         self.disc, self.gan_weight, self.simulate = disc, cfg.gan_weight, cfg.simulate
+        self.pairs, self.seed, self.num_classes, self.bank = (cfg.pairs, cfg.seed, num_classes,
+                                                              None)
 
     def __call__(self, student, teacher, start, x0: torch.Tensor, y=None, generator=None,
                  step: int = 0) -> torch.Tensor:
@@ -352,7 +384,16 @@ class DMDLoss:
         ``step``."""
         n, dev = len(x0), x0.device
         update = step % self.every == 0
-        if self.simulate:  # the student's own path from pure noise
+        if self.pairs:  # the student's own path from a pair's noise, held to the teacher's image
+            if self.bank is None:
+                self.bank = [b if b is None else b.to(dev) for b in teacher_pairs(
+                    teacher, self.sched, self.pairs, tuple(x0.shape[1:]), self.seed,
+                    self.num_classes)]
+            k = torch.randint(0, self.pairs, (n,), device=dev, generator=generator)
+            z, y = self.bank[0][k], None if self.bank[2] is None else self.bank[2][k]
+            with torch.set_grad_enabled(update):
+                gen = ddim_path(student, z, self.student_sched, y)
+        elif self.simulate:  # the student's own path from pure noise
             z = torch.randn(x0.shape, device=dev, generator=generator)
             with torch.set_grad_enabled(update):
                 gen = ddim_path(student, z, self.student_sched, y)
@@ -378,7 +419,9 @@ class DMDLoss:
                           torch.randn(x0.shape, device=dev, generator=generator))
             _, real = predict_x0(teacher, xt, self.sched, t, y, clip=False)
             _, fake = predict_x0(self.fake, xt, self.sched, t, y, clip=False)
-            if self.simulate:
+            if self.pairs:
+                target = self.bank[1][k]
+            elif self.simulate:
                 target = sample_ddim(start, z, self.start_sched, y=y)
             else:
                 _, target = predict_x0(start, x, self.start_sched, i, y)
@@ -499,7 +542,8 @@ class Distillation(Method):
         elif self.cfg.method == "dmd":
             start_cfg = self.init[1] if self.init else self.tconfig
             self.loss_fn = DMDLoss(self.cfg, diffusion, start_cfg["diffusion"]["prediction"],
-                                   self.plan[r], self.fake, self.disc)
+                                   self.plan[r], self.fake, self.disc,
+                                   self.teacher.config.num_classes)
         else:
             self.loss_fn = DistillLoss(self.cfg, diffusion, self.plan[r], self.disc)
         if fresh:

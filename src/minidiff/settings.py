@@ -354,6 +354,12 @@ class DistillConfig:
     # step (DMD2's backward simulation), instead of real images noised to its grid's levels
     simulate: bool = option(False, "dmd: train on the student's own sampling path from noise "
                             "instead of real images noised to its levels")
+    # dmd: DMD's regression pairs: the student's path from N fixed noises is pulled towards
+    # the teacher's own deterministic samples from them instead of its start's x0
+    # (docs/distillation.md measures it; 0: the start's)
+    pairs: int = option(0, "dmd: pull the student's path from N fixed noises towards the "
+                        "teacher's deterministic samples from them (0: towards its start's x0)",
+                        metavar="N")
     # dmd: DMD2's GAN term beside it, with the adversarial method's discriminator (0: none)
     gan_weight: float = option(0.0, "dmd: weight of a GAN term beside distribution matching "
                                "(DMD2); 0 for none", type="number")
@@ -410,6 +416,8 @@ class DistillConfig:
              "--method adversarial or dmd (the other methods start from the teacher)"),
             (self.fake_updates >= 1, f"--fake-updates must be >= 1, got {self.fake_updates}"),
             (self.gan_weight >= 0, f"--gan-weight must be >= 0, got {self.gan_weight}"),
+            (self.pairs >= 0, f"--pairs must be >= 0, got {self.pairs}"),
+            (not self.pairs or self.method == "dmd", "--pairs is for --method dmd"),
             (self.stages >= 1, f"--stages must be >= 1, got {self.stages}"),
             (self.method != "ect" or self.steps in ECT_STEPS, f"--method ect samples in "
              f"{', '.join(map(str, ECT_STEPS))} steps, got --steps {self.steps}"),

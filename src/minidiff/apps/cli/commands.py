@@ -291,13 +291,15 @@ def cmd_quantize(args):
          "minidiff distill runs/reduced --method ect --updates 20000 --lr 1e-4 --out runs/ect",
          "minidiff distill runs/reduced --method dmd --init runs/reduced-2step --lr 2.5e-5 "
          "--updates 750 --out runs/reduced-dmd   # refine a 2-step student",
+         "minidiff distill runs/reduced --method dmd --pairs 16384 --distill-weight 1 --lr 1e-4 "
+         "--updates 4500 --out runs/dmd   # from the teacher, held to its own samples",
          "minidiff distill runs/reduced --out runs/reduced-2step --resume",
          "minidiff sample runs/reduced-2step --n 64 --out s.npz   # its own sampler and steps")
 @arg("teacher", help="run folder, .safetensors file or shipped model name")
 @arg("--out", required=True, help="student run folder to create")
 @arg("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 @options(s.DistillConfig, "method", "steps", "teacher_steps", "init", "distill_weight",
-         "fake_updates", "simulate", "gan_weight", "stages",
+         "fake_updates", "simulate", "pairs", "gan_weight", "stages",
          "dropout", "updates", "batch_size", "lr", "seed", "subset", "checkpoint_every")
 @shared("--data-dir")
 @options(s.DistillConfig, "precision", "device")
