@@ -307,7 +307,7 @@ def dmd_loss(x0: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.
 
 
 # `--pairs`: the teacher's deterministic solver that draws them, DPM-Solver++(2M) at 10 Karras
-# steps (rho 2), which scores like the stochastic default on the shipped `reduced`
+# steps (rho 2), which scores like 20 steps of the stochastic one on the shipped `reduced`
 # (docs/distillation.md); deterministic, so each pair is a function of its noise
 PAIR_SOLVER, PAIR_STEPS, PAIR_RHO = "dpmpp", 10, 2.0
 
@@ -375,8 +375,8 @@ class DMDLoss:
         self.fake, self.fake_loss = fake, DiffusionLoss(self.sched)
         self.weight, self.every = cfg.distill_weight, cfg.fake_updates
         self.disc, self.gan_weight, self.simulate = disc, cfg.gan_weight, cfg.simulate
-        self.pairs, self.seed, self.num_classes, self.bank = (cfg.pairs, cfg.seed, num_classes,
-                                                              None)
+        self.pairs, self.seed, self.num_classes = cfg.pairs, cfg.seed, num_classes
+        self.bank = None  # the pairs (noises, images, labels), drawn at the first call
 
     def __call__(self, student, teacher, start, x0: torch.Tensor, y=None, generator=None,
                  step: int = 0) -> torch.Tensor:
