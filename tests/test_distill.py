@@ -3,6 +3,7 @@ calls; the progressive and consistency targets checked against the exact Gaussia
 test_samplers_gaussian.py; the adversarial terms reach only their own player; the
 distribution-matching gradient on the Gaussian; exact resume; refused step counts."""
 
+import copy
 import json
 import math
 
@@ -13,10 +14,12 @@ from minidiff import distill as distill_mod
 from minidiff import loop
 from minidiff.apps.cli import main
 from minidiff.checkpoint import load_checkpoint
-from minidiff.diffusion import Schedule, q_sample
+from minidiff.diffusion import DiffusionConfig, Schedule, q_sample
 from minidiff.distill import (
     Discriminator,
+    DMDLoss,
     ECTLoss,
+    FeatureHead,
     adversarial_losses,
     consistency_target,
     ddim_path,
@@ -187,6 +190,29 @@ def test_adversarial_terms_reach_only_their_own_player():
     terms["distill"].backward()
     torch.testing.assert_close(pred.grad, 0.5 * pred.detach())  # d/dx |x - 0|^2 / 4 rows
     assert all(p.grad is None for p in disc.parameters())
+
+
+def test_dmd2_gan_head_reads_the_fake_score_and_each_term_reaches_its_own_player(teacher):
+    """DMD2's GAN head judges noised images through the fake score's bottleneck: the head's
+    loss trains the head and the fake score and not the student; the student's GAN term moves
+    the student's images and neither judge."""
+    net = load_checkpoint(teacher)[0]
+    fake = copy.deepcopy(net).train().requires_grad_(True)
+    head = FeatureHead(net.mid[-1].conv2.out_channels)
+    loss_fn = DMDLoss(DistillConfig(method="dmd", gan_weight=1.0), DiffusionConfig(), "eps",
+                      2, fake, head)
+    gen = torch.zeros(4, 1, 28, 28, requires_grad=True)
+    real = torch.rand(4, 1, 28, 28) * 2 - 1
+    loss_fn.head_loss(real, None, gen, None, torch.Generator().manual_seed(0)).backward()
+    assert gen.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    assert sum(p.grad.abs().sum() for p in fake.mid.parameters()) > 0  # its encoder learns
+    assert all(p.grad is None for p in fake.up_blocks.parameters())  # its decoder is not read
+    fake.zero_grad(set_to_none=True), head.zero_grad(set_to_none=True)
+    loss_fn.gan_loss(gen, None, torch.Generator().manual_seed(0)).backward()
+    assert gen.grad.abs().sum() > 0
+    assert all(p.grad is None for p in [*head.parameters(), *fake.parameters()])
+    assert all(p.requires_grad for p in [*head.parameters(), *fake.parameters()])
 
 
 def test_init_must_be_a_student_of_the_teachers_u_net(teacher, tmp_path):

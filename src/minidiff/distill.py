@@ -51,6 +51,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.nn import functional as F
 
 from . import __version__
 from .checkpoint import dataset_of, load_checkpoint, save_model
@@ -292,6 +293,23 @@ class ECTLoss:
 
 # ------------------------------------------------------------------ distribution matching
 
+class FeatureHead(torch.nn.Module):
+    """DMD2's GAN classifier: the fake score's bottleneck features ``[N x C x H x W]``
+    (:meth:`~minidiff.unet.UNet.features` of a noised image) -> ``[N]`` logits, real against
+    generated; a strided convolution, GroupNorm, SiLU, a global mean and a linear layer (DMD2's
+    ``cls_pred_branch``, sized for a 7 x 7 bottleneck)."""
+
+    def __init__(self, channels: int, groups: int = 8):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, channels, 3, 2, 1), torch.nn.GroupNorm(groups, channels),
+            torch.nn.SiLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+            torch.nn.Linear(channels, 1))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.body(h).squeeze(1)
+
+
 def dmd_loss(x0: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """DMD's distribution-matching loss for generated images ``x0: [N x C x H x W]`` (with
     gradient), given the x0 that the real (teacher) and fake denoisers predict for them re-noised
@@ -353,10 +371,13 @@ class DMDLoss:
     level drawn uniformly from the middle 96% of the teacher's (DMD2's range) plus
     ``distill_weight`` times the squared distance (summed over pixels) to its starting network's
     clipped x0 for the same input, which holds each input to its digit (DMD's regression loss,
-    with the start's own output as the pair), and, with a discriminator ``disc``, ``gan_weight``
-    times the GAN terms of :func:`adversarial_losses` (DMD2's GAN loss; the discriminator trains
-    at every step). One backward pass trains all of them: the student's terms see the fake score
-    and the discriminator without gradient, theirs the student's output detached.
+    with the start's own output as the pair), and, with a GAN head ``disc``
+    (:class:`FeatureHead`), ``gan_weight`` times DMD2's GAN term: the head reads the fake
+    score's bottleneck for a noised image and learns, at every step, real images against the
+    student's (:meth:`head_loss`, which trains the fake score's encoder too), and the student
+    is moved towards what it calls real (:meth:`gan_loss`). One backward pass trains all of
+    them: the student's terms see the fake score and the head without gradient, theirs the
+    student's output detached.
 
     With ``pairs`` (DMD's regression loss), the student's path starts from one of ``pairs``
     fixed noises and the pull's pair is what the teacher's deterministic solver draws from that
@@ -364,6 +385,7 @@ class DMDLoss:
     the teacher, not to where it started, and a run can start from the teacher itself."""
 
     LOW, HIGH = 0.02, 0.98
+    HEAD_WEIGHT = 1e-2  # the GAN head's loss beside the fake score's own (DMD2's ImageNet run)
 
     def __init__(self, cfg: DistillConfig, diffusion: DiffusionConfig, start_prediction: str,
                  steps: int, fake: torch.nn.Module, disc: torch.nn.Module | None = None,
@@ -382,7 +404,7 @@ class DMDLoss:
                  step: int = 0) -> torch.Tensor:
         """Mean loss over real images ``x0: [N x C x H x W]`` in [-1, 1] at optimizer step
         ``step``."""
-        n, dev = len(x0), x0.device
+        n, dev, y_real = len(x0), x0.device, y
         update = step % self.every == 0
         if self.pairs:  # the student's own path from a pair's noise, held to the teacher's image
             if self.bank is None:
@@ -403,12 +425,10 @@ class DMDLoss:
                                                                 generator=generator))
             with torch.set_grad_enabled(update):
                 _, gen = predict_x0(student, x, self.student_sched, i, y, clip=False)
-        # the fake score (and the discriminator) learn the student's distribution as it is now
+        # the fake score (and its GAN head) learn the student's distribution as it is now
         loss = self.fake_loss(self.fake, gen.detach().float(), y, generator)
-        gan = None
         if self.disc is not None:
-            gan = adversarial_losses(gen, x0, gen.detach(), self.disc)
-            loss = loss + gan["disc"]
+            loss = loss + self.HEAD_WEIGHT * self.head_loss(x0, y_real, gen, y, generator)
         if not update:
             return loss
         T = len(self.sched)
@@ -427,7 +447,33 @@ class DMDLoss:
                 _, target = predict_x0(start, x, self.start_sched, i, y)
         pull = (gen.float() - target.float()).pow(2).flatten(1).sum(1).mean()
         loss = loss + dmd_loss(gen, real, fake) + self.weight * pull
-        return loss if gan is None else loss + self.gan_weight * gan["gan"]
+        if self.disc is not None:
+            loss = loss + self.gan_weight * self.gan_loss(gen, y, generator)
+        return loss
+
+    def head_loss(self, real: torch.Tensor, real_y, gen: torch.Tensor, y, generator):
+        """The GAN head's loss (DMD2's ``guidance_cls_loss``): real images ``real`` (labels
+        ``real_y``) against the student's ``gen`` (detached), both noised; it trains the head
+        and the fake score's encoder, not the student."""
+        return (F.softplus(self.logits(gen.detach(), y, generator)).mean()
+                + F.softplus(-self.logits(real, real_y, generator)).mean())
+
+    def gan_loss(self, gen: torch.Tensor, y, generator) -> torch.Tensor:
+        """The student's GAN term (DMD2's ``gen_cls_loss``, non-saturating): the head and the
+        fake score read ``gen`` without gradient to themselves."""
+        self.fake.requires_grad_(False), self.disc.requires_grad_(False)
+        try:
+            return F.softplus(-self.logits(gen, y, generator)).mean()
+        finally:
+            self.fake.requires_grad_(True), self.disc.requires_grad_(True)
+
+    def logits(self, x0: torch.Tensor, y, generator) -> torch.Tensor:
+        """The GAN head's ``[N]`` logits (real: high) for images ``x0`` noised to levels drawn
+        uniformly over the teacher's schedule, read through the fake score's bottleneck."""
+        t = torch.randint(0, len(self.sched), (len(x0),), device=x0.device, generator=generator)
+        xt = q_sample(self.sched, x0.float(), t,
+                      torch.randn(x0.shape, device=x0.device, generator=generator))
+        return self.disc(self.fake.features(xt, t, y)).float()
 
 
 # ---------------------------------------------------------------------------- the run
@@ -498,10 +544,14 @@ class Distillation(Method):
         self.model.load_state_dict(teacher.state_dict())
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.disc = self.fake = None
-        if cfg.method == "adversarial" or (cfg.method == "dmd" and cfg.gan_weight > 0):
+        if cfg.method == "adversarial":
             torch.manual_seed(cfg.seed)
             self.disc = Discriminator(teacher.config.in_channels,
                                       teacher.config.image_size).to(device)
+        elif cfg.method == "dmd" and cfg.gan_weight > 0:  # DMD2's head on the fake score
+            torch.manual_seed(cfg.seed)
+            self.disc = FeatureHead(teacher.mid[-1].conv2.out_channels,
+                                    teacher.config.norm_groups).to(device)
         if cfg.method == "dmd":  # the fake score starts as the teacher (DMD2)
             self.fake = copy.deepcopy(teacher).train().requires_grad_(True)
         self.opt = self.new_optimizer()

@@ -360,7 +360,8 @@ class DistillConfig:
     pairs: int = option(0, "dmd: pull the student's path from N fixed noises towards the "
                         "teacher's deterministic samples from them (0: towards its start's x0)",
                         metavar="N")
-    # dmd: DMD2's GAN term beside it, with the adversarial method's discriminator (0: none)
+    # dmd: DMD2's GAN term beside it, a head on the fake score's bottleneck judging noised
+    # images real or the student's (0: none; docs/distillation.md measures it)
     gan_weight: float = option(0.0, "dmd: weight of a GAN term beside distribution matching "
                                "(DMD2); 0 for none", type="number")
     # ect: the stages of its schedule, each halving the gap between the two noise levels it

@@ -238,6 +238,20 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
         """``x: [N x C x H x W]``, ``t: [N]``, ``y: [N]`` class ids or None
         -> ``[N x C x H x W]``."""
+        h, skips, emb = self.encode(x, t, y)
+        for i, block in enumerate(self.up_blocks):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            if i < len(self.upsamples):
+                h = self.upsamples[i](h)
+        return self.out(F.silu(self.out_norm(h)))
+
+    def features(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
+        """The bottleneck's output for ``forward``'s inputs, ``[N x C' x H' x W']`` at the
+        lowest resolution: what a head reads to judge ``x`` (DMD2's GAN classifier)."""
+        return self.encode(x, t, y)[0]
+
+    def encode(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None):
+        """The encoder and bottleneck: ``(h, skips, emb)``, which the decoder reads."""
         cfg = self.config
         assert x.shape[1:] == (cfg.in_channels, cfg.image_size, cfg.image_size), (
             f"expected [N x {cfg.in_channels} x {cfg.image_size} x {cfg.image_size}], "
@@ -249,24 +263,16 @@ class UNet(nn.Module):
                 y = torch.full((x.shape[0],), cfg.num_classes, device=x.device, dtype=torch.long)
             emb = emb + self.class_emb(y)
 
-        # encoder
         h, skips = x, []
         for i, block in enumerate(self.down_blocks):
             h = block(h, emb)
             skips.append(h)
             if i < len(self.downsamples):
                 h = self.downsamples[i](h)
-        # bottleneck
         h = self.mid[0](h, emb)
         if self.mid_attn is not None:
             h = self.mid_attn(h)
-        h = self.mid[1](h, emb)
-        # decoder
-        for i, block in enumerate(self.up_blocks):
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
-            if i < len(self.upsamples):
-                h = self.upsamples[i](h)
-        return self.out(F.silu(self.out_norm(h)))
+        return self.mid[1](h, emb), skips, emb
 
 
 def count_params(model: nn.Module) -> int:
