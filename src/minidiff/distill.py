@@ -297,7 +297,7 @@ class FeatureHead(torch.nn.Module):
     """DMD2's GAN classifier: the fake score's bottleneck features ``[N x C x H x W]``
     (:meth:`~minidiff.unet.UNet.features` of a noised image) -> ``[N]`` logits, real against
     generated; a strided convolution, GroupNorm, SiLU, a global mean and a linear layer (DMD2's
-    ``cls_pred_branch``, sized for a 7 x 7 bottleneck)."""
+    ``cls_pred_branch``; the mean fits it to any bottleneck size)."""
 
     def __init__(self, channels: int, groups: int = 8):
         super().__init__()
@@ -544,14 +544,12 @@ class Distillation(Method):
         self.model.load_state_dict(teacher.state_dict())
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.disc = self.fake = None
-        if cfg.method == "adversarial":
-            torch.manual_seed(cfg.seed)
-            self.disc = Discriminator(teacher.config.in_channels,
-                                      teacher.config.image_size).to(device)
-        elif cfg.method == "dmd" and cfg.gan_weight > 0:  # DMD2's head on the fake score
-            torch.manual_seed(cfg.seed)
-            self.disc = FeatureHead(teacher.mid[-1].conv2.out_channels,
-                                    teacher.config.norm_groups).to(device)
+        if cfg.method == "adversarial" or (cfg.method == "dmd" and cfg.gan_weight > 0):
+            torch.manual_seed(cfg.seed)  # dmd: DMD2's head on the fake score
+            self.disc = (Discriminator(teacher.config.in_channels, teacher.config.image_size)
+                         if cfg.method == "adversarial" else
+                         FeatureHead(teacher.mid[-1].conv2.out_channels,
+                                     teacher.config.norm_groups)).to(device)
         if cfg.method == "dmd":  # the fake score starts as the teacher (DMD2)
             self.fake = copy.deepcopy(teacher).train().requires_grad_(True)
         self.opt = self.new_optimizer()
