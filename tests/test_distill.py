@@ -6,6 +6,7 @@ distribution-matching gradient on the Gaussian; exact resume; refused step count
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from minidiff.distill import (
     ddim_path,
     distill,
     dmd_loss,
+    pair_seed,
     progressive_target,
     teacher_pairs,
 )
@@ -221,6 +223,10 @@ def test_init_must_be_a_student_of_the_teachers_u_net(teacher, tmp_path):
                                                        **TINY_RUN), progress=False)
     with pytest.raises(MinidiffError, match="--init is for --method adversarial"):
         DistillConfig(init="reduced")
+    with pytest.raises(MinidiffError, match="--pair-fraction is for --pairs"):
+        DistillConfig(method="dmd", pair_fraction=0.5)
+    with pytest.raises(MinidiffError, match=r"--pair-fraction must be in \(0, 1\]"):
+        DistillConfig(method="dmd", pairs=8, pair_fraction=0)
 
 
 # ------------------------------------------- targets against the exact Gaussian denoiser
@@ -531,15 +537,21 @@ def test_the_simulated_path_is_the_students_own_ddim_sample_with_gradient(studen
 def test_pairs_are_the_teachers_deterministic_draws_from_their_own_noise(teacher, students,
                                                                          monkeypatch):
     """`--pairs N`: each pair is what `minidiff sample --sampler dpmpp --steps 10 --spacing
-    karras --rho 2` draws from the pair's noise, the same pairs come back for the same seed
-    (so a resumed run pulls towards the same images), a conditional teacher's labels take each
-    class in turn, and the run pulls the student's own path from those noises towards them."""
+    karras --rho 2 --seed S` draws from the pair's noise, S the run seed's own pair stream and
+    never the run seed itself (sampling with the run's seed must not redraw the training
+    noises), the same pairs come back for the same seed (so a resumed run pulls towards the same
+    images), a conditional teacher's labels take each class in turn, and the run pulls the
+    student's own path from those noises towards them; with `--pair-fraction 0.5` half of each
+    batch starts from those noises and the other half from fresh noise."""
     model, config, _ = load_checkpoint(teacher)
     sched = Schedule.from_config(distill_mod.DiffusionConfig.from_dict(config["diffusion"]))
     z, x, y = teacher_pairs(model, sched, 5, (1, 28, 28), seed=3, num_classes=None)
     grid = sched.respace(10, "karras", 2.0)
-    drawn = generate(model, grid, 5, sampler="dpmpp", seed=3, batch_size=5)
+    drawn = generate(model, grid, 5, sampler="dpmpp", seed=pair_seed(3), batch_size=5)
     assert y is None and torch.equal(to_uint8(x)[:, 0], drawn)
+    assert pair_seed(3) not in range(1000) and pair_seed(3) != pair_seed(4)
+    same_seed = generate(model, grid, 5, sampler="dpmpp", seed=3, batch_size=5)
+    assert not torch.equal(same_seed, drawn)
     again = teacher_pairs(model, sched, 5, (1, 28, 28), seed=3, num_classes=None)
     assert torch.equal(again[0], z) and torch.equal(again[1], x)
     assert torch.equal(teacher_pairs(model, sched, 5, (1, 28, 28), 3, 3)[2],
@@ -557,3 +569,9 @@ def test_pairs_are_the_teachers_deterministic_draws_from_their_own_noise(teacher
     bank = teacher_pairs(model, sched, 6, (1, 28, 28), seed=0, num_classes=None)[0]
     assert seen and all(any(torch.equal(row, b) for b in bank) for z in seen for row in z)
     assert load_checkpoint(students["dmd-pairs"])[1]["distill"]["pairs"] == 6
+
+    seen.clear()
+    half = replace(RUNS["dmd-pairs"], pair_fraction=0.5, updates=2)
+    distill(teacher, teacher.parent / "pairs-half", half, progress=False)
+    in_bank = [[any(torch.equal(row, b) for b in bank) for row in z] for z in seen]
+    assert in_bank and all(rows == [True, True, False, False] for rows in in_bank)

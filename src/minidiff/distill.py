@@ -46,6 +46,7 @@ student in ``rounds/<N>-step/`` (an ordinary N-step checkpoint, and the next rou
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -330,12 +331,22 @@ def dmd_loss(x0: torch.Tensor, real: torch.Tensor, fake: torch.Tensor) -> torch.
 PAIR_SOLVER, PAIR_STEPS, PAIR_RHO = "dpmpp", 10, 2.0
 
 
+def pair_seed(seed: int) -> int:
+    """The seed of the pairs' noises in a run of seed ``seed``: a stream of their own (a hash),
+    so that no sampling seed redraws the noises a student was trained on (with the run's seed
+    itself, `minidiff sample --seed 0` did, and scored the student on its training noises:
+    docs/distillation.md)."""
+    digest = hashlib.sha256(f"minidiff pairs {seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def teacher_pairs(teacher, sched: Schedule, n: int, shape: tuple, seed: int,
                   num_classes: int | None, batch_size: int = 512):
-    """``n`` fixed noises ``z: [n x C x H x W]`` (drawn from ``seed``), the images the
-    teacher's deterministic solver draws from them (``x``, clipped to [-1, 1]) and their labels
-    (``y``, each class in turn; None for an unconditional teacher): DMD's regression pairs."""
-    gen = torch.Generator().manual_seed(seed)
+    """``n`` fixed noises ``z: [n x C x H x W]`` (drawn from :func:`pair_seed` of ``seed``),
+    the images the teacher's deterministic solver draws from them (``x``, clipped to [-1, 1])
+    and their labels (``y``, each class in turn; None for an unconditional teacher): DMD's
+    regression pairs."""
+    gen = torch.Generator().manual_seed(pair_seed(seed))
     z = torch.randn((n, *shape), generator=gen)
     y = torch.arange(n) % num_classes if num_classes else None
     grid = sched.respace(PAIR_STEPS, "karras", PAIR_RHO)
@@ -382,7 +393,11 @@ class DMDLoss:
     With ``pairs`` (DMD's regression loss), the student's path starts from one of ``pairs``
     fixed noises and the pull's pair is what the teacher's deterministic solver draws from that
     noise (:func:`teacher_pairs`, made at the first call): the pull then holds the student to
-    the teacher, not to where it started, and a run can start from the teacher itself."""
+    the teacher, not to where it started, and a run can start from the teacher itself. With
+    ``pair_fraction`` below 1 only that share of each batch starts from the pairs; the rest
+    starts from fresh noise and meets distribution matching alone, as DMD computes its two
+    losses on paired and on fresh noise, so the student is not matched on a fixed set of
+    noises only."""
 
     LOW, HIGH = 0.02, 0.98
     HEAD_WEIGHT = 1e-2  # the GAN head's loss beside the fake score's own (DMD2's ImageNet run)
@@ -398,6 +413,7 @@ class DMDLoss:
         self.weight, self.every = cfg.distill_weight, cfg.fake_updates
         self.disc, self.gan_weight, self.simulate = disc, cfg.gan_weight, cfg.simulate
         self.pairs, self.seed, self.num_classes = cfg.pairs, cfg.seed, num_classes
+        self.pair_fraction = cfg.pair_fraction
         self.bank = None  # the pairs (noises, images, labels), drawn at the first call
 
     def __call__(self, student, teacher, start, x0: torch.Tensor, y=None, generator=None,
@@ -411,8 +427,13 @@ class DMDLoss:
                 self.bank = [b if b is None else b.to(dev) for b in teacher_pairs(
                     teacher, self.sched, self.pairs, tuple(x0.shape[1:]), self.seed,
                     self.num_classes)]
-            k = torch.randint(0, self.pairs, (n,), device=dev, generator=generator)
+            m = round(n * self.pair_fraction)  # rows held to a pair; the rest: fresh noise
+            k = torch.randint(0, self.pairs, (m,), device=dev, generator=generator)
             z, y = self.bank[0][k], None if self.bank[2] is None else self.bank[2][k]
+            if m < n:
+                z = torch.cat([z, torch.randn((n - m, *x0.shape[1:]), device=dev,
+                                              generator=generator)])
+                y = None if y is None else torch.cat([y, y_real[m:]])
             with torch.set_grad_enabled(update):
                 gen = ddim_path(student, z, self.student_sched, y)
         elif self.simulate:  # the student's own path from pure noise
@@ -445,7 +466,8 @@ class DMDLoss:
                 target = sample_ddim(start, z, self.start_sched, y=y)
             else:
                 _, target = predict_x0(start, x, self.start_sched, i, y)
-        pull = (gen.float() - target.float()).pow(2).flatten(1).sum(1).mean()
+        # (with pairs, only the first rows have one: `pair_fraction`)
+        pull = (gen[:len(target)].float() - target.float()).pow(2).flatten(1).sum(1).mean()
         loss = loss + dmd_loss(gen, real, fake) + self.weight * pull
         if self.disc is not None:
             loss = loss + self.gan_weight * self.gan_loss(gen, y, generator)

@@ -360,6 +360,11 @@ class DistillConfig:
     pairs: int = option(0, "dmd: pull the student's path from N fixed noises towards the "
                         "teacher's deterministic samples from them (0: towards its start's x0)",
                         metavar="N")
+    # dmd: the share of each batch drawn from the pairs; the rest is fresh noise that meets
+    # distribution matching only (DMD's split; 1: every row from the pairs, docs/distillation.md)
+    pair_fraction: float = option(1.0, "dmd with --pairs: share of each batch drawn from the "
+                                  "pairs; the rest starts from fresh noise", type="number",
+                                  metavar="F")
     # dmd: DMD2's GAN term beside it, a head on the fake score's bottleneck judging noised
     # images real or the student's (0: none; docs/distillation.md measures it)
     gan_weight: float = option(0.0, "dmd: weight of a GAN term beside distribution matching "
@@ -419,6 +424,9 @@ class DistillConfig:
             (self.gan_weight >= 0, f"--gan-weight must be >= 0, got {self.gan_weight}"),
             (self.pairs >= 0, f"--pairs must be >= 0, got {self.pairs}"),
             (not self.pairs or self.method == "dmd", "--pairs is for --method dmd"),
+            (0 < self.pair_fraction <= 1, f"--pair-fraction must be in (0, 1], got "
+             f"{self.pair_fraction}"),
+            (self.pair_fraction == 1 or self.pairs, "--pair-fraction is for --pairs"),
             (self.stages >= 1, f"--stages must be >= 1, got {self.stages}"),
             (self.method != "ect" or self.steps in ECT_STEPS, f"--method ect samples in "
              f"{', '.join(map(str, ECT_STEPS))} steps, got --steps {self.steps}"),

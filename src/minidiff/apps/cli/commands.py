@@ -299,7 +299,7 @@ def cmd_quantize(args):
 @arg("--out", required=True, help="student run folder to create")
 @arg("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 @options(s.DistillConfig, "method", "steps", "teacher_steps", "init", "distill_weight",
-         "fake_updates", "simulate", "pairs", "gan_weight", "stages",
+         "fake_updates", "simulate", "pairs", "pair_fraction", "gan_weight", "stages",
          "dropout", "updates", "batch_size", "lr", "seed", "subset", "checkpoint_every")
 @shared("--data-dir")
 @options(s.DistillConfig, "precision", "device")
