@@ -113,6 +113,7 @@ fl = res["floor"]
 lines += [f"| *real images (floor)* | | {fl['pseudo_fid']:.3f} | | | {fl['recall']:.3f} | "
           f"{fl['confidence']:.3f} | {fl['class_max_dev']:.3f} | |", "",
           f"Command: `.venv/bin/python benchmarks/few_step.py {' '.join(args.rows)} --n {args.n} "
-          f"--seeds {' '.join(map(str, args.seeds))}`"]
+          f"--seeds {' '.join(map(str, args.seeds))}"
+          + (f" --name {args.name}`" if args.name != "few_step" else "`")]
 (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
