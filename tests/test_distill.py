@@ -17,6 +17,7 @@ from minidiff.apps.cli import main
 from minidiff.checkpoint import load_checkpoint
 from minidiff.diffusion import DiffusionConfig, Schedule, q_sample
 from minidiff.distill import (
+    PAIRS_FILE,
     Discriminator,
     DMDLoss,
     ECTLoss,
@@ -570,8 +571,13 @@ def test_pairs_are_the_teachers_deterministic_draws_from_their_own_noise(teacher
     assert seen and all(any(torch.equal(row, b) for b in bank) for z in seen for row in z)
     assert load_checkpoint(students["dmd-pairs"])[1]["distill"]["pairs"] == 6
 
+    # a run started from that one (--init) reads its pairs instead of drawing them again
     seen.clear()
-    half = replace(RUNS["dmd-pairs"], pair_fraction=0.5, updates=2)
+    drawn = []
+    monkeypatch.setattr(distill_mod, "teacher_pairs", lambda *a, **k: drawn.append(a))
+    half = replace(RUNS["dmd-pairs"], pair_fraction=0.5, updates=2,
+                   init=str(teacher.parent / "pairs-spy"))
     distill(teacher, teacher.parent / "pairs-half", half, progress=False)
     in_bank = [[any(torch.equal(row, b) for b in bank) for row in z] for z in seen]
     assert in_bank and all(rows == [True, True, False, False] for rows in in_bank)
+    assert drawn == [] and (teacher.parent / "pairs-half" / PAIRS_FILE).is_file()

@@ -47,17 +47,21 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
 from torch.nn import functional as F
 
 from . import __version__
 from .checkpoint import dataset_of, load_checkpoint, save_model
 from .diffusion import DiffusionConfig, DiffusionLoss, Schedule, gather, q_sample
 from .errors import MinidiffError
+from .files import atomic_write_bytes
 from .guidance import Guided
 from .loop import Method, Run, drop_labels, fit, hold, previous_run, training_images
 from .runtime import resolve_device, resolve_precision
@@ -358,6 +362,37 @@ def teacher_pairs(teacher, sched: Schedule, n: int, shape: tuple, seed: int,
     return z, torch.cat(xs), y
 
 
+PAIRS_FILE = "pairs.safetensors"  # a dmd run's pairs, beside its checkpoints
+
+
+def lineage_pairs(teacher, sched: Schedule, n: int, shape: tuple, seed: int,
+                  num_classes: int | None, teacher_sha256: str, folders: list[Path],
+                  out: Path | None):
+    """:func:`teacher_pairs`, read from the first of ``folders`` whose ``pairs.safetensors``
+    the same teacher drew with the same ``n``, ``seed``, shape and solver (a resumed run's own
+    folder, the ``--init`` run's), else drawn; written to ``out`` (atomically) unless read
+    from there, so that the next run of a lineage finds them too: a lineage draws its pairs
+    once."""
+    key = {"teacher_sha256": teacher_sha256, "n": str(n), "seed": str(seed),
+           "shape": json.dumps(list(shape)), "num_classes": str(num_classes),
+           "solver": f"{PAIR_SOLVER} {PAIR_STEPS} karras {PAIR_RHO}"}
+    for folder in folders:
+        try:
+            with safe_open(str(Path(folder) / PAIRS_FILE), "pt") as f:
+                if f.metadata() == key:
+                    t = {k: f.get_tensor(k) for k in f.keys()}
+                    break
+        except (OSError, SafetensorError):
+            continue
+    else:
+        folder, t = None, dict(zip("zxy", teacher_pairs(teacher, sched, n, shape, seed,
+                                                        num_classes), strict=True))
+    if out is not None and folder != out:
+        tensors = {k: v for k, v in t.items() if v is not None}
+        atomic_write_bytes(Path(out) / PAIRS_FILE, st_save(tensors, metadata=key))
+    return t["z"], t["x"], t.get("y")
+
+
 def ddim_path(model, z: torch.Tensor, sched: Schedule, y=None) -> torch.Tensor:
     """``model``'s DDIM path (eta 0) over ``sched`` from the noise ``z: [N x C x H x W]``, with
     gradient: its x0 at the last step, unclipped (every earlier x0 clipped, as
@@ -392,8 +427,9 @@ class DMDLoss:
 
     With ``pairs`` (DMD's regression loss), the student's path starts from one of ``pairs``
     fixed noises and the pull's pair is what the teacher's deterministic solver draws from that
-    noise (:func:`teacher_pairs`, made at the first call): the pull then holds the student to
-    the teacher, not to where it started, and a run can start from the teacher itself. With
+    noise (:func:`teacher_pairs`, drawn or read at the first call, :func:`lineage_pairs`): the
+    pull then holds the student to the teacher, not to where it started, and a run can start
+    from the teacher itself. With
     ``pair_fraction`` below 1 only that share of each batch starts from the pairs; the rest
     starts from fresh noise and meets distribution matching alone, as DMD computes its two
     losses on paired and on fresh noise, so the student is not matched on a fixed set of
@@ -404,7 +440,7 @@ class DMDLoss:
 
     def __init__(self, cfg: DistillConfig, diffusion: DiffusionConfig, start_prediction: str,
                  steps: int, fake: torch.nn.Module, disc: torch.nn.Module | None = None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, pairs_at: tuple = ()):
         self.sched = Schedule.from_config(diffusion)  # the teacher's and the fake score's
         grid = self.sched.respace(steps, SPACING)
         self.student_sched = Schedule(grid.betas, grid.timesteps, "v")
@@ -414,6 +450,8 @@ class DMDLoss:
         self.disc, self.gan_weight, self.simulate = disc, cfg.gan_weight, cfg.simulate
         self.pairs, self.seed, self.num_classes = cfg.pairs, cfg.seed, num_classes
         self.pair_fraction = cfg.pair_fraction
+        # (teacher SHA-256, folders to read the pairs from, folder to write them to)
+        self.pairs_at = pairs_at or ("", [], None)
         self.bank = None  # the pairs (noises, images, labels), drawn at the first call
 
     def __call__(self, student, teacher, start, x0: torch.Tensor, y=None, generator=None,
@@ -424,9 +462,9 @@ class DMDLoss:
         update = step % self.every == 0
         if self.pairs:  # the student's own path from a pair's noise, held to the teacher's image
             if self.bank is None:
-                self.bank = [b if b is None else b.to(dev) for b in teacher_pairs(
+                self.bank = [b if b is None else b.to(dev) for b in lineage_pairs(
                     teacher, self.sched, self.pairs, tuple(x0.shape[1:]), self.seed,
-                    self.num_classes)]
+                    self.num_classes, *self.pairs_at)]
             m = round(n * self.pair_fraction)  # rows held to a pair; the rest: fresh noise
             k = torch.randint(0, self.pairs, (m,), device=dev, generator=generator)
             z, y = self.bank[0][k], None if self.bank[2] is None else self.bank[2][k]
@@ -611,9 +649,11 @@ class Distillation(Method):
             self.loss_fn = ECTLoss(diffusion)
         elif self.cfg.method == "dmd":
             start_cfg = self.init[1] if self.init else self.tconfig
+            lineage = [self.out] + ([Path(self.cfg.init)] if self.cfg.init else [])
             self.loss_fn = DMDLoss(self.cfg, diffusion, start_cfg["diffusion"]["prediction"],
                                    self.plan[r], self.fake, self.disc,
-                                   self.teacher.config.num_classes)
+                                   self.teacher.config.num_classes,
+                                   (self.about["sha256"], lineage, self.out))
         else:
             self.loss_fn = DistillLoss(self.cfg, diffusion, self.plan[r], self.disc)
         if fresh:
