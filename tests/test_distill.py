@@ -218,6 +218,16 @@ def test_dmd2_gan_head_reads_the_fake_score_and_each_term_reaches_its_own_player
     assert all(p.requires_grad for p in [*head.parameters(), *fake.parameters()])
 
 
+def test_a_tiny_pair_fraction_still_holds_one_row_to_its_pair(teacher):
+    """`--pair-fraction` rounds to at least one pulled row, so the pull is never an empty mean."""
+    net = load_checkpoint(teacher)[0]
+    loss_fn = DMDLoss(DistillConfig(method="dmd", pairs=4, pair_fraction=0.01), DiffusionConfig(),
+                      "eps", 2, copy.deepcopy(net))
+    loss = loss_fn(net, net, net, torch.rand(4, 1, 28, 28) * 2 - 1,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+
+
 def test_init_must_be_a_student_of_the_teachers_u_net(teacher, tmp_path):
     with pytest.raises(MinidiffError, match="not the teacher's U-Net"):
         distill(teacher, tmp_path / "s", DistillConfig(method="adversarial", init="reduced",

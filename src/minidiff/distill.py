@@ -376,18 +376,19 @@ def lineage_pairs(teacher, sched: Schedule, n: int, shape: tuple, seed: int,
     key = {"teacher_sha256": teacher_sha256, "n": str(n), "seed": str(seed),
            "shape": json.dumps(list(shape)), "num_classes": str(num_classes),
            "solver": f"{PAIR_SOLVER} {PAIR_STEPS} karras {PAIR_RHO}"}
+    source, t = None, None
     for folder in folders:
         try:
             with safe_open(str(Path(folder) / PAIRS_FILE), "pt") as f:
                 if f.metadata() == key:
-                    t = {k: f.get_tensor(k) for k in f.keys()}
+                    source, t = Path(folder), {k: f.get_tensor(k) for k in f.keys()}
                     break
         except (OSError, SafetensorError):
             continue
-    else:
-        folder, t = None, dict(zip("zxy", teacher_pairs(teacher, sched, n, shape, seed,
-                                                        num_classes), strict=True))
-    if out is not None and folder != out:
+    if t is None:
+        t = dict(zip("zxy", teacher_pairs(teacher, sched, n, shape, seed, num_classes),
+                     strict=True))
+    if out is not None and source != Path(out):
         tensors = {k: v for k, v in t.items() if v is not None}
         atomic_write_bytes(Path(out) / PAIRS_FILE, st_save(tensors, metadata=key))
     return t["z"], t["x"], t.get("y")
@@ -452,7 +453,7 @@ class DMDLoss:
         self.pair_fraction = cfg.pair_fraction
         # (teacher SHA-256, folders to read the pairs from, folder to write them to)
         self.pairs_at = pairs_at or ("", [], None)
-        self.bank = None  # the pairs (noises, images, labels), drawn at the first call
+        self.bank = None  # the pairs (noises, images, labels), drawn or read at the first call
 
     def __call__(self, student, teacher, start, x0: torch.Tensor, y=None, generator=None,
                  step: int = 0) -> torch.Tensor:
@@ -465,7 +466,8 @@ class DMDLoss:
                 self.bank = [b if b is None else b.to(dev) for b in lineage_pairs(
                     teacher, self.sched, self.pairs, tuple(x0.shape[1:]), self.seed,
                     self.num_classes, *self.pairs_at)]
-            m = round(n * self.pair_fraction)  # rows held to a pair; the rest: fresh noise
+            # rows held to a pair (at least one, so the pull is defined); the rest: fresh noise
+            m = max(1, round(n * self.pair_fraction))
             k = torch.randint(0, self.pairs, (m,), device=dev, generator=generator)
             z, y = self.bank[0][k], None if self.bank[2] is None else self.bank[2][k]
             if m < n:
