@@ -28,6 +28,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 
 from . import __version__
+from .allocator import freed_memory_kept
 from .errors import MinidiffError
 from .settings import DEVICES, PRECISIONS, check_choice
 
@@ -127,7 +128,7 @@ def environment(device: torch.device | None = None) -> dict:
            "cpu": cpu_name(), "cpu_capability": cpu_capability(),
            "bf16_native": cpu_bf16_native(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "python": platform.python_version(),
-           "minidiff": __version__}
+           "minidiff": __version__, "malloc_kept": freed_memory_kept()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
