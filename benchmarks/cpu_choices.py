@@ -19,6 +19,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from minidiff.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the command line does, so times match it
+
 from minidiff.runtime import (  # noqa: E402
     autocast_context,
     environment,

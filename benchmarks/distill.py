@@ -32,6 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from minidiff.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the command line does, so times match it
+
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.distill import distill  # noqa: E402
 from minidiff.generation import resolve_sampling, time_generation  # noqa: E402

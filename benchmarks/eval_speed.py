@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from minidiff.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the command line does, so times match it
 os.environ["MINIDIFF_CACHE"] = tempfile.mkdtemp()  # start cold
 
 from minidiff.data import load_split  # noqa: E402

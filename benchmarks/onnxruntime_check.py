@@ -16,6 +16,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from minidiff.allocator import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # as the command line does, so times match it
+
 from minidiff.runtime import environment, timed  # noqa: E402
 from minidiff.unet import PRESETS, UNet  # noqa: E402
 
