@@ -153,6 +153,7 @@ def test_int8_and_fp16_storage_stay_close_to_float(tmp_path, trained):
     assert qcfg["storage"]["int8"]["upsamples.0.weight"] == 1  # ConvTranspose: out axis 1
     err = output_error(model, qm, config)
     assert err == pytest.approx(q["output_rel_rms_error"], rel=1e-3)
+    assert qcfg["quantized"]["output_error_inputs"] == 64  # recorded beside the error
     assert 0 < err < 0.03, err
     assert 0 < h["output_rel_rms_error"] < 0.005
     # int8 weights really take 256 levels per channel

@@ -173,8 +173,14 @@ def calibration_inputs(cfg: UNetConfig, sched: Schedule, n: int, seed: int = 0):
     return q_sample(sched, x0, t, torch.randn(x0.shape, generator=g)), t
 
 
+# Calibration inputs of a stored copy's output error: 64 inputs (50,176 outputs) over the
+# schedule; the checkpoints shipped before 2026-12-07 recorded theirs on 256.
+ERROR_INPUTS = 64
+
+
 @torch.no_grad()
-def output_error(a: nn.Module, b: nn.Module, config: dict, n: int = 256, seed: int = 0) -> float:
+def output_error(a: nn.Module, b: nn.Module, config: dict, n: int = ERROR_INPUTS,
+                 seed: int = 0) -> float:
     """Relative RMS difference of two noise predictors on ``n`` calibration inputs
     (:func:`calibration_inputs`)."""
     sched = Schedule.from_config(DiffusionConfig.from_dict(config["diffusion"]))
@@ -205,6 +211,7 @@ def quantize_checkpoint(checkpoint, out, *, mode: str = "int8", force: bool = Fa
         save_model(tmp, model, new)
         reloaded, _, _ = load_checkpoint(tmp)
         record["output_rel_rms_error"] = round(output_error(model, reloaded, config), 6)
+        record["output_error_inputs"] = ERROR_INPUTS
         record["after_bytes"] = stored_bytes(tmp)
         save_model(tmp, model, new)
     return record
