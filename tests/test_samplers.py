@@ -129,11 +129,15 @@ def test_compiled_output_that_disagrees_with_eager_is_dropped(tiny_model, monkey
     assert len(notes) == 1 and notes[0].startswith("note: torch.compile disagreed with eager")
 
 
-def test_compiled_sampling_matches_eager(tiny_model):
+def test_compiled_sampling_matches_eager(tiny_model, monkeypatch, capsys):
     """The real compiler (tens of seconds on 2 cores): same images up to rounding; the padded
-    last batch keeps one graph."""
+    last batch keeps the one graph (a recompile would raise here, and fall back with a note)."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     sched = Schedule.from_config(DiffusionConfig()).respace(4)
     eager = generate(tiny_model, sched, 5, seed=3, batch_size=4, sampler="ddim")
     compiled = generate(tiny_model, sched, 5, seed=3, batch_size=4, sampler="ddim",
                         compile=True)
+    assert "note: torch.compile" not in capsys.readouterr().out
     assert (eager.int() - compiled.int()).abs().max() <= 2

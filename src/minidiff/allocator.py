@@ -24,7 +24,8 @@ def keep_freed_memory() -> bool:
     Under glibc's defaults each comes back from the kernel as fresh pages, and their page faults
     took a quarter of `minidiff sample reduced-2step --n 10000` on a 2-core AMD EPYC Zen 3
     (docs/speed.md). Set here: blocks up to 32 MB (glibc's largest ``M_MMAP_THRESHOLD``) come
-    from the heap, and up to 512 MB of freed heap stay mapped; the peak memory does not grow.
+    from the heap, and up to 512 MB of freed heap stay mapped; the peak memory barely moves
+    (a training step of `reduced` at batch 128: 802-831 MB against 795).
     The command line calls this once; a notebook may too. Linux with glibc only, and never where
     the user tuned the allocator already (``MALLOC_*`` or ``GLIBC_TUNABLES`` set, or a library
     in ``LD_PRELOAD``, such as jemalloc or tcmalloc).

@@ -2,8 +2,8 @@
 environment record written beside every measurement.
 
 This module sits below everything that computes (training, sampling, evaluation, benchmarks,
-the study, the web page) and imports nothing else of the package but its errors and the names
-of its choices (:mod:`minidiff.settings`).
+the study, the web page) and imports nothing else of the package but its errors, the names of
+its choices (:mod:`minidiff.settings`) and the allocator's state (:mod:`minidiff.allocator`).
 
 bf16 pays on a CPU only where it is native (AVX512-BF16 or AMX); elsewhere oneDNN emulates it at
 about 1% of the fp32 speed. ``--precision auto`` therefore asks what torch will actually run, not
@@ -175,7 +175,8 @@ class CompiledOrEager(torch.nn.Module):
     Inductor's AVX2 code for this U-Net returned NaN on an AVX-512 CPU told to dispatch AVX2
     (``ATEN_CPU_CAPABILITY=avx2``), so a wrong compiled kernel must cost one check, never a
     grid of broken images. The graph is compiled for the first batch size seen; smaller batches
-    (a last partial one) are padded to it inside ``forward`` so they reuse that graph.
+    (a last partial one) are padded to it inside ``forward`` so they reuse that graph, and under
+    ``torch.inference_mode`` every input reaches it as an inference tensor, so no guard fails.
     """
 
     TOLERANCE = 0.05  # relative RMS difference; bf16 autocast alone stays near 1e-2
@@ -203,6 +204,10 @@ class CompiledOrEager(torch.nn.Module):
                 x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
                 t = torch.cat([t, t[:1].expand(pad)])
                 y = None if y is None else torch.cat([y, y[:1].expand(pad)])
+            if torch.is_inference_mode_enabled():  # inference tensors only: a padded batch's
+                # new t beside a full batch's view of the schedule was a guard failure, and a
+                # second compile of the same graph (half of --compile's cost)
+                x, t, y = (v if v is None or v.is_inference() else v.clone() for v in (x, t, y))
             try:
                 out = self.compiled(x, t, y)
             except Exception as e:  # compiler back-ends raise many types; eager is always right
