@@ -59,8 +59,11 @@ def kept_under(**env) -> bool:
 def test_kept_memory_ends_the_page_faults_of_forward_passes():
     kept, plain_faults, faults = run_loop()
     assert kept
-    assert plain_faults > 10_000  # the activations came back from the kernel as fresh pages
-    assert faults < plain_faults / 10
+    # Under glibc's defaults the activations came back from the kernel as fresh pages:
+    # 29,632-77,232 faults on a Zen 3 (transparent huge pages "madvise"; "always" makes fewer);
+    # kept, the passes reuse the heap: 0-1,764 there.
+    assert faults < max(plain_faults / 10, 1_000)
+    assert plain_faults > faults
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only")
