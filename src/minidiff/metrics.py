@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .classifier import features_and_logits, load_classifier, weights_path
-from .data import load_split
+from .data import DATASETS, load_split
 from .errors import MinidiffError
 from .files import atomic_write_text, cache_dir
 
@@ -142,6 +142,21 @@ def ssim_mean(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- reference cache
 
 
+def memorization_threshold(dataset: str = "mnist", data_dir=None,
+                           train_images: torch.Tensor | None = None) -> float:
+    """The pixel-L2 distance below which a sample counts as a copy of a training image: the 5th
+    percentile of the test images' distances to their nearest training image. The dataset's
+    registry entry holds it where known (:class:`minidiff.data.DatasetSpec`); else computed."""
+    known = DATASETS[dataset].memorization_threshold
+    if known is not None:
+        return known
+    test, _ = load_split(dataset, "test", data_dir)
+    if train_images is None:
+        train_images, _ = load_split(dataset, "train", data_dir)
+    d, _ = nearest(test, train_images)
+    return torch.quantile(d, 0.05).item()
+
+
 def _cache_key(dataset: str, reference: str) -> str:
     card = json.loads(weights_path(dataset).with_suffix(".json").read_text())
     return hashlib.sha256(f"{dataset}|{reference}|{card['sha256']}".encode()).hexdigest()[:16]
@@ -163,10 +178,7 @@ class Reference:
             self.features, self.threshold = t["features"], float(t["threshold"])
         else:
             self.features, _ = features_and_logits(self.classifier, self.images)
-            # memorisation threshold: 5th percentile of test-to-train nearest-neighbour distances
-            test, _ = load_split(dataset, "test", data_dir)
-            d, _ = nearest(test, self.train_images)
-            self.threshold = torch.quantile(d, 0.05).item()
+            self.threshold = memorization_threshold(dataset, data_dir, self.train_images)
         self.radii = t.get(f"radii_k{K_NN}")
         if self.radii is None:  # also for caches written before the radii were kept
             self.radii = _knn_radii(self.features.float(), K_NN)
