@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: where results go, a results file to continue, and the
-labels a conditional model is scored with.
+"""What the benchmark scripts share: where results go, a results file to continue, the
+labels a conditional model is scored with, and a row's draws summarised over seeds.
 
 Each script runs as a file (``.venv/bin/python benchmarks/NAME.py``), which puts this folder on
 ``sys.path``; ``import common`` also puts the checkout's ``src`` there, so the scripts measure
@@ -7,6 +7,7 @@ the checkout's minidiff, not an installed one.
 """
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -38,3 +39,18 @@ def resume_results(path: Path, checkpoint, digest: str, n: int, precision: str, 
         res = {"checkpoint": str(checkpoint), "checkpoint_sha256": digest, "n": n,
                "precision": precision, **record, **environment(), "rows": []}
     return res
+
+
+def over_seeds(rows: list[dict], label: str, seeds: list[int], keys) -> dict | None:
+    """The draws of row ``label`` at ``seeds`` summarised: the mean of each of ``keys`` they
+    record, pseudo-FID's min..max (``fid_range``), the median ``seconds``, and the first draw's
+    sampler, steps, spacing, checkpoint and guidance; None until every seed is measured."""
+    mine = [r for r in rows if r["label"] == label and r["seed"] in seeds]
+    if len(mine) < len(seeds):
+        return None
+    out = {k: statistics.mean(r[k] for r in mine) for k in keys if k in mine[0]}
+    out["fid_range"] = (min(r["pseudo_fid"] for r in mine), max(r["pseudo_fid"] for r in mine))
+    out["seconds"] = statistics.median(r["seconds"] for r in mine)
+    out.update({k: mine[0][k] for k in ("sampler", "steps", "spacing", "checkpoint", "guided")
+                if k in mine[0]})
+    return out

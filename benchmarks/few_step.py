@@ -15,11 +15,10 @@ seed and precision) are kept, so an interrupted run continues where it stopped.
 
 import argparse
 import json
-import statistics
 from datetime import date
 
 import torch
-from common import RESULTS
+from common import RESULTS, over_seeds
 
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.evaluation import score  # noqa: E402
@@ -80,19 +79,8 @@ res["floor"] = {k: round(v, 4) for k, v in floor(ref, args.n).items() if k in KE
 path.write_text(json.dumps(res, indent=2) + "\n")
 
 
-def summary(label: str) -> dict | None:
-    rows = [r for r in res["rows"] if r["label"] == label and r["seed"] in args.seeds]
-    if len(rows) < len(args.seeds):
-        return None
-    out = {k: statistics.mean(r[k] for r in rows) for k in KEYS}
-    out["fid_range"] = (min(r["pseudo_fid"] for r in rows), max(r["pseudo_fid"] for r in rows))
-    out.update({k: rows[0][k] for k in ("sampler", "steps", "spacing", "checkpoint")})
-    out["seconds"] = statistics.median(r["seconds"] for r in rows)
-    return out
-
-
 labels = [parse(row)[0] for row in args.rows]
-sums = {lab: s for lab in labels if (s := summary(lab))}
+sums = {lab: s for lab in labels if (s := over_seeds(res["rows"], lab, args.seeds, KEYS))}
 # the first row sampled as the goals' reference is the teacher every row is compared with
 teacher = next((s["pseudo_fid"] for s in sums.values()
                 if (s["sampler"], s["steps"], s["spacing"]) == REFERENCE), None)
