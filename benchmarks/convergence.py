@@ -32,14 +32,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import common  # noqa: F401  (the checkout's src on sys.path; freed memory kept)
 import torch
 from safetensors.torch import load_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from minidiff.allocator import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()  # as the command line does, so times match it
 
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.diffusion import DiffusionConfig  # noqa: E402

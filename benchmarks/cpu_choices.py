@@ -12,16 +12,10 @@ one-off compile time is reported beside its speed.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+import common  # noqa: F401  (the checkout's src on sys.path; freed memory kept)
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from minidiff.allocator import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()  # as the command line does, so times match it
 
 from minidiff.runtime import (  # noqa: E402
     autocast_context,

@@ -9,15 +9,9 @@ e.g. benchmarks/eval_rows.py reduced 2000 dpmpp-sde:8 ddim:64 ddim:2
 
 import json
 import sys
-from pathlib import Path
 
+import common  # noqa: F401  (the checkout's src on sys.path; freed memory kept)
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from minidiff.allocator import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()  # as the command line does, so times match it
 
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.generation import resolve_sampling, time_generation  # noqa: E402

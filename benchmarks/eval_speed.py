@@ -10,16 +10,12 @@ nearest-neighbour threshold); later ones reuse it. The floor is excluded (it is 
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import common  # noqa: F401  (the checkout's src on sys.path; freed memory kept)
 
-from minidiff.allocator import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()  # as the command line does, so times match it
 os.environ["MINIDIFF_CACHE"] = tempfile.mkdtemp()  # start cold
 
 from minidiff.data import load_split  # noqa: E402

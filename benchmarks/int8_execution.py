@@ -20,13 +20,9 @@ import sys
 import warnings
 from pathlib import Path
 
+import common  # noqa: F401  (the checkout's src on sys.path; freed memory kept)
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from minidiff.allocator import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()  # as the command line does, so times match it
 from minidiff.checkpoint import load_checkpoint  # noqa: E402
 from minidiff.compress import calibration_inputs  # noqa: E402
 from minidiff.diffusion import DiffusionConfig, Schedule  # noqa: E402

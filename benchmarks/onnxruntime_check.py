@@ -9,16 +9,10 @@ variant tried) against torch eager in fp32 and in bf16 autocast, in the same pro
 """
 
 import json
-import sys
 from pathlib import Path
 
+import common  # noqa: F401  (the checkout's src on sys.path; freed memory kept)
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from minidiff.allocator import keep_freed_memory  # noqa: E402
-
-keep_freed_memory()  # as the command line does, so times match it
 
 from minidiff.runtime import environment, timed  # noqa: E402
 from minidiff.unet import PRESETS, UNet  # noqa: E402
