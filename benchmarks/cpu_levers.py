@@ -27,6 +27,8 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 from common import RESULTS
+from torch.profiler import profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from minidiff.runtime import autocast_context, environment, environment_line, resolve_precision
 from minidiff.unet import PRESETS, UNet
@@ -57,9 +59,6 @@ def ms(fn, reps: int = 10) -> float:
 
 with torch.inference_mode(), autocast_context(torch.device("cpu"), precision):
     # operators' shares
-    from torch.profiler import profile
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as flops:
         model(x, t)
     model(x, t)

@@ -60,6 +60,8 @@ args = ap.parse_args()
 path = RESULTS / "distill.json"
 precision = resolve_precision("auto", torch.device("cpu"))
 res = json.loads(path.read_text()) if path.is_file() else {}
+if args.report and not res:
+    raise SystemExit(f"distill.py: --report needs {path}; run without --report first")
 if args.report:  # the JSON as measured, wherever it was
     precision, args.n, args.seeds = res["precision"], res["n"], res["seeds"]
 elif (res.get("n"), res.get("precision"), res.get("seeds")) != (args.n, precision, args.seeds):
