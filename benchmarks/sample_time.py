@@ -28,17 +28,6 @@ from minidiff.runtime import environment, environment_line  # noqa: E402
 GOAL_S = {True: 15.0, False: 25.0}  # bf16 native -> the goal's seconds
 
 
-def cpu_model() -> str:
-    """``family F, model M`` from /proc/cpuinfo: what tells an AMD Zen 3 (25, 1) from a Zen 4
-    (25, 17), which ``model name`` ("AMD EPYC") does not."""
-    fields = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path(
-            "/proc/cpuinfo").is_file() else []:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    return f"family {fields.get('cpu family', '?')}, model {fields.get('model', '?')}"
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="reduced-2step")
@@ -70,7 +59,7 @@ def main(argv=None) -> None:
     goal = GOAL_S[envd["bf16_native"]]
     walls = [r["wall_s"] for r in runs]
     med = statistics.median(walls)
-    res = {**envd, "cpu_model": cpu_model(), "model": args.model, "n": args.n,
+    res = {**envd, "model": args.model, "n": args.n,
            "goal_s": goal, "median_wall_s": round(med, 2),
            "min_wall_s": min(walls), "max_wall_s": max(walls),
            "median_draw_s": round(statistics.median(r["draw_s"] for r in runs), 2),
@@ -81,7 +70,7 @@ def main(argv=None) -> None:
     verdict = "met" if res["met"] else f"missed by {med - goal:.1f} s"
     lines = [
         f"# `minidiff sample {args.model} --n {args.n}`, start-up included "
-        f"({environment_line(res)}; {res['cpu_model']})", "",
+        f"({environment_line(res)})", "",
         f"Median **{med:.1f} s** ({min(walls):.1f}..{max(walls):.1f}, {len(runs)} runs) "
         f"against the goal's {goal:.0f} s for a CPU with {cls}: **{verdict}**. "
         f"The draw alone (the sample file's `seconds`): median {res['median_draw_s']:.1f} s; "

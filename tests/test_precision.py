@@ -138,5 +138,7 @@ def test_environment_line_names_the_cpu_class_and_reads_older_records():
     env = environment()
     line = environment_line(env)
     assert env["cpu_capability"] in line and "bf16 " in line and f"{env['threads']} threads" in line
+    if env["cpu_model"]:  # Linux: family and model, which tell a Zen 3 from a Zen 4
+        assert env["cpu_model"].startswith("family ") and env["cpu_model"] in line
     old = {"date": "2026-11-27", "cpu": "AMD EPYC", "threads": 2}  # a record before the class
     assert environment_line(old) == "2026-11-27, AMD EPYC, 2 threads"

@@ -69,6 +69,13 @@ def cpu_name() -> str:
     return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
+def cpu_model() -> str | None:
+    """``family F, model M`` of /proc/cpuinfo, None off Linux: what tells an AMD Zen 3 (family
+    25, model 1) from a Zen 4 (25, 17), which share the model name "AMD EPYC"."""
+    family, model = _cpuinfo("cpu family"), _cpuinfo("model\t")
+    return None if family is None or model is None else f"family {family}, model {model}"
+
+
 def cpu_capability() -> str:
     """ATen's vector dispatch level (``AVX512``, ``AVX2``, ``DEFAULT``, ...); it follows
     ``ATEN_CPU_CAPABILITY``."""
@@ -125,7 +132,7 @@ def environment(device: torch.device | None = None) -> dict:
     """What every result records about where it was measured."""
     device = device or torch.device("cpu")
     env = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-           "cpu": cpu_name(), "cpu_capability": cpu_capability(),
+           "cpu": cpu_name(), "cpu_model": cpu_model(), "cpu_capability": cpu_capability(),
            "bf16_native": cpu_bf16_native(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "python": platform.python_version(),
            "minidiff": __version__, "malloc_kept": freed_memory_kept()}
@@ -137,8 +144,10 @@ def environment(device: torch.device | None = None) -> dict:
 def environment_line(env: dict | None = None) -> str:
     """:func:`environment` as the one line a report prints under its title."""
     env = env or environment()  # a record from before a field existed prints without it
-    cls = "" if "cpu_capability" not in env else (
-        f" ({env['cpu_capability']}, bf16 {'native' if env.get('bf16_native') else 'emulated'})")
+    cls = ""
+    if "cpu_capability" in env:  # e.g. " (family 25, model 1; AVX2, bf16 emulated)"
+        bf16 = f"{env['cpu_capability']}, bf16 {'native' if env.get('bf16_native') else 'emulated'}"
+        cls = f" ({env['cpu_model']}; {bf16})" if env.get("cpu_model") else f" ({bf16})"
     torch_ = f", torch {env['torch']}" if "torch" in env else ""
     return f"{env['date']}, {env['cpu']}{cls}, {env['threads']} threads{torch_}"
 
