@@ -23,7 +23,7 @@ from pathlib import Path
 
 import common
 
-from minidiff.runtime import environment, environment_line  # noqa: E402
+from minidiff.runtime import environment, environment_line
 
 GOAL_S = {True: 15.0, False: 25.0}  # bf16 native -> the goal's seconds
 
