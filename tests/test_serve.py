@@ -56,7 +56,8 @@ MODELS = {"reduced-cond": {"conditional": True, "num_classes": 10},
     ({"model": "plain", "seed": -1}, "seed must be"),
     ({"model": "plain", "sampler": "magic"}, "sampler must be one of"),
     ({"model": "plain", "class": 3}, "is unconditional"),
-    ({"model": "reduced-cond", "class": 10}, "class must be an integer in 0..9"),
+    ({"model": "reduced-cond", "class": 10}, 'class must be "all" or an integer in 0..9'),
+    ({"model": "reduced-cond", "class": "7"}, 'class must be "all" or an integer'),
     ({"model": "reduced-cond", "class": 1, "guidance": 11}, "guidance must be a number"),
     ({"model": "student", "steps": 3}, "sampler must be ddim and steps one of 2$"),
     ({"model": "student", "sampler": "dpmpp-sde"}, "is a distilled student"),
@@ -80,6 +81,11 @@ def test_a_student_is_sampled_its_own_way_by_default():
     assert (r.sampler, r.steps) == ("ddim", 2)
     r = GenerateRequest.parse({"model": "cond-student", "class": 3, "steps": 4}, MODELS)
     assert (r.sampler, r.steps, r.cls, r.guidance) == ("ddpm", 4, 3, None)
+    # its guidance is built in, so it is never drawn without a class: by default, all in turn
+    r = GenerateRequest.parse({"model": "cond-student"}, MODELS)
+    assert (r.cls, r.guidance) == ("all", None)
+    r = GenerateRequest.parse({"model": "reduced-cond", "class": "all"}, MODELS)
+    assert (r.cls, r.guidance) == ("all", SamplingConfig().guidance)
 
 
 def test_the_shipped_students_are_offered_and_sampled_in_their_own_steps():
@@ -96,6 +102,13 @@ def test_the_shipped_students_are_offered_and_sampled_in_their_own_steps():
     res = pool.run(GenerateRequest.parse({"model": "reduced-cond-2step", "class": 7, "n": 2},
                                          pool.info))
     assert (res["sampler"], res["steps"], res["guidance"]) == ("ddim", 2, None)
+    # "all": the classes in turn, one per column of the grid (10 x 28 px + padding, drawn 2x)
+    res = pool.run(GenerateRequest.parse({"model": "reduced-cond-2step", "n": 20}, pool.info))
+    assert res["class"] == "all" and res["n"] == 20
+    from PIL import Image
+
+    grid = Image.open(io.BytesIO(base64.b64decode(res["grid"])))
+    assert grid.size == (2 * (10 * 30 + 2), 2 * (2 * 30 + 2))
 
 
 def test_one_request_is_bounded_in_time(monkeypatch):
@@ -341,6 +354,26 @@ def page(server):
         pg.wait_for_selector("body[data-ready='1']", timeout=20_000)
         yield pg
         browser.close()
+
+
+def test_browser_opens_on_the_student_that_meets_its_goal_drawing_every_class(page):
+    """`serve.OPENS_ON`: the page opens on the fastest model that meets its quality goal; a
+    conditional student is drawn with a class, all of them in turn by default."""
+    from PIL import Image
+
+    assert page.input_value("#model") == "reduced-cond-2step"
+    assert page.input_value("#class") == "all" and page.is_visible("#class")
+    assert "any (unconditional)" not in page.inner_text("#class")  # its guidance is built in
+    page.fill("#n", "10")
+    page.click("#generate")
+    page.wait_for_selector("#latency", timeout=60_000)
+    assert "class all" in page.inner_text("#stats") and "guidance" not in page.inner_text("#stats")
+    src = page.get_attribute("#grid", "src")
+    img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert img.size == (2 * (10 * 30 + 2), 2 * (30 + 2))  # one row: 0, 1, ..., 9
+    page.select_option("#model", "reduced-cond")  # a teacher may also be drawn unconditionally
+    assert page.input_value("#class") == "all"
+    assert "any (unconditional)" in page.inner_text("#class")
 
 
 def test_browser_generates_the_requested_grid(page, tmp_path):

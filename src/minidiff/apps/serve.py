@@ -55,6 +55,10 @@ MAX_BODY_BYTES = 64 * 1024
 TRAJECTORY_FRAMES = 8
 BUSY = "busy: one request runs at a time; retry when it finishes"
 DEFAULTS = SamplingConfig(batch_size=MAX_IMAGES)  # a request is sampled as one batch
+# The page opens on the first of these that is shipped: the fastest model that meets its quality
+# goal (docs/distillation.md, "Where the goals stand"), else the teacher.
+OPENS_ON = ("reduced-cond-2step", "reduced")
+ALL = "all"  # the class of a request that draws the classes in turn (0, 1, ..., 9, 0, ...)
 
 
 class RequestError(ValueError):
@@ -156,7 +160,7 @@ class GenerateRequest:
     steps: int
     n: int
     seed: int
-    cls: int | None
+    cls: int | str | None  # a class id, ALL, or None (unconditional)
     guidance: float | None
 
     @classmethod
@@ -189,7 +193,13 @@ class GenerateRequest:
         seed = integer("seed", 0, 2**31 - 1, 0)
         c, g = body.get("class"), body.get("guidance")
         if info["conditional"]:
-            c = integer("class", 0, info["num_classes"] - 1) if c is not None else None
+            if c is None and own:  # its guidance is built in: it is never drawn without a class
+                c = ALL
+            elif c is not None and c != ALL:
+                k = info["num_classes"] - 1
+                if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= k:
+                    raise RequestError(f'class must be "{ALL}" or an integer in 0..{k}, '
+                                       f"got {c!r}")
             if g is not None:
                 if isinstance(g, bool) or not isinstance(g, (int, float)) or \
                         not 0 <= g <= MAX_GUIDANCE:
@@ -276,7 +286,10 @@ class ModelPool:
             if time.perf_counter() > stop_at:
                 raise Deadline
 
-        y = None if req.cls is None else torch.full((req.n,), req.cls, dtype=torch.long)
+        if req.cls == ALL:
+            y = torch.arange(req.n) % model.config.num_classes
+        else:
+            y = None if req.cls is None else torch.full((req.n,), req.cls, dtype=torch.long)
         try:
             run = time_generation(model, sched, cfg, req.n, y=y, callback=watch)
         except Deadline:
@@ -285,7 +298,8 @@ class ModelPool:
         images, seconds, steps = run.result, run.seconds, cfg.steps
         pick = np.linspace(0, len(frames) - 1, min(TRAJECTORY_FRAMES, len(frames))).round()
         strip = np.stack([frames[int(k)] for k in pick])
-        return {"grid": _png(images.numpy(), nrow=min(8, req.n)),
+        row = model.config.num_classes if req.cls == ALL else 8  # one class per column
+        return {"grid": _png(images.numpy(), nrow=min(row, req.n)),
                 "trajectory": _png(strip, nrow=len(strip)),
                 "latency_s": round(seconds, 3), "n": req.n, "steps": steps,
                 "sampler": req.sampler, "model": req.model, **self.info[req.model],
@@ -326,8 +340,9 @@ def create_app(max_seconds: float = 60.0, binding: Binding = Binding()):
 
     async def models(_):
         defaults = {k: getattr(DEFAULTS, k) for k in ("sampler", "steps", "guidance")}
+        opens = next((m for m in OPENS_ON if m in pool.info), next(iter(pool.info), None))
         return JSONResponse({"models": pool.info, "samplers": list(SAMPLER_NAMES),
-                             "defaults": defaults,
+                             "defaults": defaults, "opens_on": opens,
                              "limits": {"n": MAX_IMAGES, "steps": MAX_STEPS,
                                         "guidance": MAX_GUIDANCE}})
 
