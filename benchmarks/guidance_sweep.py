@@ -76,7 +76,7 @@ lines = [f"# Classifier-free guidance sweep ({environment_line(res)}; {res['prec
          "",
          "| guidance | accuracy | worst class | pseudo-FID | per-class pseudo-FID | precision "
          "| recall | seconds |", "|---|---|---|---|---|---|---|---|"]
-shipped = SamplingConfig().guidance  # `--guidance`'s default, which the rule last chose
+shipped = SamplingConfig().guidance  # `--guidance`'s default (docs/sampling.md: why)
 for r in res["rows"]:
     mark = (" **(rule)**" if r is best else "") + (" (default)" if r["guidance"] == shipped else "")
     lines.append(f"| {r['guidance']}{mark} | {r['accuracy']:.4f} | "

@@ -169,10 +169,10 @@ class GenerateRequest:
         if not isinstance(body, dict):
             raise RequestError("the request body must be a JSON object")
 
-        def integer(name, lo, hi, default=None):
+        def integer(name, lo, hi, default=None, other=""):
             v = body.get(name, default)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-                raise RequestError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+                raise RequestError(f"{name} must be {other}an integer in {lo}..{hi}, got {v!r}")
             return v
 
         model = body.get("model")
@@ -196,10 +196,7 @@ class GenerateRequest:
             if c is None and own:  # its guidance is built in: it is never drawn without a class
                 c = ALL
             elif c is not None and c != ALL:
-                k = info["num_classes"] - 1
-                if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= k:
-                    raise RequestError(f'class must be "{ALL}" or an integer in 0..{k}, '
-                                       f"got {c!r}")
+                c = integer("class", 0, info["num_classes"] - 1, other=f'"{ALL}" or ')
             if g is not None:
                 if isinstance(g, bool) or not isinstance(g, (int, float)) or \
                         not 0 <= g <= MAX_GUIDANCE:
