@@ -43,8 +43,8 @@ REFERENCE = ("dpmpp-sde", 20, "trailing")  # the goals' reference: the teacher's
 # the teacher's (unconditional students); conditional accuracy at least 99%
 FID_GOAL = {"reduced-2step": 1.10, "baseline-2step": 1.10, "reduced-cond-2step": 1.15}
 RECALL_GOAL, ACCURACY_GOAL, COST_GOAL = 0.02, 0.99, 0.5
-# the shipped lineage's training compute over its teacher's (docs/distillation.md, "The shipped
-# lineage" and the baseline and conditional sections): pairs drawn once, every update counted
+# the shipped lineage's training compute over its teacher's (docs/distillation.md, "How the
+# shipped students were made"): pairs drawn once, every update counted
 COST = {"reduced-2step": 0.483, "baseline-2step": 1.31, "reduced-cond-2step": 0.485}
 NEXT = ("a teacher trained longer, a longer distribution-matching phase with DMD2's five "
         "fake-score updates (a GPU); a heavier pull to the teacher's pairs made reduced-2step "

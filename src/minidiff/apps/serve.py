@@ -56,7 +56,7 @@ TRAJECTORY_FRAMES = 8
 BUSY = "busy: one request runs at a time; retry when it finishes"
 DEFAULTS = SamplingConfig(batch_size=MAX_IMAGES)  # a request is sampled as one batch
 # The page opens on the first of these that is shipped: the fastest model that meets its quality
-# goal (docs/distillation.md, "Where the goals stand"), else the teacher.
+# goal (docs/distillation.md, "Results"), else the teacher.
 OPENS_ON = ("reduced-cond-2step", "reduced")
 ALL = "all"  # the class of a request that draws the classes in turn (0, 1, ..., 9, 0, ...)
 
