@@ -26,7 +26,7 @@ test: setup
 # Retake docs/serve.png (the README's picture of `minidiff serve`) with the browser test; `make
 # test` writes its screenshot to a temporary folder only. Needs Chromium (apt-get install chromium).
 screenshot: setup
-	MINIDIFF_SCREENSHOT=docs/serve.png $(PY) -m pytest -q tests/test_serve.py -k browser_generates
+	MINIDIFF_SCREENSHOT=docs/serve.png $(PY) -m pytest -q tests/test_serve.py -k browser_opens
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

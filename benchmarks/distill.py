@@ -46,9 +46,9 @@ RECALL_GOAL, ACCURACY_GOAL, COST_GOAL = 0.02, 0.99, 0.5
 # the shipped lineage's training compute over its teacher's (docs/distillation.md, "How the
 # shipped students were made"): pairs drawn once, every update counted
 COST = {"reduced-2step": 0.483, "baseline-2step": 1.31, "reduced-cond-2step": 0.485}
-NEXT = ("a teacher trained longer, a longer distribution-matching phase with DMD2's five "
-        "fake-score updates (a GPU); a heavier pull to the teacher's pairs made reduced-2step "
-        "worse (docs/distillation.md)")
+NEXT = ("a teacher trained longer, a longer distribution-matching phase with more restarts (a "
+        "GPU); a heavier pull to the teacher's pairs, and DMD2's five fake-score updates, did "
+        "worse for reduced-2step (docs/distillation.md)")
 KEYS = ("pseudo_fid", "recall", "precision", "confidence", "class_max_dev",
         "conditional_accuracy")
 

@@ -72,7 +72,8 @@ def test_every_field_is_validated(body, field):
 def test_defaults_and_conditional_guidance():
     r = GenerateRequest.parse({"model": "reduced-cond", "class": 7}, MODELS)
     d = SamplingConfig()
-    assert (r.steps, r.n, r.seed, r.cls, r.guidance) == (d.steps, 16, 0, 7, d.guidance)
+    assert (r.steps, r.n, r.seed, r.cls, r.guidance) == (d.steps, serve_mod.IMAGES, 0, 7,
+                                                         d.guidance)
     assert GenerateRequest.parse({"model": "reduced-cond"}, MODELS).guidance is None
 
 
@@ -376,30 +377,38 @@ def page(server):
         browser.close()
 
 
-def test_browser_opens_on_the_student_that_meets_its_goal_drawing_every_class(page):
+def test_browser_opens_on_the_student_that_meets_its_goal_drawing_every_class(page, tmp_path):
     """`serve.OPENS_ON`: the page opens on the fastest model that meets its quality goal; a
-    conditional student is drawn with a class, all of them in turn by default."""
+    conditional student is drawn with a class, all of them in turn by default. What a user sees
+    first, generated with the page's defaults, is the README's picture: `make screenshot`, i.e.
+    `MINIDIFF_SCREENSHOT=docs/serve.png pytest tests/test_serve.py -k browser_opens`, copies it
+    to docs/serve.png (only once the checks below pass; `make test` keeps it in tmp_path)."""
     from PIL import Image
 
     assert page.input_value("#model") == "reduced-cond-2step"
     assert page.input_value("#class") == "all" and page.is_visible("#class")
     assert "any (unconditional)" not in page.inner_text("#class")  # its guidance is built in
-    page.fill("#n", "10")
+    n = int(page.input_value("#n"))
+    assert n == serve_mod.IMAGES  # the server's default, four rows of 0-9
     page.click("#generate")
     page.wait_for_selector("#latency", timeout=60_000)
     assert "class all" in page.inner_text("#stats") and "guidance" not in page.inner_text("#stats")
+    assert page.inner_text("#error") == ""
     src = page.get_attribute("#grid", "src")
     img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
-    assert img.size == (2 * (10 * 30 + 2), 2 * (30 + 2))  # one row: 0, 1, ..., 9
+    rows = -(-n // 10)  # one class per column: 0, 1, ..., 9 in each row
+    assert img.size == (2 * (10 * 30 + 2), 2 * (rows * 30 + 2))
+    shot = tmp_path / "serve.png"
+    page.screenshot(path=str(shot))
+    assert Image.open(shot).size == (1000, 760) and shot.stat().st_size > 20_000
+    if os.environ.get("MINIDIFF_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["MINIDIFF_SCREENSHOT"])
     page.select_option("#model", "reduced-cond")  # a teacher may also be drawn unconditionally
     assert page.input_value("#class") == "all"
     assert "any (unconditional)" in page.inner_text("#class")
 
 
-def test_browser_generates_the_requested_grid(page, tmp_path):
-    """Also takes a screenshot into tmp_path. To refresh the README's docs/serve.png:
-    `make screenshot`, i.e. `MINIDIFF_SCREENSHOT=docs/serve.png pytest tests/test_serve.py -k
-    browser_generates` (copied there only once the checks below pass)."""
+def test_browser_generates_the_requested_grid(page):
     from PIL import Image
 
     page.select_option("#model", "reduced-cond")
@@ -418,12 +427,6 @@ def test_browser_generates_the_requested_grid(page, tmp_path):
     assert latency.endswith(" s") and float(latency[:-2]) > 0
     assert "600,737 parameters" in page.inner_text("#stats")
     assert page.inner_text("#error") == "" and page.is_enabled("#generate")
-    shot = tmp_path / "serve.png"
-    page.screenshot(path=str(shot))
-    assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert Image.open(shot).size == (1000, 760) and shot.stat().st_size > 20_000
-    if os.environ.get("MINIDIFF_SCREENSHOT"):
-        shutil.copyfile(shot, os.environ["MINIDIFF_SCREENSHOT"])
 
 
 def test_browser_shows_a_clear_error_for_out_of_range_values(page):

@@ -49,6 +49,7 @@ from ..files import grid_png
 from ..settings import SAMPLER_NAMES, SamplingConfig
 
 MAX_IMAGES = 64
+IMAGES = 40  # a request's default: four rows of 0-9 when every class is drawn, five of 8
 MAX_STEPS = 1000
 MAX_GUIDANCE = 10.0
 MAX_BODY_BYTES = 64 * 1024
@@ -189,7 +190,7 @@ class GenerateRequest:
             raise RequestError(f"{model} is a distilled student: sampler must be "
                                f"{own['sampler']} and steps one of "
                                f"{', '.join(map(str, own['serves']))}")
-        n = integer("n", 1, MAX_IMAGES, 16)
+        n = integer("n", 1, MAX_IMAGES, IMAGES)
         seed = integer("seed", 0, 2**31 - 1, 0)
         c, g = body.get("class"), body.get("guidance")
         if info["conditional"]:
@@ -337,6 +338,7 @@ def create_app(max_seconds: float = 60.0, binding: Binding = Binding()):
 
     async def models(_):
         defaults = {k: getattr(DEFAULTS, k) for k in ("sampler", "steps", "guidance")}
+        defaults["n"] = IMAGES
         opens = next((m for m in OPENS_ON if m in pool.info), next(iter(pool.info), None))
         return JSONResponse({"models": pool.info, "samplers": list(SAMPLER_NAMES),
                              "defaults": defaults, "opens_on": opens,
