@@ -72,7 +72,7 @@ def test_every_field_is_validated(body, field):
 def test_defaults_and_conditional_guidance():
     r = GenerateRequest.parse({"model": "reduced-cond", "class": 7}, MODELS)
     d = SamplingConfig()
-    assert (r.steps, r.n, r.seed, r.cls, r.guidance) == (d.steps, serve_mod.IMAGES, 0, 7,
+    assert (r.steps, r.n, r.seed, r.cls, r.guidance) == (d.steps, serve_mod.IMAGES, d.seed, 7,
                                                          d.guidance)
     assert GenerateRequest.parse({"model": "reduced-cond"}, MODELS).guidance is None
 
@@ -390,6 +390,7 @@ def test_browser_opens_on_the_student_that_meets_its_goal_drawing_every_class(pa
     assert "any (unconditional)" not in page.inner_text("#class")  # its guidance is built in
     n = int(page.input_value("#n"))
     assert n == serve_mod.IMAGES  # the server's default, four rows of 0-9
+    assert page.input_value("#seed") == str(serve_mod.DEFAULTS.seed)  # the server's too
     page.click("#generate")
     page.wait_for_selector("#latency", timeout=60_000)
     assert "class all" in page.inner_text("#stats") and "guidance" not in page.inner_text("#stats")

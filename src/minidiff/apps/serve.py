@@ -191,7 +191,7 @@ class GenerateRequest:
                                f"{own['sampler']} and steps one of "
                                f"{', '.join(map(str, own['serves']))}")
         n = integer("n", 1, MAX_IMAGES, IMAGES)
-        seed = integer("seed", 0, 2**31 - 1, 0)
+        seed = integer("seed", 0, 2**31 - 1, DEFAULTS.seed)
         c, g = body.get("class"), body.get("guidance")
         if info["conditional"]:
             if c is None and own:  # its guidance is built in: it is never drawn without a class
@@ -337,7 +337,7 @@ def create_app(max_seconds: float = 60.0, binding: Binding = Binding()):
         return HTMLResponse(page)
 
     async def models(_):
-        defaults = {k: getattr(DEFAULTS, k) for k in ("sampler", "steps", "guidance")}
+        defaults = {k: getattr(DEFAULTS, k) for k in ("sampler", "steps", "guidance", "seed")}
         defaults["n"] = IMAGES
         opens = next((m for m in OPENS_ON if m in pool.info), next(iter(pool.info), None))
         return JSONResponse({"models": pool.info, "samplers": list(SAMPLER_NAMES),
