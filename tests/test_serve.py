@@ -391,6 +391,7 @@ def test_browser_opens_on_the_student_that_meets_its_goal_drawing_every_class(pa
     n = int(page.input_value("#n"))
     assert n == serve_mod.IMAGES  # the server's default, four rows of 0-9
     assert page.input_value("#seed") == str(serve_mod.DEFAULTS.seed)  # the server's too
+    assert page.get_attribute("#n", "max") == str(serve_mod.MAX_IMAGES)  # and its limits
     page.click("#generate")
     page.wait_for_selector("#latency", timeout=60_000)
     assert "class all" in page.inner_text("#stats") and "guidance" not in page.inner_text("#stats")
