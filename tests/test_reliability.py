@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,18 @@ def test_bad_sample_files_are_named(tmp_path, capsys, arr, needle):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_sample_files_are_deflated_npz_that_numpy_and_minidiff_read_back(tmp_path):
+    from minidiff.samplefiles import load_labels, load_samples, save_samples
+    rng = np.random.default_rng(0)
+    images = (rng.random((50, 28, 28)) < 0.2).astype(np.uint8) * 255
+    labels = rng.integers(0, 10, 50)
+    f = tmp_path / "s.npz"
+    save_samples(f, images, {"dataset": "mnist"}, labels=labels)
+    with np.load(f, allow_pickle=False) as npz:  # numpy's own reader, as any user opens it
+        assert np.array_equal(npz["images"], images) and np.array_equal(npz["labels"], labels)
+    assert np.array_equal(load_samples(f), images) and np.array_equal(load_labels(f, 50), labels)
+    with zipfile.ZipFile(f) as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+    assert f.stat().st_size < images.nbytes / 2
