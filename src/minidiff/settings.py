@@ -159,7 +159,8 @@ EVAL_N = 2000  # samples per evaluation during training
 # the demo's training time: with set-up (~1.5 min), sampling and evaluation, `make demo` stays
 # within 12 minutes on 2 cores of any CPU, which trains as many steps as it can in this time. A
 # short probe can catch a busy host in a quick moment: on an AVX2-only Zen 3 the steps it fixed
-# trained 12-13% over their budget, so the budget keeps a fifth of headroom (docs/training.md)
+# trained 12-13% over their budget in two demos of three, so it keeps a fifth of headroom
+# (docs/training.md)
 DEMO_MINUTES = 8.5
 
 
