@@ -46,10 +46,9 @@ RECALL_GOAL, ACCURACY_GOAL, COST_GOAL = 0.02, 0.99, 0.5
 # the shipped lineage's training compute over its teacher's (docs/distillation.md, "How the
 # shipped students were made"): pairs drawn once, every update counted
 COST = {"reduced-2step": 0.483, "baseline-2step": 1.31, "reduced-cond-2step": 0.485}
-NEXT = ("distribution matching at DMD2's scale (many more updates, with restarts and the GAN "
-        "head), paid for under the cost rule by a teacher trained longer: GPU work, as `reduced` "
-        "is converged and more budget alone no longer helps on this CPU; a heavier pull, five "
-        "fake-score updates and averaged weights did worse or no better (docs/distillation.md)")
+NEXT = ("DMD2 at its published scale (the GAN head over long runs, many times this budget), "
+        "paid for under the cost rule by a teacher trained longer: GPU work, as `reduced` is "
+        "converged; every variant within today's budget levels off (docs/distillation.md)")
 KEYS = ("pseudo_fid", "recall", "precision", "confidence", "class_max_dev",
         "conditional_accuracy")
 
