@@ -216,7 +216,7 @@ def cmd_eval(args):
 
 @command("demo", "train the reduced model briefly (class-conditional), draw each digit, write "
          "a report",
-         "minidiff demo            # 8.5 minutes of training, ~11 in all on 2 cores: runs/demo/",
+         "minidiff demo            # 8.5 minutes of training, 9-12 in all on 2 cores: runs/demo/",
          "minidiff demo --minutes 3 --out runs/demo3   # a shorter look",
          "minidiff demo --steps 3200 --out runs/demo-b   # a recorded step count, no probe")
 @arg("--out", default="runs/demo", help="run folder (default %(default)s)")
