@@ -19,6 +19,8 @@ from minidiff.runtime import environment  # noqa: E402
 
 keep_freed_memory()  # as the command line does, so times match it
 RESULTS = Path(__file__).resolve().parent / "results"
+# the guidance rule's conditional-accuracy target (guidance_sweep.py, guidance_seeds.py)
+GUIDANCE_TARGET = 0.98
 RESULTS.mkdir(exist_ok=True)
 
 

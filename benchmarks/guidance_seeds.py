@@ -14,6 +14,7 @@ import json
 import statistics
 
 import torch
+from common import GUIDANCE_TARGET as TARGET
 from common import RESULTS
 
 from minidiff.checkpoint import dataset_of, load_checkpoint
@@ -22,8 +23,6 @@ from minidiff.generation import class_labels
 from minidiff.metrics import Reference
 from minidiff.runtime import environment, environment_line, resolve_precision
 from minidiff.settings import SamplingConfig
-
-TARGET = 0.98  # guidance_sweep.py's
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("checkpoint")
@@ -53,18 +52,20 @@ lines = [f"# The guidance rule on {len(args.seeds)} seeds ({environment_line(res
          "on every seed.", "",
          "| guidance | accuracy | pseudo-FID | recall | precision | every seed on target |",
          "|---|---|---|---|---|---|"]
+
+
+def cell(rows: list[dict], key: str, spec: str) -> str:
+    """Mean (min..max) of ``key`` over ``rows``, each formatted with ``spec``."""
+    v = [r[key] for r in rows]
+    return f"{statistics.mean(v):{spec}} ({min(v):{spec}}..{max(v):{spec}})"
+
+
 for scale in args.scales:
     rows = [r for r in res["rows"] if r["guidance"] == scale]
-
-    def cell(k, fmt, rows=rows):
-        v = [r[k] for r in rows]
-        return f"{fmt(statistics.mean(v))} ({fmt(min(v))}..{fmt(max(v))})"
-
-    pct = lambda v: f"{v:.1%}"  # noqa: E731
-    f3 = lambda v: f"{v:.3f}"  # noqa: E731
     ok = all(r["conditional_accuracy"] >= TARGET for r in rows)
-    lines.append(f"| {scale} | {cell('conditional_accuracy', pct)} | {cell('pseudo_fid', f3)} | "
-                 f"{cell('recall', f3)} | {cell('precision', f3)} | {'yes' if ok else 'no'} |")
+    lines.append(f"| {scale} | {cell(rows, 'conditional_accuracy', '.1%')} | "
+                 f"{cell(rows, 'pseudo_fid', '.3f')} | {cell(rows, 'recall', '.3f')} | "
+                 f"{cell(rows, 'precision', '.3f')} | {'yes' if ok else 'no'} |")
 lines += ["", f"Command: `.venv/bin/python benchmarks/guidance_seeds.py {args.checkpoint} "
           f"--scales {' '.join(map(str, args.scales))} --seeds {' '.join(map(str, args.seeds))} "
           f"--n {args.n}`"]

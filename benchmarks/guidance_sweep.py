@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from common import GUIDANCE_TARGET as TARGET  # noqa: E402
 from common import RESULTS  # noqa: E402
 
 from minidiff.checkpoint import dataset_of, load_checkpoint  # noqa: E402
@@ -29,7 +30,6 @@ from minidiff.runtime import environment, environment_line, resolve_precision  #
 from minidiff.settings import SamplingConfig  # noqa: E402
 
 SCALES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
-TARGET = 0.98
 
 ap = argparse.ArgumentParser()
 ap.add_argument("checkpoint")

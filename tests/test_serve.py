@@ -402,6 +402,7 @@ def test_browser_opens_on_the_student_that_meets_its_goal_drawing_every_class(pa
     assert img.size == (2 * (10 * 30 + 2), 2 * (rows * 30 + 2))
     shot = tmp_path / "serve.png"
     page.screenshot(path=str(shot))
+    assert shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert Image.open(shot).size == (1000, 760) and shot.stat().st_size > 20_000
     if os.environ.get("MINIDIFF_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["MINIDIFF_SCREENSHOT"])
